@@ -1,0 +1,50 @@
+# Two commands do all set-up on a fresh machine with only Python:
+#   make tune   creates .venv, installs feedtune, writes the embedded dataset, runs the main job
+#   make test   creates/updates .venv with the test extras, lints, runs the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch and torchvision are pinned first so pip takes the builds this machine caches; a range
+# would let pip pick a newer multi-GB download.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install install-test data train tune test lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+data: install
+	$(BIN)/feedtune data
+
+train: data
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . -e train --env-manager local
+
+tune: data
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . -e tune --env-manager local
+
+lint: install-test
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: install-test
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

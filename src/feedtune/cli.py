@@ -1,0 +1,86 @@
+"""``feedtune <command>``: argument parsing only; each command lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from feedtune.config import DEFAULT_CONFIG_PATH, PROJECT_ROOT, Config, ConfigError, load_config
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None,
+                        help=f"YAML config (default: {DEFAULT_CONFIG_PATH.relative_to(PROJECT_ROOT) if DEFAULT_CONFIG_PATH.is_relative_to(PROJECT_ROOT) else DEFAULT_CONFIG_PATH})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, dotted, repeatable or ';'-separated "
+                        "(e.g. loader.num_workers=2)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = args.config
+    if path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    # MLproject passes all overrides as one parameter, separated by ';'.
+    overrides = [part.strip() for o in args.overrides for part in o.split(";") if part.strip()]
+    return load_config(path, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="feedtune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="write the embedded dataset (data/<name>/) if missing")
+    p.add_argument("--name", default="shapes", choices=["shapes", "shapes-shift"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--root", default=None, help="folder to write to (default: data/<name>)")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("train", help="one run of one configuration")
+    _common(p)
+    p.add_argument("--resume", metavar="RUN_ID", default=None,
+                   help="continue a killed run from its last checkpoint")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    progress = not args.no_progress
+    if args.command == "data":
+        from feedtune.shapes import dataset_root, ensure_dataset
+
+        root = Path(args.root) if args.root else dataset_root(args.name, PROJECT_ROOT)
+        manifest = ensure_dataset(args.name, root, seed=args.seed, progress=progress)
+        print(f"dataset '{args.name}' ready: {manifest}")
+        return 0
+    cfg = _config(args)
+    if args.command == "train":
+        from feedtune.train import run_train
+
+        run_id = run_train(cfg, resume_run_id=args.resume or None, progress=progress)
+        print(f"run {run_id} finished (experiment '{cfg.experiment}')")
+        return 0
+    raise AssertionError(args.command)  # argparse rejects unknown commands
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("FEEDTUNE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        print(f"feedtune: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("feedtune: interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"feedtune: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Model factory: a small CNN that trains in minutes on a laptop, or a torchvision model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from feedtune.config import ModelConfig
+
+
+class SmallCNN(nn.Module):
+    """Four conv blocks and a linear head: enough capacity for 64 px shapes, fast on 2 cores."""
+
+    def __init__(self, num_classes: int, *, dropout: float = 0.2, width: int = 32) -> None:
+        super().__init__()
+        chans = [3, width, width * 2, width * 4, width * 4]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(chans[:-1], chans[1:], strict=True):
+            layers += [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(chans[-1], num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _head_path(model: nn.Module) -> str:
+    """Attribute name of the classification head for the families we support."""
+    for name in ("classifier", "fc", "head", "heads"):
+        if hasattr(model, name):
+            return name
+    raise ValueError(f"cannot find the classification head of {type(model).__name__}")
+
+
+def _last_linear(module: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
+    """(parent, attribute, layer) of the last nn.Linear inside ``module``."""
+    found = None
+    for parent in module.modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                found = (parent, attr, child)
+    if found is None:
+        raise ValueError(f"no linear layer in head {type(module).__name__}")
+    return found
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(getattr(model, _head_path(model)).parameters())
+
+
+def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Swap the last linear layer of the head for a new one with ``num_classes`` outputs."""
+    head = getattr(model, _head_path(model))
+    if isinstance(head, nn.Linear):
+        setattr(model, _head_path(model), nn.Linear(head.in_features, num_classes))
+        return model
+    parent, attr, linear = _last_linear(head)
+    setattr(parent, attr, nn.Linear(linear.in_features, num_classes))
+    return model
+
+
+def num_outputs(model: nn.Module) -> int:
+    head = getattr(model, _head_path(model))
+    return head.out_features if isinstance(head, nn.Linear) else _last_linear(head)[2].out_features
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze or unfreeze everything but the head (the head always trains)."""
+    head = {id(p) for p in head_parameters(model)}
+    for param in model.parameters():
+        if id(param) not in head:
+            param.requires_grad_(trainable)
+
+
+def _cached_weights(name: str) -> Path:
+    """Path of the torchvision weights for ``name`` in the local torch cache, or a clear error."""
+    from torchvision.models import get_model_weights
+
+    weights = get_model_weights(name).DEFAULT
+    filename = Path(weights.url).name
+    path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model.pretrained: weights for '{name}' are not in the local torch cache ({path}); "
+            "feedtune never downloads: copy the file there or set model.pretrained: false"
+        )
+    return path
+
+
+def build_model(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
+    """``small_cnn`` or any torchvision classification model, head sized to ``num_classes``."""
+    if cfg.name == "small_cnn":
+        if cfg.pretrained:
+            raise ValueError("model.pretrained: small_cnn has no pretrained weights; use false")
+        model: nn.Module = SmallCNN(num_classes, dropout=cfg.dropout)
+    else:
+        from torchvision.models import get_model, list_models
+
+        allowed = list_models(module=__import__("torchvision").models)
+        if cfg.name not in allowed:
+            raise ValueError(
+                f"model.name: unknown model '{cfg.name}'; allowed: small_cnn, "
+                + ", ".join(n for n in allowed if n in ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"))
+                + ", ... (any torchvision classification model)"
+            )
+        model = get_model(cfg.name, weights=None)
+        if cfg.pretrained:
+            state = torch.load(_cached_weights(cfg.name), map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        if num_outputs(model) != num_classes:
+            replace_head(model, num_classes)
+    if cfg.freeze == "backbone":
+        set_backbone_trainable(model, False)
+    return model

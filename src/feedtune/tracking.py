@@ -1,0 +1,184 @@
+"""Every MLflow call feedtune makes lives here: runs, params, metrics, artifacts, models.
+
+The fluent API's active-run stack is thread-local in MLflow, so each trial thread that opens
+its own run logs to it; everything else below takes explicit run ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from feedtune.config import PROJECT_ROOT, Config
+from feedtune.plots import close
+
+KIND_TAG = "feedtune.kind"
+# MLflow caps a param value at 6000 characters; ours are short, but never fail a run on it.
+_PARAM_LIMIT = 6000
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` at the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def _sqlite_artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store go to ``mlruns/`` beside the database, as MLflow does by
+    default from the project root, but independent of the current directory."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(urlparse(uri).path)
+    return (db.parent / "mlruns").resolve().as_uri()
+
+
+def setup(experiment: str, tracking_uri: str | None = None) -> str:
+    """Point MLflow at the store and return the experiment id (created when missing)."""
+    uri = tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        exp_id = found.experiment_id
+    else:
+        exp_id = client.create_experiment(experiment, artifact_location=_sqlite_artifact_root(uri))
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+@contextlib.contextmanager
+def start_run(
+    kind: str,
+    *,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    nested: bool = False,
+    tags: dict[str, str] | None = None,
+    system_metrics: bool = True,
+) -> Iterator[mlflow.ActiveRun]:
+    """Open (or reopen, with ``run_id``) a run tagged ``feedtune.kind``.
+
+    An exception ends the run FAILED, Ctrl-C ends it KILLED: no run is left RUNNING.
+    """
+    run = mlflow.start_run(
+        run_id=run_id,
+        run_name=None if run_id else run_name,
+        nested=nested,
+        log_system_metrics=system_metrics,
+    )
+    try:
+        mlflow.set_tags({KIND_TAG: kind, **(tags or {})})
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as exc:
+        mlflow.end_run("KILLED" if type(exc).__name__ == "TrialPruned" else "FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def active_run_id() -> str:
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("no active MLflow run")
+    return run.info.run_id
+
+
+def log_params(flat: dict[str, Any]) -> None:
+    params = {k: ("null" if v is None else str(v))[:_PARAM_LIMIT] for k, v in flat.items()}
+    mlflow.log_params(params)
+
+
+def log_config(cfg: Config) -> None:
+    """Flattened params plus ``config/resolved.yaml`` (re-runnable with ``--config``)."""
+    log_params(cfg.flat())
+    mlflow.log_text(cfg.to_yaml(), "config/resolved.yaml")
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_file(path: str | Path, artifact_dir: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=artifact_dir)
+
+
+def log_dataframe(df: pd.DataFrame, artifact_file: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        df.to_csv(path, index=False)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(artifact_file).parent) or None)
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    mlflow.log_text(json.dumps(obj, indent=2, sort_keys=True, default=str), artifact_file)
+
+
+def log_figure(fig: Any, artifact_file: str) -> None:
+    mlflow.log_figure(fig, artifact_file)
+    close(fig)
+
+
+def log_split(split: Any) -> None:
+    """``split/train.csv``, ``split/val.csv``, ``split/summary.json`` and the two datasets as
+    MLflow inputs ``train`` / ``val`` (with the split digest, so runs can be compared)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in split.write(tmp):
+            mlflow.log_artifact(str(path), artifact_path="split")
+    source = split.summary["root"]
+    for name, df in (("train", split.train), ("val", split.val)):
+        rel = df.assign(path=[os.path.relpath(p, source) for p in df["path"]])
+        dataset = mlflow.data.from_pandas(
+            rel, source=source, targets="label", name=name, digest=f"{split.digest}-{name}"
+        )
+        mlflow.log_input(dataset, context=name)
+
+
+def log_bad_images(bad: pd.DataFrame) -> None:
+    log_metrics({"n_bad_images": len(bad)})
+    log_dataframe(bad, "data/bad_images.csv")
+
+
+def log_model(model: Any, input_example: np.ndarray) -> None:
+    """The model as MLflow model ``model``, with a signature inferred from a real batch."""
+    import torch
+    from mlflow.models import infer_signature
+
+    model.eval()
+    with torch.no_grad():
+        output = model(torch.from_numpy(input_example)).numpy()
+    signature = infer_signature(input_example, output)
+    mlflow.pytorch.log_model(
+        model, name="model", signature=signature, input_example=input_example
+    )
+
+
+def logged_steps(run_id: str, metric: str) -> set[int]:
+    """Steps already logged for ``metric`` (a resumed run logs only the missing epochs)."""
+    return {m.step for m in MlflowClient().get_metric_history(run_id, metric)}
+
+
+def download_artifact(run_id: str, artifact_path: str, dst: str | Path) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
+
+
+def get_run(run_id: str) -> Any:
+    return MlflowClient().get_run(run_id)

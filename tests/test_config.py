@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+
+from feedtune.config import Config, ConfigError, config_from_dict, load_config, parse_override
+from tests.conftest import REPO
+
+
+def test_default_yaml_loads_and_is_short():
+    text = (REPO / "experiments" / "default.yaml").read_text()
+    cfg = load_config(REPO / "experiments" / "default.yaml")
+    assert cfg.experiment == "feedtune-shapes"
+    assert len([ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]) < 60
+
+
+def test_set_overrides_are_typed():
+    cfg = load_config(None, ["loader.num_workers=2", "loader.pin_memory=true", "train.lr=0.01",
+                             "augment.mean=[0.5, 0.5, 0.5]"])
+    assert cfg.loader.num_workers == 2 and cfg.loader.pin_memory is True
+    assert cfg.train.lr == 0.01 and cfg.augment.mean == [0.5, 0.5, 0.5]
+
+
+def test_yaml_file_overrides_defaults(tmp_path: Path):
+    path = tmp_path / "x.yaml"
+    path.write_text("loader:\n  batch_size: 8\nsearch:\n  loader.num_workers: {int: [0, 4]}\n"
+                    "  train.lr: {float: [1.0e-4, 1.0e-1], log: true}\n  n_trials_quality: 3\n")
+    cfg = load_config(path)
+    assert cfg.loader.batch_size == 8 and cfg.loader.num_workers == 0
+    assert cfg.search.space["loader.num_workers"].kind == "int"
+    assert cfg.search.space["train.lr"].log is True
+    assert cfg.search.n_trials_quality == 3
+    assert set(cfg.search.speed_space()) == {"loader.num_workers"}
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("loader.num_workerz=1", "loader.num_workerz"),
+        ("loader.num_workers=-1", "loader.num_workers"),
+        ("loader.num_workers=two", "expected an integer"),
+        ("augment.policy=fancy", "allowed: none, basic"),
+        ("optimizer.lr=1", "unknown key 'optimizer'"),
+        ("split.val_fraction=1.5", "allowed range"),
+        ("loader.pin_memory=3", "true or false"),
+        ("search.loader.workers={int: [0, 2]}", "loader.workers"),
+        ("search.loader.cache={choice: [none, gpu]}", "loader.cache"),
+        ("search.train.lr={float: [0, 1], log: true}", "log scale"),
+    ],
+)
+def test_bad_values_name_the_key(override, expected):
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_unknown_key_lists_the_allowed_ones():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"loader": {"workers": 2}})
+    assert "loader.workers" in str(err.value) and "num_workers" in str(err.value)
+
+
+def test_unknown_top_level_key_in_file(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("trainer:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="trainer"):
+        load_config(path)
+
+
+def test_round_trip_through_yaml(tmp_path: Path):
+    cfg = load_config(None, ["loader.num_workers=3", "search.augment.policy={choice: [none, basic]}"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(path)
+    assert again == cfg
+
+
+def test_flat_params_and_replace():
+    cfg = Config()
+    flat = cfg.flat()
+    assert flat["loader.num_workers"] == 0 and "search.n_trials_speed" not in flat
+    changed = cfg.replace({"loader.num_workers": 2})
+    assert changed.loader.num_workers == 2 and cfg.loader.num_workers == 0
+    with pytest.raises(ConfigError):
+        cfg.replace({"loader.num_workers": -3})
+
+
+def test_parse_override_needs_equals():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("loader.num_workers")
