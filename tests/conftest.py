@@ -13,18 +13,28 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_image_folder(root: Path, counts: dict[str, int], *, size=(96, 80), seed: int = 0,
-                       groups_of: int = 0) -> Path:
+def write_image_folder(
+    root: Path, counts: dict[str, int], *, size=(96, 80), seed: int = 0, groups_of: int = 0
+) -> Path:
     """Real JPEGs in ``root/<class>/``: each class a distinct colour + noise, learnable fast.
     With ``groups_of`` > 0 a ``manifest.csv`` with a group column is written too."""
     rng = np.random.default_rng(seed)
     rows = []
-    palette = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 200, 30), (200, 40, 200), (30, 200, 200)]
+    palette = [
+        (220, 40, 40),
+        (40, 200, 60),
+        (40, 60, 220),
+        (230, 200, 30),
+        (200, 40, 200),
+        (30, 200, 200),
+    ]
     for c, (label, n) in enumerate(counts.items()):
         (root / label).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             base = np.array(palette[c % len(palette)], dtype=np.int16)
-            img = np.clip(base + rng.integers(-40, 40, size=(size[1], size[0], 3)), 0, 255).astype(np.uint8)
+            img = np.clip(base + rng.integers(-40, 40, size=(size[1], size[0], 3)), 0, 255).astype(
+                np.uint8
+            )
             path = root / label / f"{label}_{i:03d}.jpg"
             Image.fromarray(img).save(path, quality=90)
             group = f"{label}-{i // groups_of}" if groups_of else ""

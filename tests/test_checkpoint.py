@@ -8,12 +8,24 @@ import numpy as np
 import pytest
 import torch
 
-from feedtune.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from feedtune.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 
 def test_round_trip_with_weights_only(tmp_path):
-    payload = {"model_state": {"w": torch.ones(3)}, "classes": ["a", "b"], "config": {"seed": 1, "x": None},
-               "epoch": 2, "metrics": {"val_f1_macro": 0.5}, "rng": rng_state()}
+    payload = {
+        "model_state": {"w": torch.ones(3)},
+        "classes": ["a", "b"],
+        "config": {"seed": 1, "x": None},
+        "epoch": 2,
+        "metrics": {"val_f1_macro": 0.5},
+        "rng": rng_state(),
+    }
     path = save_checkpoint(payload, tmp_path / "best.pt")
     loaded = torch.load(path, weights_only=True)
     assert loaded["classes"] == ["a", "b"] and loaded["epoch"] == 2
@@ -58,8 +70,11 @@ def test_killed_writer_leaves_previous_checkpoint_intact(tmp_path):
         "    f.flush()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "checkpoint.torch.save = slow\n"
-        f"checkpoint.save_checkpoint({{'model_state': {{'w': torch.ones(10)}}, 'epoch': 2}}, {str(path)!r})\n"
+        "payload = {'model_state': {'w': torch.ones(10)}, 'epoch': 2}\n"
+        f"checkpoint.save_checkpoint(payload, {str(path)!r})\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__))
+    )
     assert proc.returncode != 0
     assert load_checkpoint(path)["epoch"] == 1

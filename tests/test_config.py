@@ -14,16 +14,25 @@ def test_default_yaml_loads_and_is_short():
 
 
 def test_set_overrides_are_typed():
-    cfg = load_config(None, ["loader.num_workers=2", "loader.pin_memory=true", "train.lr=0.01",
-                             "augment.mean=[0.5, 0.5, 0.5]"])
+    cfg = load_config(
+        None,
+        [
+            "loader.num_workers=2",
+            "loader.pin_memory=true",
+            "train.lr=0.01",
+            "augment.mean=[0.5, 0.5, 0.5]",
+        ],
+    )
     assert cfg.loader.num_workers == 2 and cfg.loader.pin_memory is True
     assert cfg.train.lr == 0.01 and cfg.augment.mean == [0.5, 0.5, 0.5]
 
 
 def test_yaml_file_overrides_defaults(tmp_path: Path):
     path = tmp_path / "x.yaml"
-    path.write_text("loader:\n  batch_size: 8\nsearch:\n  loader.num_workers: {int: [0, 4]}\n"
-                    "  train.lr: {float: [1.0e-4, 1.0e-1], log: true}\n  n_trials_quality: 3\n")
+    path.write_text(
+        "loader:\n  batch_size: 8\nsearch:\n  loader.num_workers: {int: [0, 4]}\n"
+        "  train.lr: {float: [1.0e-4, 1.0e-1], log: true}\n  n_trials_quality: 3\n"
+    )
     cfg = load_config(path)
     assert cfg.loader.batch_size == 8 and cfg.loader.num_workers == 0
     assert cfg.search.space["loader.num_workers"].kind == "int"
@@ -66,7 +75,9 @@ def test_unknown_top_level_key_in_file(tmp_path: Path):
 
 
 def test_round_trip_through_yaml(tmp_path: Path):
-    cfg = load_config(None, ["loader.num_workers=3", "search.augment.policy={choice: [none, basic]}"])
+    cfg = load_config(
+        None, ["loader.num_workers=3", "search.augment.policy={choice: [none, basic]}"]
+    )
     path = tmp_path / "resolved.yaml"
     path.write_text(cfg.to_yaml())
     again = load_config(path)

@@ -11,8 +11,11 @@ def _targets():
 
 def test_weighted_power_one_draws_classes_about_equally():
     targets = _targets()
-    sampler = build_sampler(SamplerConfig(kind="weighted", weight_power=1.0), targets=targets,
-                            generator=torch.Generator().manual_seed(0))
+    sampler = build_sampler(
+        SamplerConfig(kind="weighted", weight_power=1.0),
+        targets=targets,
+        generator=torch.Generator().manual_seed(0),
+    )
     counts = epoch_class_counts(sampler, targets, ["a", "b", "c"])
     frac = counts["drawn_frac"].to_numpy()
     assert np.all(np.abs(frac - 1 / 3) < 0.06), frac
@@ -20,8 +23,11 @@ def test_weighted_power_one_draws_classes_about_equally():
 
 def test_weighted_power_zero_is_like_random():
     targets = _targets()
-    sampler = build_sampler(SamplerConfig(kind="weighted", weight_power=0.0), targets=targets,
-                            generator=torch.Generator().manual_seed(0))
+    sampler = build_sampler(
+        SamplerConfig(kind="weighted", weight_power=0.0),
+        targets=targets,
+        generator=torch.Generator().manual_seed(0),
+    )
     frac = epoch_class_counts(sampler, targets, ["a", "b", "c"])["drawn_frac"].to_numpy()
     assert abs(frac[0] - 0.8) < 0.06
 
@@ -35,11 +41,19 @@ def test_num_samples_and_replacement():
 
 def test_random_is_a_permutation_and_sequential_is_ordered():
     targets = _targets()
-    rnd = list(build_sampler(SamplerConfig(kind="random"), targets=targets,
-                             generator=torch.Generator().manual_seed(0)))
+    rnd = list(
+        build_sampler(
+            SamplerConfig(kind="random"),
+            targets=targets,
+            generator=torch.Generator().manual_seed(0),
+        )
+    )
     assert sorted(rnd) == list(range(len(targets))) and rnd != sorted(rnd)
-    seq = list(build_sampler(SamplerConfig(kind="sequential"), targets=targets,
-                             generator=torch.Generator()))
+    seq = list(
+        build_sampler(
+            SamplerConfig(kind="sequential"), targets=targets, generator=torch.Generator()
+        )
+    )
     assert seq == list(range(len(targets)))
 
 

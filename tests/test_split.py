@@ -12,7 +12,9 @@ def _table(n_groups_per_class: dict[str, int], per_group: int = 5) -> pd.DataFra
     for label, n_groups in n_groups_per_class.items():
         for g in range(n_groups):
             for i in range(per_group):
-                rows.append({"path": f"/data/{label}/{g}_{i}.jpg", "label": label, "group": f"{label}-{g}"})
+                rows.append(
+                    {"path": f"/data/{label}/{g}_{i}.jpg", "label": label, "group": f"{label}-{g}"}
+                )
     return pd.DataFrame(rows)
 
 

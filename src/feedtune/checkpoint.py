@@ -46,7 +46,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_lists_to_tuples(state["python"]))
     n = state["numpy"]
     np.random.set_state(
-        (n["algo"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        (
+            n["algo"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -87,7 +93,9 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, *, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Load with ``weights_only=True``; a file that needs arbitrary unpickling is refused."""
     path = Path(path)
     if not path.is_file():

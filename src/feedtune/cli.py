@@ -13,11 +13,20 @@ from feedtune.config import DEFAULT_CONFIG_PATH, PROJECT_ROOT, Config, ConfigErr
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None,
-                        help=f"YAML config (default: {DEFAULT_CONFIG_PATH.relative_to(PROJECT_ROOT) if DEFAULT_CONFIG_PATH.is_relative_to(PROJECT_ROOT) else DEFAULT_CONFIG_PATH})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, dotted, repeatable or ';'-separated "
-                        "(e.g. loader.num_workers=2)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML config (default: experiments/default.yaml)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, dotted, repeatable or ';'-separated "
+        "(e.g. loader.num_workers=2)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -42,9 +51,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="one run of one configuration")
     _common(p)
-    p.add_argument("--resume", metavar="RUN_ID", default=None,
-                   help="continue a killed run from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        default=None,
+        help="continue a killed run from its last checkpoint",
+    )
+
+    p = sub.add_parser("tune", help="Optuna study: speed stage, then quality stage")
+    _common(p)
+    p.add_argument("--stage", default="all", choices=["speed", "quality", "all"])
+    p.add_argument(
+        "--n-trials",
+        type=float,
+        default=None,
+        help="trials per stage (default: search.n_trials_speed / n_trials_quality)",
+    )
+    p.add_argument("--timeout", type=float, default=None, help="seconds per stage")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage: an RDB URL (postgresql://...) or journal:PATH "
+        "(default: journal file optuna.journal here)",
+    )
+    p.add_argument(
+        "--study",
+        default=None,
+        help="study name; an existing study is resumed (default: the experiment name)",
+    )
+
+    p = sub.add_parser("best", help="print the best run of an experiment")
+    p.add_argument("--experiment", default=None, help="default: the config's experiment")
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _positive_or_none(value: float | None) -> float | None:
+    """MLproject passes -1 for 'not given'."""
+    return None if value is None or value < 0 else value
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -63,11 +109,43 @@ def _run(args: argparse.Namespace) -> int:
         run_id = run_train(cfg, resume_run_id=args.resume or None, progress=progress)
         print(f"run {run_id} finished (experiment '{cfg.experiment}')")
         return 0
+    if args.command == "tune":
+        from feedtune.tune import run_tune
+
+        n_trials = _positive_or_none(args.n_trials)
+        result = run_tune(
+            cfg,
+            stage=args.stage,
+            n_trials=int(n_trials) if n_trials is not None else None,
+            timeout=_positive_or_none(args.timeout),
+            storage=args.storage or None,
+            study_name=args.study or None,
+            progress=progress,
+        )
+        print(
+            f"study '{result.study_name}' (storage {result.storage}), "
+            f"parent run {result.parent_run_id}"
+        )
+        if result.best_run_id:
+            print(
+                f"best trial run {result.best_run_id}: "
+                f"{cfg.search.metric} = {result.best_value:.4f}"
+            )
+            print("settings: " + " ".join(f"--set {k}={v}" for k, v in result.best_params.items()))
+        return 0
+    if args.command == "best":
+        from feedtune.best import describe_best
+
+        print(describe_best(args.experiment or cfg.experiment))
+        return 0
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("FEEDTUNE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("FEEDTUNE_LOG", "WARNING"),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
@@ -77,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("feedtune: interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ConnectionError, LookupError) as exc:
         print(f"feedtune: error: {exc}", file=sys.stderr)
         return 1
 

@@ -401,7 +401,9 @@ def _parse_param_spec(key: str, raw: Any, sections: dict[str, type]) -> ParamSpe
         fields = ", ".join(f.name for f in dataclasses.fields(cls))
         raise ConfigError(f"{where}: unknown key '{key}'; allowed in '{section}': {fields}")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected {{int: [lo, hi]}}, {{float: [lo, hi]}} or {{choice: [...]}}")
+        raise ConfigError(
+            f"{where}: expected {{int: [lo, hi]}}, {{float: [lo, hi]}} or {{choice: [...]}}"
+        )
     kinds = [k for k in ("int", "float", "choice") if k in raw]
     extra = set(raw) - {"int", "float", "choice", "log", "step"}
     if len(kinds) != 1 or extra:
@@ -414,7 +416,9 @@ def _parse_param_spec(key: str, raw: Any, sections: dict[str, type]) -> ParamSpe
         for v in body:  # every choice must be a valid value of the setting
             _coerce(key, v, hints[name])
         return ParamSpec(key=key, kind="choice", choices=list(body))
-    if not (isinstance(body, list) and len(body) == 2 and all(isinstance(v, (int, float)) for v in body)):
+    if not (
+        isinstance(body, list) and len(body) == 2 and all(isinstance(v, (int, float)) for v in body)
+    ):
         raise ConfigError(f"{where}: {kind} needs [low, high]")
     low, high = body
     if low > high:
@@ -435,7 +439,9 @@ def _build_search(values: Any) -> SearchConfig:
     space_raw = {k: v for k, v in values.items() if "." in k}
     options = {k: v for k, v in values.items() if "." not in k}
     if "space" in options:
-        raise ConfigError("search: write searched keys directly, e.g. 'loader.num_workers: {int: [0, 4]}'")
+        raise ConfigError(
+            "search: write searched keys directly, e.g. 'loader.num_workers: {int: [0, 4]}'"
+        )
     search = _build_section(SearchConfig, options, "search")
     search.space = {k: _parse_param_spec(k, v, SECTIONS) for k, v in space_raw.items()}
     return search

@@ -76,13 +76,17 @@ class ScanResult:
     bad: pd.DataFrame  # columns path, label, reason
 
 
-def scan_images(table: pd.DataFrame, *, on_bad_image: str = "skip", progress: bool = True) -> ScanResult:
+def scan_images(
+    table: pd.DataFrame, *, on_bad_image: str = "skip", progress: bool = True
+) -> ScanResult:
     """Cheap structural check of every file (header + end marker, no decoding).
 
     ``skip`` drops and reports bad files; ``raise`` raises ``BadImageError`` for the first.
     """
     reasons: list[str | None] = []
-    for path in tqdm(table["path"], desc="checking images", unit="img", disable=not progress, leave=False):
+    for path in tqdm(
+        table["path"], desc="checking images", unit="img", disable=not progress, leave=False
+    ):
         reason = check_image(path)
         if reason is not None and on_bad_image == "raise":
             raise BadImageError(path, reason)

@@ -219,7 +219,9 @@ def evaluate(
     )
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, *, finetune: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, *, finetune: bool = False
+) -> torch.optim.Optimizer:
     """AdamW or SGD; when finetuning, the backbone learns at ``lr * backbone_lr_scale``.
 
     Frozen parameters stay in the optimizer (their grads are None, so they do not move) so that
@@ -234,7 +236,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, *, finetune: bool = Fals
         {"params": head, "lr": cfg.lr, "name": "head"},
     ]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True
+        )
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -287,7 +291,13 @@ def fit(
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
         )
         result = evaluate(
-            model, val_loader, eval_loss, device=device, num_classes=num_classes, amp=amp, progress=progress
+            model,
+            val_loader,
+            eval_loss,
+            device=device,
+            num_classes=num_classes,
+            amp=amp,
+            progress=progress,
         )
         metrics = {
             "train_loss": stats.loss,

@@ -107,7 +107,18 @@ def build_model(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
         if cfg.name not in allowed:
             raise ValueError(
                 f"model.name: unknown model '{cfg.name}'; allowed: small_cnn, "
-                + ", ".join(n for n in allowed if n in ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"))
+                + ", ".join(
+                    n
+                    for n in allowed
+                    if n
+                    in (
+                        "resnet18",
+                        "resnet50",
+                        "mobilenet_v3_small",
+                        "efficientnet_b0",
+                        "convnext_tiny",
+                    )
+                )
                 + ", ... (any torchvision classification model)"
             )
         model = get_model(cfg.name, weights=None)

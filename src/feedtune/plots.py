@@ -27,8 +27,15 @@ def confusion_matrix_figure(cm: np.ndarray, classes: Sequence[str], *, title: st
     for i in range(n):
         for j in range(n):
             if cm[i, j]:
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     ax.set_title(title or "confusion matrix (row-normalised colour, counts in cells)", fontsize=9)
     fig.tight_layout()
     return fig
@@ -45,3 +52,31 @@ def bar_figure(names: Sequence[str], values: Sequence[float], *, xlabel: str, ti
 
 def close(fig: Figure) -> None:
     plt.close(fig)
+
+
+def pareto_figure(
+    points: Sequence[tuple[float, float, int]], *, xlabel: str, ylabel: str
+) -> Figure:
+    """Scatter of (x, y, trial number) with the non-dominated points (max x, max y) joined."""
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+    xs = np.array([p[0] for p in points])
+    ys = np.array([p[1] for p in points])
+    front = [
+        i
+        for i in range(len(points))
+        if not any(
+            (xs[j] >= xs[i] and ys[j] >= ys[i]) and (xs[j] > xs[i] or ys[j] > ys[i])
+            for j in range(len(points))
+        )
+    ]
+    ax.scatter(xs, ys, color="tab:gray", label="trials")
+    order = sorted(front, key=lambda i: xs[i])
+    ax.plot(xs[order], ys[order], "o-", color="tab:red", label="Pareto front")
+    for x, y, number in points:
+        ax.annotate(str(number), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel} vs {xlabel} (numbers: trials)", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    return fig

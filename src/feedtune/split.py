@@ -31,7 +31,7 @@ class Split:
         return self.summary["digest"]
 
     def write(self, folder: str | Path) -> list[Path]:
-        """Write ``train.csv``, ``val.csv`` and ``summary.json`` (paths relative to the data root)."""
+        """Write ``train.csv``, ``val.csv``, ``summary.json`` (paths relative to the data root)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         root = self.summary["root"]
@@ -109,5 +109,8 @@ def make_split(table: pd.DataFrame, cfg: SplitConfig, *, seed: int) -> Split:
         "digest": _digest(train, val, root),
     }
     if grouped:
-        summary["n_groups"] = {"train": int(train["group"].nunique()), "val": int(val["group"].nunique())}
+        summary["n_groups"] = {
+            "train": int(train["group"].nunique()),
+            "val": int(val["group"].nunique()),
+        }
     return Split(train=train, val=val, summary=summary)

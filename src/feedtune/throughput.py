@@ -34,7 +34,11 @@ class Throughput:
 
     @property
     def feed_ratio(self) -> float:
-        return self.loader_samples_per_s / self.model_samples_per_s if self.model_samples_per_s else 0.0
+        return (
+            self.loader_samples_per_s / self.model_samples_per_s
+            if self.model_samples_per_s
+            else 0.0
+        )
 
     @property
     def bottleneck(self) -> str:
@@ -77,8 +81,13 @@ def measure_loader(loader: DataLoader, *, batches: int, warmup: int = 2) -> tupl
     return samples / elapsed, startup
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                targets: torch.Tensor, loss_fn: nn.Module) -> None:
+def _train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: nn.Module,
+) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss_fn(model(images), targets).backward()
     optimizer.step()
@@ -89,8 +98,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure_model(model: nn.Module, batch: Any, *, device: torch.device, steps: int,
-                  warmup: int = 2) -> float:
+def measure_model(
+    model: nn.Module, batch: Any, *, device: torch.device, steps: int, warmup: int = 2
+) -> float:
     """Samples/s of train steps on one batch already on the device (the model's appetite)."""
     model = copy.deepcopy(model).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -106,8 +116,9 @@ def measure_model(model: nn.Module, batch: Any, *, device: torch.device, steps: 
     return steps * len(targets) / (time.perf_counter() - start)
 
 
-def measure_training(model: nn.Module, loader: DataLoader, *, device: torch.device, steps: int,
-                     warmup: int = 2) -> tuple[float, float, float]:
+def measure_training(
+    model: nn.Module, loader: DataLoader, *, device: torch.device, steps: int, warmup: int = 2
+) -> tuple[float, float, float]:
     """(samples/s end to end, share of time waiting for batches, start-up seconds)."""
     model = copy.deepcopy(model).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -128,7 +139,9 @@ def measure_training(model: nn.Module, loader: DataLoader, *, device: torch.devi
         batch = next(it)
         wait += time.perf_counter() - t
         images = batch[0].to(device, non_blocking=non_blocking)
-        _train_step(model, optimizer, images, batch[1].to(device, non_blocking=non_blocking), loss_fn)
+        _train_step(
+            model, optimizer, images, batch[1].to(device, non_blocking=non_blocking), loss_fn
+        )
         samples += len(batch[1])
     _sync(device)
     elapsed = time.perf_counter() - start
@@ -136,12 +149,16 @@ def measure_training(model: nn.Module, loader: DataLoader, *, device: torch.devi
     return samples / elapsed, wait / elapsed, startup
 
 
-def measure(model: nn.Module, loader: DataLoader, *, device: torch.device, batches: int) -> Throughput:
+def measure(
+    model: nn.Module, loader: DataLoader, *, device: torch.device, batches: int
+) -> Throughput:
     """All rates for one (model, loader) pair; ``batches`` timed batches per measurement."""
     loader_rate, loader_startup = measure_loader(loader, batches=batches)
     batch = next(b for b in loader if b is not None)
     model_rate = measure_model(model, batch, device=device, steps=batches)
-    train_rate, wait_frac, train_startup = measure_training(model, loader, device=device, steps=batches)
+    train_rate, wait_frac, train_startup = measure_training(
+        model, loader, device=device, steps=batches
+    )
     return Throughput(
         loader_samples_per_s=loader_rate,
         model_samples_per_s=model_rate,
@@ -152,7 +169,9 @@ def measure(model: nn.Module, loader: DataLoader, *, device: torch.device, batch
     )
 
 
-def transform_costs(dataset: Any, *, samples: int = 32, batch_size: int = 64, seed: int = 0) -> pd.DataFrame:
+def transform_costs(
+    dataset: Any, *, samples: int = 32, batch_size: int = 64, seed: int = 0
+) -> pd.DataFrame:
     """Milliseconds per sample of each pipeline step: decode, every transform step, collate.
 
     Runs in this process, one sample at a time, so each step is timed alone.
@@ -182,7 +201,9 @@ def transform_costs(dataset: Any, *, samples: int = 32, batch_size: int = 64, se
     return df
 
 
-def measure_and_log(cfg: Any, pipeline: Any, model: nn.Module, *, progress: bool = False) -> Throughput | None:
+def measure_and_log(
+    cfg: Any, pipeline: Any, model: nn.Module, *, progress: bool = False
+) -> Throughput | None:
     """Measure a trained configuration and log the speed metrics, verdict and step costs."""
     from feedtune import tracking
     from feedtune.engine import resolve_device
@@ -197,9 +218,13 @@ def measure_and_log(cfg: Any, pipeline: Any, model: nn.Module, *, progress: bool
     costs = transform_costs(pipeline.train_set, batch_size=cfg.loader.batch_size, seed=cfg.seed)
     tracking.log_dataframe(costs, "throughput/transform_costs.csv")
     tracking.log_figure(
-        bar_figure(costs["step"], costs["ms_per_sample"], xlabel="ms per sample (one process)",
-                   title=f"train pipeline cost per step ({cfg.augment.library}, {cfg.augment.policy}, "
-                   f"{cfg.augment.order})"),
+        bar_figure(
+            costs["step"],
+            costs["ms_per_sample"],
+            xlabel="ms per sample (one process)",
+            title=f"train pipeline cost per step ({cfg.augment.library}, {cfg.augment.policy}, "
+            f"{cfg.augment.order})",
+        ),
         "throughput/transform_costs.png",
     )
     return result

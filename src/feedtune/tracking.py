@@ -166,9 +166,32 @@ def log_model(model: Any, input_example: np.ndarray) -> None:
     with torch.no_grad():
         output = model(torch.from_numpy(input_example)).numpy()
     signature = infer_signature(input_example, output)
+    import feedtune
+
+    # Pickle (not MLflow's default torch.export) so load_model returns a normal nn.Module that
+    # supports .eval()/.train() and finetuning; feedtune's code travels with the model, and the
+    # requirements are given so MLflow need not re-load the model in a subprocess to infer them.
     mlflow.pytorch.log_model(
-        model, name="model", signature=signature, input_example=input_example
+        model,
+        name="model",
+        signature=signature,
+        input_example=input_example,
+        serialization_format="pickle",
+        code_paths=[str(Path(feedtune.__file__).parent)],
+        pip_requirements=_model_requirements(),
     )
+
+
+def _model_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for dist in ("torch", "torchvision", "numpy", "cloudpickle"):
+        try:
+            reqs.append(f"{dist}=={version(dist).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return reqs
 
 
 def logged_steps(run_id: str, metric: str) -> set[int]:
@@ -177,8 +200,69 @@ def logged_steps(run_id: str, metric: str) -> set[int]:
 
 
 def download_artifact(run_id: str, artifact_path: str, dst: str | Path) -> Path:
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)
+        )
+    )
 
 
 def get_run(run_id: str) -> Any:
     return MlflowClient().get_run(run_id)
+
+
+def register_if_better(
+    run_id: str, name: str, *, metric: str = "best_val_f1_macro", alias: str = "best"
+) -> tuple[bool, str | None]:
+    """Register ``runs:/<run_id>/model`` as ``name`` and point ``alias`` at it, unless the run
+    the alias already points at scored at least as well. Returns (moved, version)."""
+    client = MlflowClient()
+    new_value = client.get_run(run_id).data.metrics.get(metric, float("-inf"))
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        current = None
+    if current is not None:
+        if current.run_id == run_id:
+            return False, current.version
+        old = client.get_run(current.run_id).data.metrics.get(metric, float("-inf"))
+        if old >= new_value:
+            return False, current.version
+    version = mlflow.register_model(f"runs:/{run_id}/model", name)
+    client.set_registered_model_alias(name, alias, version.version)
+    client.set_model_version_tag(name, version.version, metric, str(new_value))
+    return True, version.version
+
+
+def alias_run_id(name: str, alias: str = "best") -> str | None:
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias).run_id
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def search_runs(
+    experiment: str,
+    *,
+    filter_string: str = "",
+    order_by: list[str] | None = None,
+    max_results: int = 1000,
+) -> list[Any]:
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs(
+        [exp.experiment_id],
+        filter_string=filter_string,
+        order_by=order_by or [],
+        max_results=max_results,
+    )
+
+
+def checkpoint_uri(run: Any, name: str = "best.pt") -> str:
+    return f"{run.info.artifact_uri.rstrip('/')}/checkpoints/{name}"
+
+
+def end_run_by_id(run_id: str, status: str) -> None:
+    MlflowClient().set_terminated(run_id, status)

@@ -127,14 +127,21 @@ class CheckpointAndLog(Callback):
     """Each epoch: write ``last.pt`` (and ``best.pt`` when improved), upload them, then log the
     epoch's metrics. Checkpoint before metrics: a resumed run re-logs only unlogged epochs."""
 
-    def __init__(self, cfg: Config, classes: list[str], folder: Path, *, track: bool = True) -> None:
+    def __init__(
+        self, cfg: Config, classes: list[str], folder: Path, *, track: bool = True
+    ) -> None:
         self.cfg = cfg
         self.classes = classes
         self.folder = folder
         self.track = track
 
-    def payload(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-                metrics: dict[str, float]) -> dict[str, Any]:
+    def payload(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: TrainState,
+        metrics: dict[str, float],
+    ) -> dict[str, Any]:
         return {
             "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "classes": self.classes,
@@ -163,8 +170,10 @@ class CheckpointAndLog(Callback):
             tracking.log_file(last, "checkpoints")
             tracking.log_metrics({k: metrics[k] for k in EPOCH_METRICS}, step=epoch)
             tracking.log_metrics(
-                {"best_val_f1_macro": max(h["val_f1_macro"] for h in state.history),
-                 "best_val_acc": max(h["val_acc"] for h in state.history)}
+                {
+                    "best_val_f1_macro": max(h["val_f1_macro"] for h in state.history),
+                    "best_val_acc": max(h["val_acc"] for h in state.history),
+                }
             )
 
 
@@ -192,10 +201,15 @@ def log_run_inputs(cfg: Config, data: PreparedData, pipeline: Pipeline) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         transform.save(Path(tmp) / "train.yaml")
         tracking.log_file(Path(tmp) / "train.yaml", "augment")
-        picks = np.linspace(0, len(pipeline.train_set) - 1, num=min(4, len(pipeline.train_set)), dtype=int)
-        images = [decode_image(pipeline.train_set.paths[i], backend=cfg.data.decoder) for i in picks]
-        grid = save_sample_grid(images, transform, Path(tmp) / "samples.png",
-                                mean=cfg.augment.mean, std=cfg.augment.std)
+        picks = np.linspace(
+            0, len(pipeline.train_set) - 1, num=min(4, len(pipeline.train_set)), dtype=int
+        )
+        images = [
+            decode_image(pipeline.train_set.paths[i], backend=cfg.data.decoder) for i in picks
+        ]
+        grid = save_sample_grid(
+            images, transform, Path(tmp) / "samples.png", mean=cfg.augment.mean, std=cfg.augment.std
+        )
         tracking.log_file(grid, "augment")
     counts = epoch_class_counts(pipeline.sampler, pipeline.train_set.targets, data.classes)
     tracking.log_dataframe(counts, "sampler/epoch_class_counts.csv")
@@ -212,11 +226,15 @@ def log_run_results(cfg: Config, outcome: TrainOutcome, classes: list[str]) -> N
         }
     )
     tracking.log_dataframe(
-        pd.DataFrame({"class": classes, "recall": best.per_class_recall}), "metrics/per_class_recall.csv"
+        pd.DataFrame({"class": classes, "recall": best.per_class_recall}),
+        "metrics/per_class_recall.csv",
     )
     tracking.log_figure(
-        confusion_matrix_figure(best.confusion, classes, title=f"best epoch {outcome.state.best_epoch + 1}: "
-                                f"val_f1_macro {best.f1_macro:.3f}"),
+        confusion_matrix_figure(
+            best.confusion,
+            classes,
+            title=f"best epoch {outcome.state.best_epoch + 1}: val_f1_macro {best.f1_macro:.3f}",
+        ),
         "plots/confusion_matrix.png",
     )
     example = next(b for b in outcome.pipeline.val_loader if b is not None)[0][:2].numpy()
@@ -249,7 +267,10 @@ def train_model(
         set_rng_state(resume["rng"])
     if track and resume is None:
         log_run_inputs(cfg, data, pipeline)
-    own = [EpochSeeding(pipeline.generators, cfg.seed), CheckpointAndLog(cfg, data.classes, folder, track=track)]
+    own = [
+        EpochSeeding(pipeline.generators, cfg.seed),
+        CheckpointAndLog(cfg, data.classes, folder, track=track),
+    ]
     state = fit(
         model,
         pipeline.train_loader,
@@ -264,11 +285,23 @@ def train_model(
     )
     best_path = folder / "best.pt"
     model.load_state_dict(load_checkpoint(best_path)["model_state"])
-    best = evaluate(model, pipeline.val_loader, nn.CrossEntropyLoss(), device=device,
-                    num_classes=len(data.classes), progress=False)
+    best = evaluate(
+        model,
+        pipeline.val_loader,
+        nn.CrossEntropyLoss(),
+        device=device,
+        num_classes=len(data.classes),
+        progress=False,
+    )
     summary = {"best_val_f1_macro": best.f1_macro, "best_val_acc": best.acc}
-    return TrainOutcome(state=state, best=best, model=model, checkpoint=best_path,
-                        pipeline=pipeline, summary=summary)
+    return TrainOutcome(
+        state=state,
+        best=best,
+        model=model,
+        checkpoint=best_path,
+        pipeline=pipeline,
+        summary=summary,
+    )
 
 
 def run_train(cfg: Config, *, resume_run_id: str | None = None, progress: bool = True) -> str:
@@ -278,15 +311,17 @@ def run_train(cfg: Config, *, resume_run_id: str | None = None, progress: bool =
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "checkpoints"
         if resume_run_id:
-            resume = load_checkpoint(tracking.download_artifact(resume_run_id, "checkpoints/last.pt", tmp))
+            # MLflow downloads a single file into dst_path itself (no sub-folders).
+            folder.mkdir(parents=True)
+            for name in ("last.pt", "best.pt"):
+                tracking.download_artifact(resume_run_id, f"checkpoints/{name}", folder)
+            resume = load_checkpoint(folder / "last.pt")
             cfg = config_from_dict(resume["config"])
         data = prepare_data(cfg, progress=progress)
         tags = {"feedtune.split_digest": data.split.digest}
         with tracking.start_run("train", run_id=resume_run_id, tags=tags) as run:
             if resume is not None:
                 _relog_missing_epochs(run.info.run_id, resume)
-                save_checkpoint(resume, folder / "last.pt")
-                tracking.download_artifact(resume_run_id, "checkpoints/best.pt", folder.parent)
             outcome = train_model(cfg, data, folder=folder, resume=resume, progress=progress)
             log_run_results(cfg, outcome, data.classes)
             _after_training(cfg, outcome, data)

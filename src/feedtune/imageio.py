@@ -1,0 +1,359 @@
+"""Decode one image file to an RGB ``uint8`` array, and cheap checks of image files.
+
+``decode_image`` is what the Dataset calls per sample: it always returns a C-contiguous,
+writable ``(H, W, 3) uint8`` RGB array, whatever the file holds:
+
+- grayscale (``L``, 1-bit) is replicated to three channels;
+- alpha (``RGBA``, ``LA``, palette or ``tRNS`` transparency) is composited on **white**:
+  transparent areas become white, as they look in a browser or file viewer;
+- 16-bit PNG is scaled to 8 bit (65535 -> 255, 32768 -> 128), not clipped;
+- CMYK JPEG (also Adobe's inverted CMYK) is converted by Pillow;
+- the EXIF orientation is applied (the same table as ``PIL.ImageOps.exif_transpose``).
+
+No colour management: embedded ICC profiles are ignored, as OpenCV does.
+
+Two backends with the same semantics: ``pil`` (the reference) and ``opencv``. OpenCV is used
+only where it is both faster and right: plain (non-CMYK) JPEG. Everything else goes through
+the Pillow path in both backends, so the choice of backend is a pure speed setting.
+
+A file that cannot be decoded raises ``BadImageError`` naming the file and the reason. JPEG and
+PNG files are checked for their end marker first, because OpenCV decodes a truncated JPEG
+"successfully" (grey fill, a warning on stderr) and Pillow accepts a PNG with no IEND chunk.
+
+Global Pillow state (``LOAD_TRUNCATED_IMAGES``, ``MAX_IMAGE_PIXELS``) is left at its defaults.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+BACKENDS = ("pil", "opencv")
+
+# Reasons shared by decode_image and check_image (tests and reports match on them).
+EMPTY = "empty file"
+NOT_FOUND = "file not found"
+NOT_AN_IMAGE = "not an image"
+TRUNCATED_JPEG = "truncated JPEG (no end-of-image marker)"
+TRUNCATED_PNG = "truncated PNG (no IEND chunk)"
+TRUNCATED_WEBP = "truncated WebP (file shorter than its RIFF header says)"
+TRUNCATED_BMP = "truncated BMP (pixel data shorter than its header says)"
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# A whole IEND chunk: zero length, type, CRC. 12 fixed bytes cannot occur by chance.
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+# Bytes read from the end of a file for the fast end-marker check (one disk page).
+_TAIL = 4096
+# Bytes read from the start: magic numbers and the BMP size fields.
+_HEAD = 64
+# JPEG markers with no length field (TEM, RST0-7, SOI, EOI).
+_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xDA)}
+_ORIENTATION_TAG = 0x0112
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_16BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+class BadImageError(ValueError):
+    """A file that is not a decodable image; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: str | Path, reason: str | None = None) -> None:
+        if reason is None:
+            # One-argument form: torch's DataLoader re-raises a worker's exception as
+            # ``type(exc)(formatted_traceback)``; recover path and reason from that text so
+            # ``except BadImageError`` and ``.path`` still work in the main process.
+            message = str(path)
+            found = re.findall(r"bad image (.+?): (.+)", message)
+            path, reason = found[-1] if found else ("", message)
+        else:
+            message = f"bad image {path}: {reason}"
+        super().__init__(message)
+        self.path = str(path)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Default exception pickling replays ``args`` (the message only); replay both fields.
+        return (type(self), (self.path, self.reason))
+
+
+def decode_image(
+    path: str | Path, *, backend: str = "pil", min_size: int | None = None
+) -> np.ndarray:
+    """Decode ``path`` to a C-contiguous, writable ``(H, W, 3) uint8`` RGB array.
+
+    Args:
+        path: the image file.
+        backend: ``"pil"`` or ``"opencv"``; same result (OpenCV decodes plain JPEG only, the
+            rest falls back to Pillow).
+        min_size: if set and the file is a JPEG whose shorter side is at least
+            ``2 * min_size``, decode at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling, much
+            cheaper than decode-then-resize), the smallest that keeps the shorter side
+            ``>= min_size``. Other formats are decoded at full size.
+
+    Raises:
+        BadImageError: empty, missing, unreadable, truncated, or not an image.
+        ValueError: unknown ``backend`` or a ``min_size`` below 1.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown image backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if min_size is not None and (isinstance(min_size, bool) or min_size < 1):
+        raise ValueError(f"min_size must be a positive integer or None, got {min_size!r}")
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BadImageError(path, NOT_FOUND) from None
+    except OSError as exc:
+        raise BadImageError(path, f"unreadable ({exc.strerror or exc})") from None
+    if not data:
+        raise BadImageError(path, EMPTY)
+    problem = _structure_problem(data[:_HEAD], data[-_TAIL:], len(data), lambda: data)
+    if problem:
+        raise BadImageError(path, problem)
+    try:
+        im = Image.open(io.BytesIO(data))  # header only: format, mode, size, EXIF
+    except UnidentifiedImageError:
+        raise BadImageError(path, NOT_AN_IMAGE) from None
+    except Exception as exc:  # Pillow raises many types (SyntaxError, struct.error, ...)
+        raise BadImageError(path, f"bad header ({type(exc).__name__}: {exc})") from None
+    try:
+        orientation = _orientation(im)
+        scale = _jpeg_scale(im.size, min_size) if data.startswith(_JPEG_MAGIC) else 1
+        if backend == "opencv" and data.startswith(_JPEG_MAGIC) and im.mode != "CMYK":
+            rgb = _decode_opencv(data, scale)
+            if rgb is None:
+                raise BadImageError(path, "OpenCV could not decode it")
+        else:
+            if scale > 1:
+                # Pillow keeps the size >= the request and picks the largest scale that fits.
+                w, h = im.size
+                im.draft(im.mode, (w // scale, h // scale))
+            im.load()
+            rgb = _pil_to_rgb(im)
+    except BadImageError:
+        raise
+    except Exception as exc:
+        raise BadImageError(path, f"decode failed ({type(exc).__name__}: {exc})") from None
+    return _orient(rgb, orientation)
+
+
+def check_image(path: str | Path) -> str | None:
+    """Cheap structural check without decoding pixels: None if OK, else a short reason.
+
+    Reads the header (Pillow identifies the format lazily) and the last few KiB (JPEG
+    end-of-image marker, PNG IEND chunk; WebP and uncompressed BMP sizes from the header).
+    Only a file whose end looks wrong is read whole, to look for an end marker followed by
+    trailing data (e.g. camera padding or an appended motion-photo video). Truncated GIF and
+    TIFF files, and files whose pixel data is corrupt inside, pass here and fail in
+    ``decode_image``.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return EMPTY
+            head = f.read(_HEAD)
+            f.seek(max(0, size - _TAIL))
+            tail = f.read()
+
+            def read_all() -> bytes:
+                f.seek(0)
+                return f.read()
+
+            problem = _structure_problem(head, tail, size, read_all)
+            if problem:
+                return problem
+            f.seek(0)
+            try:
+                Image.open(f).close()  # header only; closing the image leaves ``f`` open
+            except UnidentifiedImageError:
+                return NOT_AN_IMAGE
+            except Exception as exc:
+                return f"bad header ({type(exc).__name__}: {exc})"
+    except FileNotFoundError:
+        return NOT_FOUND
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    return None
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` as ``decode_image`` returns it without ``min_size`` (EXIF
+    orientation applied), from the header only. An orientation stored in a PNG eXIf chunk
+    after the pixel data (rare) is not seen without decoding and is ignored here.
+    """
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if _orientation(im) >= 5:  # 5-8 swap width and height
+                w, h = h, w
+    except FileNotFoundError:
+        raise BadImageError(path, NOT_FOUND) from None
+    except UnidentifiedImageError:
+        raise BadImageError(path, NOT_AN_IMAGE) from None
+    except Exception as exc:
+        raise BadImageError(path, f"bad header ({type(exc).__name__}: {exc})") from None
+    return w, h
+
+
+# --- structure checks ------------------------------------------------------------------------
+
+
+def _structure_problem(
+    head: bytes, tail: bytes, size: int, read_all: Callable[[], bytes]
+) -> str | None:
+    """Missing end marker of JPEG/PNG, short WebP; ``read_all`` only if the tail looks wrong."""
+    if head.startswith(_JPEG_MAGIC):
+        # Fast path: EOI at the very end, after optional 0x00/0xFF padding some cameras write.
+        if tail.rstrip(b"\x00\xff").endswith(b"\xff\xd9") or _jpeg_has_eoi(read_all()):
+            return None
+        return TRUNCATED_JPEG
+    if head.startswith(_PNG_MAGIC):
+        if _PNG_IEND in tail or _png_has_iend(read_all()):
+            return None
+        return TRUNCATED_PNG
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        (riff_size,) = struct.unpack("<I", head[4:8])
+        if size < riff_size + 8:
+            return TRUNCATED_WEBP
+    if head[:2] == b"BM" and len(head) >= 34:
+        offset, header_size, width, height, _, bits, compression = struct.unpack(
+            "<I I i i H H I", head[10:34]
+        )
+        # Uncompressed layouts only (BI_RGB, BI_BITFIELDS, BI_ALPHABITFIELDS); rows are padded
+        # to 4 bytes; a negative height means top-down rows.
+        if header_size >= 40 and compression in (0, 3, 6) and width > 0 and bits > 0:
+            if size < offset + (width * bits + 31) // 32 * 4 * abs(height):
+                return TRUNCATED_BMP
+    return None
+
+
+def _jpeg_has_eoi(data: bytes) -> bool:
+    """True if an end-of-image marker follows the first scan (trailing data allowed).
+
+    Walks the header segments to the first start-of-scan, so that the EOI of an EXIF thumbnail
+    (inside APP1) does not count; after that, byte stuffing guarantees that FF D9 can only be a
+    real EOI.
+    """
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            break  # broken segment structure: be lenient and let the decoder judge
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker in _STANDALONE_MARKERS:
+            pos += 2
+        elif marker == 0xDA:  # start of scan: entropy-coded data follows
+            break
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return data.find(b"\xff\xd9", min(pos, n)) != -1
+
+
+def _png_has_iend(data: bytes) -> bool:
+    """Walk the PNG chunks to an IEND chunk (trailing data after it allowed)."""
+    pos = len(_PNG_MAGIC)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind == b"IEND":
+            return True
+        pos += 12 + length  # length, type, data, CRC
+    return False
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation 1-8 from the header (1 if absent or unreadable)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1  # Pillow would decode the whole PNG to look for a late eXIf chunk
+    try:
+        value = int(im.getexif().get(_ORIENTATION_TAG, 1))
+    except Exception:  # a broken EXIF block must not make a good image unreadable
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _orient(rgb: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (same table as ``ImageOps.exif_transpose``)."""
+    ops: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+        2: lambda a: a[:, ::-1],  # FLIP_LEFT_RIGHT
+        3: lambda a: a[::-1, ::-1],  # ROTATE_180
+        4: lambda a: a[::-1],  # FLIP_TOP_BOTTOM
+        5: lambda a: a.swapaxes(0, 1),  # TRANSPOSE
+        6: lambda a: np.rot90(a, -1),  # ROTATE_270 (90 degrees clockwise)
+        7: lambda a: a[::-1, ::-1].swapaxes(0, 1),  # TRANSVERSE
+        8: lambda a: np.rot90(a, 1),  # ROTATE_90
+    }
+    if orientation in ops:
+        rgb = ops[orientation](rgb)
+    if not (rgb.flags.c_contiguous and rgb.flags.writeable):
+        # Views from the flips and Pillow's read-only buffers: callers may write in place.
+        rgb = rgb.copy(order="C")
+    return rgb
+
+
+def _jpeg_scale(size: tuple[int, int], min_size: int | None) -> int:
+    """Largest DCT scale 8/4/2 that keeps the shorter side >= ``min_size``, else 1."""
+    if min_size is None:
+        return 1
+    shorter = min(size)
+    for scale in (8, 4, 2):
+        if shorter >= scale * min_size:  # decoded side is ceil(shorter / scale) >= min_size
+            return scale
+    return 1
+
+
+def _pil_to_rgb(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im)
+    if mode in _16BIT_MODES:
+        # 16-bit grayscale: scale 0..65535 to 0..255 with rounding (Pillow's convert clips).
+        wide = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
+        gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    has_alpha = (
+        mode in _ALPHA_MODES
+        or "transparency" in im.info
+        or (mode == "P" and im.palette is not None and im.palette.mode == "RGBA")
+    )
+    if not has_alpha:
+        return np.asarray(im.convert("RGB"))  # L, 1, P, CMYK (Adobe inversion handled), ...
+    rgba = np.asarray(im.convert("RGBA"))
+    # Composite on white: out = rgb * a + 255 * (1 - a), in integers (max 65025 fits uint16).
+    rgb = rgba[:, :, :3].astype(np.uint16)
+    alpha = rgba[:, :, 3:].astype(np.uint16)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+_cv2: Any = None
+
+
+def _decode_opencv(data: bytes, scale: int) -> np.ndarray | None:
+    global _cv2
+    if _cv2 is None:
+        import cv2  # lazily: a slow import that the pil backend does not need
+
+        _cv2 = cv2
+    cv2 = _cv2
+    reduced = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2}
+    reduced |= {4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+    # Orientation is applied by _orient for both backends, so OpenCV must not apply it too.
+    flags = reduced[scale] | cv2.IMREAD_IGNORE_ORIENTATION
+    rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10: no BGR->RGB pass
+    if rgb_flag is not None:
+        flags = (flags & ~cv2.IMREAD_COLOR) | rgb_flag
+    out = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if out is None or rgb_flag is not None:
+        return out
+    return cv2.cvtColor(out, cv2.COLOR_BGR2RGB)

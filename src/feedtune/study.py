@@ -1,0 +1,178 @@
+"""Every Optuna call feedtune makes lives here: storages, studies, samplers, pruners,
+suggestions from the config's search space, and the study's plots and table."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.trial import FrozenTrial, TrialState
+
+from feedtune.config import ParamSpec
+
+log = logging.getLogger(__name__)
+
+TrialPruned = optuna.TrialPruned
+# An RDB worker that misses heartbeats this long is considered dead and its trial failed.
+HEARTBEAT_S = 10
+GRACE_S = 30
+
+
+def storage_url_for(path: str | Path) -> str:
+    return f"journal:{Path(path).resolve()}"
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """``journal:PATH`` (default: a file several processes on one machine share through a file
+    lock) or any SQLAlchemy URL (``postgresql://...``, ``sqlite:///...``) for an RDB storage
+    with heartbeats, so a trial whose worker died is failed and retried."""
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(
+            JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+        )
+    try:
+        return RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=GRACE_S,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2),
+            engine_kwargs={"pool_pre_ping": True},
+        )
+    except Exception as exc:  # sqlalchemy raises many kinds; the user needs one line
+        raise ConnectionError(
+            f"cannot open Optuna storage {url!r}: {str(exc).splitlines()[0]}"
+        ) from exc
+
+
+def build_pruner(kind: str) -> optuna.pruners.BasePruner:
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=2)
+    return optuna.pruners.NopPruner()
+
+
+def create_study(
+    name: str, storage: optuna.storages.BaseStorage, *, seed: int | None, pruner: str = "none"
+) -> optuna.Study:
+    """Create or load (resume) the study ``name``; seeded TPE so runs repeat."""
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True)
+    return optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        sampler=sampler,
+        pruner=build_pruner(pruner),
+        load_if_exists=True,
+    )
+
+
+def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
+    """Dotted key -> suggested value, from the config's search space."""
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        if spec.kind == "choice":
+            out[key] = trial.suggest_categorical(key, spec.choices)
+        elif spec.kind == "int":
+            out[key] = trial.suggest_int(
+                key, int(spec.low), int(spec.high), log=spec.log, step=int(spec.step or 1)
+            )
+        else:
+            out[key] = trial.suggest_float(
+                key, float(spec.low), float(spec.high), log=spec.log, step=spec.step
+            )
+    return out
+
+
+def grid(space: dict[str, ParamSpec]) -> list[dict[str, Any]]:
+    """Every combination of a discrete space (ints expanded), for exhaustive comparisons."""
+    import itertools
+
+    axes = []
+    for key, spec in space.items():
+        if spec.kind == "choice":
+            values = list(spec.choices or [])
+        elif spec.kind == "int":
+            values = list(range(int(spec.low), int(spec.high) + 1, int(spec.step or 1)))
+        else:
+            raise ValueError(f"search.{key}: a float range has no finite grid")
+        axes.append([(key, v) for v in values])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def report(trial: optuna.Trial, value: float, step: int) -> None:
+    """Report an intermediate value; raises ``TrialPruned`` when the pruner says stop."""
+    trial.report(value, step)
+    if trial.should_prune():
+        raise TrialPruned(f"pruned at epoch {step + 1} (value {value:.4f})")
+
+
+def optimize(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    *,
+    n_trials: int | None,
+    timeout: float | None,
+    progress: bool = True,
+) -> None:
+    # Exceptions other than pruning mark the trial FAIL and the study goes on.
+    study.optimize(
+        objective,
+        n_trials=n_trials,
+        timeout=timeout,
+        catch=(Exception,),
+        show_progress_bar=progress,
+        gc_after_trial=True,
+    )
+
+
+def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    done = complete_trials(study)
+    return max(done, key=lambda t: t.value) if done else None
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    return study.trials_dataframe(
+        attrs=("number", "value", "state", "params", "user_attrs", "datetime_start", "duration")
+    )
+
+
+def figures(study: optuna.Study, *, pareto_x: str, pareto_y: str) -> dict[str, Any]:
+    """Optimization history, parameter importances (with >= 2 complete trials) and the
+    accuracy/throughput Pareto front from trial user attributes."""
+    from feedtune.plots import pareto_figure
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out: dict[str, Any] = {}
+    done = complete_trials(study)
+    if not done:
+        return out
+    out["history"] = optuna.visualization.matplotlib.plot_optimization_history(study).figure
+    varied = {k for t in done for k in t.params if len({str(u.params.get(k)) for u in done}) > 1}
+    if len(done) >= 2 and varied:
+        try:
+            out["importances"] = optuna.visualization.matplotlib.plot_param_importances(
+                study
+            ).figure
+        except (RuntimeError, ValueError) as exc:  # too few distinct values for the evaluator
+            log.info("no parameter importances: %s", exc)
+    points = [(t.user_attrs.get(pareto_x), t.user_attrs.get(pareto_y), t.number) for t in done]
+    points = [p for p in points if p[0] is not None and p[1] is not None and not math.isnan(p[0])]
+    if points:
+        out["pareto_front"] = pareto_figure(points, xlabel=pareto_x, ylabel=pareto_y)
+    for fig in out.values():
+        fig.set_size_inches(8, 5)
+    return out

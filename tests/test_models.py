@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from feedtune.config import ModelConfig
+from feedtune.models import build_model, head_parameters, num_outputs, replace_head
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18", "mobilenet_v3_small"])
+def test_build_model_sizes_the_head(name):
+    model = build_model(ModelConfig(name=name), num_classes=5).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 5) and num_outputs(model) == 5
+
+
+def test_freeze_backbone_leaves_only_the_head_trainable():
+    model = build_model(ModelConfig(name="small_cnn", freeze="backbone"), num_classes=3)
+    head = {id(p) for p in head_parameters(model)}
+    for p in model.parameters():
+        assert p.requires_grad == (id(p) in head)
+
+
+def test_replace_head_keeps_the_backbone():
+    model = build_model(ModelConfig(), num_classes=3)
+    before = {k: v.clone() for k, v in model.features.state_dict().items()}
+    replace_head(model, 7)
+    assert num_outputs(model) == 7
+    for k, v in model.features.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_pretrained_without_cached_weights_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        build_model(ModelConfig(name="resnet18", pretrained=True), num_classes=3)
+
+
+def test_pretrained_uses_the_local_cache(tmp_path, monkeypatch):
+    from torchvision.models import get_model, get_model_weights
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    reference = get_model("resnet18", weights=None)
+    name = get_model_weights("resnet18").DEFAULT.url.rsplit("/", 1)[-1]
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(reference.state_dict(), tmp_path / "checkpoints" / name)
+    model = build_model(ModelConfig(name="resnet18", pretrained=True), num_classes=4)
+    assert torch.equal(model.conv1.weight, reference.conv1.weight)
+    assert num_outputs(model) == 4
+
+
+def test_unknown_model_name_lists_choices():
+    with pytest.raises(ValueError, match="small_cnn"):
+        build_model(ModelConfig(name="resnet9000"), num_classes=2)

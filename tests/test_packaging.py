@@ -1,0 +1,58 @@
+"""The MLflow project, the package and the docs agree with each other."""
+
+import re
+import tomllib
+
+import yaml
+
+from tests.conftest import REPO
+
+
+def _name(spec: str) -> str:
+    return re.split(r"[<>=!~\[ ]", spec, maxsplit=1)[0].lower()
+
+
+def test_conda_env_lists_the_same_dependencies_as_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    conda = yaml.safe_load((REPO / "conda.yaml").read_text())
+    pip = next(d for d in conda["dependencies"] if isinstance(d, dict))["pip"]
+    conda_specs = sorted(s.replace(" ", "") for s in pip if not s.startswith("-e"))
+    assert conda_specs == sorted(s.replace(" ", "") for s in project["dependencies"])
+
+
+def test_mlproject_declares_every_command_and_main_is_tune():
+    spec = yaml.safe_load((REPO / "MLproject").read_text())
+    points = spec["entry_points"]
+    assert {"main", "data", "train", "bench", "tune", "finetune", "best"} <= set(points)
+    assert points["main"]["command"] == points["tune"]["command"]
+    for name, point in points.items():
+        assert f"feedtune {'tune' if name == 'main' else name}" in point["command"]
+        for param, decl in point.get("parameters", {}).items():
+            assert f"{{{param}}}" in point["command"], (name, param)
+            assert decl["type"] in {"string", "float", "path", "uri"}
+
+
+def test_readme_quick_start_has_exactly_the_two_commands():
+    text = (REPO / "README.md").read_text()
+    quick = text.split("## Quick start", 1)[1].split("##", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", quick, re.S).group(1)
+    commands = [ln.split("#")[0].strip() for ln in block.splitlines() if ln.strip()]
+    assert commands == ["make tune", "make test"]
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "make test" in ci
+
+
+def test_python_m_feedtune_works():
+    import subprocess
+    import sys
+
+    from tests.conftest import env_with_src
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "feedtune", "--help"],
+        capture_output=True,
+        text=True,
+        env=env_with_src(),
+        cwd=REPO,
+    )
+    assert proc.returncode == 0 and "train" in proc.stdout
