@@ -49,11 +49,24 @@ def tiny_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "imgs", {"a": 24, "b": 12, "c": 8}, groups_of=4)
 
 
+@pytest.fixture(scope="session")
+def _empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MLflow's schema migrations take seconds: run them once, copy the file per test."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_mlflow_db: Path) -> str:
     """A temporary SQLite tracking store; artifacts land beside it in ``mlruns/``."""
+    import shutil
+
     import mlflow
 
+    shutil.copy(_empty_mlflow_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)

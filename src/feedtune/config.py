@@ -180,6 +180,9 @@ class SearchConfig:
     speed_steps: int = field(default=25, metadata=_limits(2))
     metric: Literal["val_f1_macro", "val_acc"] = "val_f1_macro"
     pruner: Literal["median", "hyperband", "none"] = "median"
+    # Complete trials, and epochs within a trial, before the median pruner may stop one.
+    pruner_startup_trials: int = field(default=2, metadata=_limits(0))
+    pruner_warmup_epochs: int = field(default=2, metadata=_limits(0))
     sampler_seed: int | None = None
 
     def speed_space(self) -> dict[str, ParamSpec]:

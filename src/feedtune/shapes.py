@@ -59,7 +59,8 @@ MANIFEST_NAME = "manifest.csv"
 MARKER_NAME = "_complete.json"
 IMAGE_DIR = "images"
 
-MIN_SIDE, MAX_SIDE = 128, 400  # image width and height, drawn independently
+MIN_SIDE, MAX_SIDE = 128, 400  # image width and height, each
+MAX_ASPECT = 1.6  # longer side / shorter side at most: objects stay recognisable once squashed
 MIN_GROUP, MAX_GROUP = 4, 8  # renders per group (object)
 JPEG_QUALITY = (70, 95)
 SUPERSAMPLE = 2  # the object mask is drawn at 2x and reduced: anti-aliased edges
@@ -484,12 +485,20 @@ def _scaled(mask: Image.Image, alpha: float) -> Image.Image:
     return mask.point([int(round(v * alpha)) for v in range(256)])
 
 
+def _image_size(g: np.random.Generator) -> tuple[int, int]:
+    """Width and height in MIN_SIDE..MAX_SIDE, neither more than MAX_ASPECT times the other."""
+    w = int(g.integers(MIN_SIDE, MAX_SIDE + 1))
+    lo, hi = max(MIN_SIDE, math.ceil(w / MAX_ASPECT)), min(MAX_SIDE, int(w * MAX_ASPECT))
+    h = int(g.integers(lo, hi + 1))
+    return (w, h) if g.uniform() < 0.5 else (h, w)
+
+
 def _render(seed: int, item: _Item) -> bytes:
     """The JPEG bytes of one image; depends only on (seed, item coordinates)."""
     key = [seed, item.dataset_index, item.class_index, item.group_index]
     ident = _identity(item.label, np.random.default_rng(key))
     g = np.random.default_rng([*key, item.render_index + 1])
-    w, h = (int(v) for v in g.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
+    w, h = _image_size(g)
 
     canvas = _background(ident, g, w, h)
     _distractors(canvas, g)

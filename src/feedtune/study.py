@@ -53,16 +53,26 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         ) from exc
 
 
-def build_pruner(kind: str) -> optuna.pruners.BasePruner:
+def build_pruner(
+    kind: str, *, startup_trials: int = 2, warmup_epochs: int = 2
+) -> optuna.pruners.BasePruner:
     if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs
+        )
     if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=2)
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, warmup_epochs))
     return optuna.pruners.NopPruner()
 
 
 def create_study(
-    name: str, storage: optuna.storages.BaseStorage, *, seed: int | None, pruner: str = "none"
+    name: str,
+    storage: optuna.storages.BaseStorage,
+    *,
+    seed: int | None,
+    pruner: str = "none",
+    startup_trials: int = 2,
+    warmup_epochs: int = 2,
 ) -> optuna.Study:
     """Create or load (resume) the study ``name``; seeded TPE so runs repeat."""
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True)
@@ -71,7 +81,7 @@ def create_study(
         storage=storage,
         direction="maximize",
         sampler=sampler,
-        pruner=build_pruner(pruner),
+        pruner=build_pruner(pruner, startup_trials=startup_trials, warmup_epochs=warmup_epochs),
         load_if_exists=True,
     )
 

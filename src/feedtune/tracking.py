@@ -53,7 +53,13 @@ def setup(experiment: str, tracking_uri: str | None = None) -> str:
             client.restore_experiment(found.experiment_id)
         exp_id = found.experiment_id
     else:
-        exp_id = client.create_experiment(experiment, artifact_location=_sqlite_artifact_root(uri))
+        try:
+            exp_id = client.create_experiment(
+                experiment, artifact_location=_sqlite_artifact_root(uri)
+            )
+        except mlflow.exceptions.MlflowException:
+            # Another worker created it a moment ago (several tune processes start together).
+            exp_id = client.get_experiment_by_name(experiment).experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -266,3 +272,47 @@ def checkpoint_uri(run: Any, name: str = "best.pt") -> str:
 
 def end_run_by_id(run_id: str, status: str) -> None:
     MlflowClient().set_terminated(run_id, status)
+
+
+# --------------------------------------------------------------------------- reuse (issue 6)
+
+
+@contextlib.contextmanager
+def use_store(tracking_uri: str | None = None) -> Iterator[str]:
+    """Read from the store ``tracking_uri`` (default: ``default_tracking_uri()``) and restore the
+    previous URI afterwards; creates nothing, so a lookup never makes an empty experiment."""
+    previous = mlflow.get_tracking_uri()
+    uri = tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def current_store() -> str:
+    """The tracking URI MLflow uses now."""
+    return mlflow.get_tracking_uri()
+
+
+def model_version_run_id(name: str, version: str) -> str | None:
+    """Run behind version ``version`` of the registered model ``name``, or None."""
+    try:
+        return MlflowClient().get_model_version(name, str(version)).run_id
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def best_checkpoint_run(experiment: str, *, metric: str = "best_val_f1_macro") -> Any | None:
+    """The finished run with the highest ``metric`` among runs that train (not study parents,
+    which repeat their best trial's metric but hold no checkpoint), or None."""
+    runs = search_runs(
+        experiment,
+        filter_string=(
+            f"metrics.{metric} > -1 and attributes.status = 'FINISHED' "
+            "and tags.`feedtune.kind` != 'study'"
+        ),
+        order_by=[f"metrics.{metric} DESC", "attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None

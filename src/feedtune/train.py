@@ -36,7 +36,7 @@ from feedtune.engine import (
 )
 from feedtune.imageio import decode_image
 from feedtune.loader import build_loader
-from feedtune.models import build_model
+from feedtune.models import build_model, num_outputs
 from feedtune.plots import confusion_matrix_figure
 from feedtune.sampling import build_sampler, epoch_class_counts
 from feedtune.shapes import dataset_root, ensure_dataset
@@ -250,15 +250,27 @@ def train_model(
     callbacks: Sequence[Callback] = (),
     track: bool = True,
     progress: bool = True,
+    model: nn.Module | None = None,
+    finetune: bool = False,
 ) -> TrainOutcome:
     """Train ``cfg`` on ``data``, checkpointing into ``folder``; ``resume`` is a checkpoint
-    payload to continue from. Returns the best model (weights of the best epoch)."""
+    payload to continue from. Returns the best model (weights of the best epoch).
+
+    ``model``: start from this model (already sized to ``data.classes`` and frozen as wanted)
+    instead of a fresh ``build_model(cfg.model)``; ``finetune``: the backbone learns at
+    ``train.lr * train.backbone_lr_scale`` (see ``finetune.py``)."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     device = resolve_device(cfg.train.device)
     pipeline = build_pipeline(cfg, data, cuda=device.type == "cuda")
-    model = build_model(cfg.model, num_classes=len(data.classes))
-    optimizer = build_optimizer(model, cfg.train)
+    if model is None:
+        model = build_model(cfg.model, num_classes=len(data.classes))
+    elif num_outputs(model) != len(data.classes):
+        raise ValueError(
+            f"the model has {num_outputs(model)} outputs but the data has "
+            f"{len(data.classes)} classes; replace its head first (models.replace_head)"
+        )
+    optimizer = build_optimizer(model, cfg.train, finetune=finetune)
     state = None
     if resume is not None:
         model.load_state_dict(resume["model_state"])

@@ -1,0 +1,216 @@
+"""``feedtune.load_best``: the best model of an experiment, ready to predict or to finetune.
+
+    best = feedtune.load_best("feedtune-shapes")
+    labels, probs = best.predict(["a.jpg", "b.png"])
+
+The model is rebuilt from ``checkpoints/best.pt`` of the chosen run, read with
+``weights_only=True``: a checkpoint is data (tensors, names, numbers), never code, so a
+tampered file is refused instead of executed. The same helpers resolve the source of
+``feedtune finetune --from``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from feedtune import tracking
+from feedtune.augment import Transform, build_transform
+from feedtune.checkpoint import CheckpointError, load_checkpoint
+from feedtune.config import Config, config_from_dict
+from feedtune.engine import resolve_device
+from feedtune.imageio import decode_image
+from feedtune.models import build_model
+
+DEFAULT_EXPERIMENT = Config().experiment
+BEST_ALIAS = "best"
+CHECKPOINT = "checkpoints/best.pt"
+
+
+def find_best_run_id(experiment: str, *, metric: str = "best_val_f1_macro") -> str:
+    """The run behind the registered model ``experiment`` alias ``best``, else the finished
+    training run with the highest ``metric``. Reads the current store; creates nothing."""
+    run_id = tracking.alias_run_id(experiment, BEST_ALIAS)
+    if run_id:
+        return run_id
+    run = tracking.best_checkpoint_run(experiment, metric=metric)
+    if run is None:
+        raise LookupError(
+            f"no registered model '{experiment}' with alias '{BEST_ALIAS}' and no finished run "
+            f"with {metric} in experiment '{experiment}' of store {tracking.current_store()}; "
+            "run `feedtune train` or `feedtune tune` first"
+        )
+    return run.info.run_id
+
+
+def resolve_run_id(source: str, *, experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """The run id that ``source`` names, in the current store.
+
+    ``best``: alias ``best`` of the model registered as ``experiment``, else that experiment's
+    best run; ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: the run that logged that model
+    version; ``runs:/RUN_ID[/...]`` or a bare ``RUN_ID``: that run.
+    """
+    source = source.strip()
+    if source == "best":
+        return find_best_run_id(experiment)
+    if source.startswith("models:/"):
+        ref = source[len("models:/") :].strip("/")
+        if "@" in ref:
+            name, alias = ref.rsplit("@", 1)
+            run_id = tracking.alias_run_id(name, alias)
+        elif "/" in ref:
+            name, version = ref.rsplit("/", 1)
+            run_id = tracking.model_version_run_id(name, version)
+        else:
+            raise LookupError(f"{source}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        if not run_id:
+            raise LookupError(f"{source}: no such registered model version")
+        return run_id
+    run_id = source[len("runs:/") :].split("/", 1)[0] if source.startswith("runs:/") else source
+    try:
+        tracking.get_run(run_id)
+    except Exception as exc:  # MlflowException: unknown run id (or not a run id at all)
+        raise LookupError(
+            f"--from {source!r}: not 'best', models:/NAME@ALIAS, models:/NAME/VERSION, "
+            f"or the id of a run in this store ({str(exc).splitlines()[0]})"
+        ) from None
+    return run_id
+
+
+def fetch_checkpoint(run_id: str, folder: str | Path) -> dict[str, Any]:
+    """Download ``checkpoints/best.pt`` of ``run_id`` into ``folder`` and load it safely
+    (``weights_only=True``). Raises ``CheckpointError`` for a file that would need to run code."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        path = tracking.download_artifact(run_id, CHECKPOINT, folder)
+    except Exception as exc:  # MlflowException / OSError: the artifact is not there
+        raise LookupError(
+            f"run {run_id} has no {CHECKPOINT} artifact (only runs that train have one: "
+            f"train, quality trials, finetune): {str(exc).splitlines()[0]}"
+        ) from None
+    try:
+        payload = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"run {run_id}: {exc}") from exc
+    missing = {"classes", "config"} - set(payload)
+    if missing:
+        raise CheckpointError(
+            f"run {run_id}: {CHECKPOINT} lacks {', '.join(sorted(missing))}; not a feedtune "
+            "checkpoint"
+        )
+    return payload
+
+
+def model_from_checkpoint(payload: dict[str, Any]) -> tuple[nn.Module, Config]:
+    """The checkpoint's model (architecture from its config, weights from its state) and config.
+
+    ``model.pretrained`` is ignored: the weights come from the checkpoint, so no torchvision
+    weight file is needed."""
+    cfg = config_from_dict(payload["config"])
+    model_cfg = dataclasses.replace(cfg.model, pretrained=False)
+    model = build_model(model_cfg, num_classes=len(payload["classes"]))
+    model.load_state_dict(payload["model_state"])
+    return model, cfg
+
+
+@dataclass
+class BestModel:
+    """A logged model ready for inference.
+
+    Attributes:
+        model: the network, in eval mode, on ``device``.
+        eval_transform: the run's deterministic eval transform (resize, centre crop, normalize).
+        classes: class names; output ``i`` of the model is ``classes[i]``.
+        config: the run's full configuration.
+        run_id: the MLflow run the checkpoint came from.
+        metrics: the metrics stored in the checkpoint (its best epoch).
+    """
+
+    model: nn.Module
+    eval_transform: Transform
+    classes: list[str]
+    config: Config
+    run_id: str
+    device: torch.device
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def _array(self, image: Any) -> np.ndarray:
+        if isinstance(image, (str, os.PathLike)):
+            return decode_image(image, backend=self.config.data.decoder)
+        if isinstance(image, np.ndarray):
+            return image
+        if hasattr(image, "convert"):  # a PIL image, any mode
+            return np.array(image.convert("RGB"))
+        raise TypeError(
+            f"predict: expected paths, PIL images or (H, W, 3) uint8 arrays, got "
+            f"{type(image).__name__}"
+        )
+
+    @torch.inference_mode()
+    def predict(self, images: Any, *, batch_size: int = 64) -> tuple[list[str], np.ndarray]:
+        """Labels and class probabilities ``[n, n_classes]`` (rows sum to 1).
+
+        ``images``: a sequence of (or one) image path, PIL image (any mode) or ``(H, W, 3)``
+        uint8 RGB array; each goes through ``eval_transform``, as validation images do."""
+        if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "convert"):
+            images = [images]
+        images = list(images)
+        probs = np.zeros((len(images), len(self.classes)), dtype=np.float32)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            batch = torch.stack([self.eval_transform(self._array(im)) for im in chunk])
+            logits = self.model(batch.to(self.device))
+            probs[start : start + len(chunk)] = torch.softmax(logits.float(), 1).cpu().numpy()
+        labels = [self.classes[i] for i in probs.argmax(1)] if len(images) else []
+        return labels, probs
+
+    def __repr__(self) -> str:
+        return (
+            f"BestModel(run_id={self.run_id!r}, model={self.config.model.name!r}, "
+            f"classes={len(self.classes)}, device={self.device})"
+        )
+
+
+def load_best(
+    experiment: str = DEFAULT_EXPERIMENT,
+    tracking_uri: str | None = None,
+    *,
+    device: str = "auto",
+) -> BestModel:
+    """The best model of ``experiment``: the registered model ``experiment`` alias ``best``,
+    else the finished run with the highest ``best_val_f1_macro``.
+
+    Args:
+        experiment: MLflow experiment name (also the registered model's name).
+        tracking_uri: the store; default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` at
+            the project root, as for every feedtune command.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+
+    Raises:
+        LookupError: no such model or run, or the run has no checkpoint.
+        CheckpointError: the checkpoint holds more than tensors and plain data (it could run
+            code when unpickled) or cannot be read; nothing in it is executed.
+    """
+    with tracking.use_store(tracking_uri), tempfile.TemporaryDirectory() as tmp:
+        run_id = find_best_run_id(experiment)
+        payload = fetch_checkpoint(run_id, tmp)
+    model, cfg = model_from_checkpoint(payload)
+    dev = resolve_device(device)
+    return BestModel(
+        model=model.to(dev).eval(),
+        eval_transform=build_transform(cfg.augment, train=False),
+        classes=list(payload["classes"]),
+        config=cfg,
+        run_id=run_id,
+        device=dev,
+        metrics=dict(payload.get("metrics") or {}),
+    )

@@ -1,0 +1,171 @@
+"""``feedtune finetune``: carry a logged model to a new dataset (transfer learning).
+
+The source run's ``checkpoints/best.pt`` (read with ``weights_only=True``) gives the
+architecture and the weights; the new configuration gives everything else: the dataset, the
+augmentation, the loader, ``model.freeze``, ``train.unfreeze_after`` and the learning rates
+(the backbone learns at ``train.lr * train.backbone_lr_scale``). The head is replaced when the
+new dataset's classes differ from the source's (same names in the same order keep it). The run
+is a normal training run (every artifact of ``feedtune train``) tagged ``feedtune.kind=finetune``
+and ``feedtune.parent_model_run_id=<source run>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from feedtune import tracking
+from feedtune.api import DEFAULT_EXPERIMENT, fetch_checkpoint, model_from_checkpoint, resolve_run_id
+from feedtune.checkpoint import CheckpointError
+from feedtune.config import PROJECT_ROOT, Config, config_from_dict
+from feedtune.models import replace_head, set_backbone_trainable
+from feedtune.train import _after_training, log_run_results, prepare_data, train_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FINETUNE_CONFIG = PROJECT_ROOT / "experiments" / "finetune-shapes-shift.yaml"
+
+FROM_HELP = (
+    "the model to start from: 'best' (the model registered as --source-experiment with alias "
+    "'best', else that experiment's best finished run by best_val_f1_macro), "
+    "models:/NAME@ALIAS, models:/NAME/VERSION, or a RUN_ID (default: best)"
+)
+
+
+@dataclass
+class FinetuneStart:
+    """The model a finetune starts from, ready for ``train.train_model(model=...)``."""
+
+    model: nn.Module
+    head_replaced: bool
+    source_classes: list[str]
+
+
+def effective_config(cfg: Config, source_cfg: Config) -> Config:
+    """``cfg`` with the source run's architecture: its weights fit no other ``model.name``.
+
+    ``model.pretrained`` becomes false: the weights come from the parent run (tag
+    ``feedtune.parent_model_run_id``), not from torchvision."""
+    if cfg.model.name != source_cfg.model.name:
+        log.warning(
+            "model.name %r ignored: finetuning keeps the source run's %r",
+            cfg.model.name,
+            source_cfg.model.name,
+        )
+    return cfg.replace({"model.name": source_cfg.model.name, "model.pretrained": False})
+
+
+def prepare_model(payload: dict[str, Any], cfg: Config, classes: list[str]) -> FinetuneStart:
+    """Rebuild the checkpoint's model, give it a new head when ``classes`` differ from the
+    checkpoint's, and freeze the backbone when ``cfg.model.freeze == 'backbone'``.
+
+    The new head's initial weights depend only on ``cfg.seed``."""
+    model, _ = model_from_checkpoint(payload)
+    source_classes = list(payload["classes"])
+    replaced = source_classes != list(classes)
+    if replaced:
+        torch.manual_seed(cfg.seed)
+        replace_head(model, len(classes))
+    # The head always trains; engine.fit unfreezes the backbone at train.unfreeze_after.
+    set_backbone_trainable(model, cfg.model.freeze != "backbone")
+    return FinetuneStart(model=model, head_replaced=replaced, source_classes=source_classes)
+
+
+def run_finetune(
+    cfg: Config,
+    *,
+    source: str = "best",
+    source_experiment: str = DEFAULT_EXPERIMENT,
+    progress: bool = True,
+) -> str:
+    """``feedtune finetune``: one tracked run in ``cfg.experiment``. Returns its run id.
+
+    The source is resolved and its checkpoint loaded before any run opens, so a missing or
+    refused checkpoint leaves no failed run behind."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with tracking.use_store():
+            parent_id = resolve_run_id(source, experiment=source_experiment)
+            payload = fetch_checkpoint(parent_id, Path(tmp) / "source")
+        cfg = effective_config(cfg, config_from_dict(payload["config"]))
+        tracking.setup(cfg.experiment)
+        data = prepare_data(cfg, progress=progress)
+        start = prepare_model(payload, cfg, data.classes)
+        tags = {
+            "feedtune.split_digest": data.split.digest,
+            "feedtune.parent_model_run_id": parent_id,
+            "feedtune.parent_source": source,
+            "feedtune.head_replaced": str(start.head_replaced).lower(),
+        }
+        with tracking.start_run("finetune", tags=tags) as run:
+            outcome = train_model(
+                cfg,
+                data,
+                folder=Path(tmp) / "checkpoints",
+                model=start.model,
+                finetune=True,
+                progress=progress,
+            )
+            log_run_results(cfg, outcome, data.classes)
+            _after_training(cfg, outcome, data)
+            return run.info.run_id
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_parser(
+    subparsers: Any, common: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.ArgumentParser:
+    """Add ``feedtune finetune``; ``common`` adds the shared --config/--set/--no-progress."""
+    p = subparsers.add_parser(
+        "finetune",
+        help="transfer learning from a logged checkpoint to a new dataset",
+        description=__doc__.split("\n\n")[1].replace("``", "'"),
+    )
+    p.add_argument("--from", dest="source", default="best", metavar="SOURCE", help=FROM_HELP)
+    p.add_argument(
+        "--source-experiment",
+        default=DEFAULT_EXPERIMENT,
+        help=f"experiment (and registered model name) that --from best reads "
+        f"(default: {DEFAULT_EXPERIMENT}); the new run goes to the config's own experiment",
+    )
+    if common is not None:
+        common(p)
+    if DEFAULT_FINETUNE_CONFIG.is_file():
+        p.set_defaults(config=str(DEFAULT_FINETUNE_CONFIG))
+    return p
+
+
+def run_from_args(args: argparse.Namespace, cfg: Config, *, progress: bool = True) -> int:
+    """The CLI action: run, print the run id, and turn a refused checkpoint into exit code 1."""
+    try:
+        run_id = run_finetune(
+            cfg,
+            source=args.source or "best",
+            source_experiment=args.source_experiment or DEFAULT_EXPERIMENT,
+            progress=progress,
+        )
+    except CheckpointError as exc:
+        print(f"feedtune: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"finetune run {run_id} finished (experiment '{cfg.experiment}', from {args.source})")
+    return 0
+
+
+__all__ = [
+    "FinetuneStart",
+    "add_parser",
+    "effective_config",
+    "prepare_model",
+    "run_finetune",
+    "run_from_args",
+]

@@ -1,0 +1,176 @@
+"""`feedtune tune` end to end: real Optuna journal storage, real MLflow store, real processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO, env_with_src, write_image_folder
+
+pytestmark = pytest.mark.slow
+
+TINY = """
+experiment: {experiment}
+augment: {{image_size: 32}}
+loader: {{batch_size: 8}}
+train: {{epochs: 3, measure_batches: 2, patience: 0}}
+search:
+  loader.num_workers: {{int: [0, 1]}}
+  data.decoder: {{choice: [pil, opencv]}}
+  augment.policy: {{choice: [none, basic]}}
+  train.lr: {{float: [1.0e-7, 1.0e-2], log: true}}
+  n_trials_speed: 2
+  n_trials_quality: 3
+  speed_steps: 3
+  pruner_startup_trials: 2
+  pruner_warmup_epochs: 0
+"""
+
+
+def _tune(tmp: Path, data: Path, *args: str, experiment: str = "tiny-tune", background=False):
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(TINY.format(experiment=experiment))
+    cmd = [
+        sys.executable,
+        "-m",
+        "feedtune",
+        "tune",
+        "--no-progress",
+        "--config",
+        str(cfg),
+        "--set",
+        f"data.path={data}",
+        "--storage",
+        f"journal:{tmp / 'optuna.journal'}",
+        *args,
+    ]
+    if background:
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=env_with_src(), stderr=subprocess.PIPE, text=True
+        )
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env_with_src(), capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _artifacts(client, run_id, path=""):
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return write_image_folder(
+        tmp_path / "imgs", {"red": 48, "green": 32, "blue": 24}, size=(48, 40), groups_of=2
+    )
+
+
+def test_two_stage_study_is_tracked_and_registered(tmp_path, data, mlflow_store):
+    # Queue a hopeless learning rate third, so the median pruner has something to stop.
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
+    )
+    queued = optuna.create_study(study_name="S-quality", storage=storage, direction="maximize")
+    for lr in (5e-3, 5e-3, 1e-7):
+        queued.enqueue_trial({"augment.policy": "none", "train.lr": lr})
+    # (the pruner compares each trial's best value so far, so the bad one must lose at epoch 0)
+
+    proc = _tune(tmp_path, data, "--study", "S")
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("tiny-tune")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("feedtune.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("feedtune.kind") == "trial"]
+    assert len(children) == 5
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    stages = sorted(r.data.tags["feedtune.stage"] for r in children)
+    assert stages == ["quality"] * 3 + ["speed"] * 2
+    for r in children:
+        assert r.data.tags["optuna.study_name"] in {"S-speed", "S-quality"}
+        assert r.data.params["augment.image_size"] == "32"  # the full resolved config
+
+    quality = optuna.load_study(study_name="S-quality", storage=storage)
+    by_number = {
+        int(r.data.tags["optuna.trial_number"]): r
+        for r in children
+        if r.data.tags["feedtune.stage"] == "quality"
+    }
+    states = {t.number: t.state for t in quality.trials}
+    assert states[2] == optuna.trial.TrialState.PRUNED
+    for number, state in states.items():
+        expected = {"PRUNED": "KILLED", "COMPLETE": "FINISHED", "FAIL": "FAILED"}[state.name]
+        assert by_number[number].info.status == expected
+
+    assert parent.info.status == "FINISHED"
+    best_id = parent.data.tags["feedtune.best_run_id"]
+    assert best_id in {r.info.run_id for r in children}
+    assert {
+        "study/trials.csv",
+        "study/history.png",
+        "study/pareto_front.png",
+        "split/summary.json",
+        "study/speed/trials.csv",
+    } <= _artifacts(client, parent.info.run_id)
+    assert parent.data.tags["optuna.storage"].startswith("journal:")
+    version = client.get_model_version_by_alias("tiny-tune", "best")
+    assert version.run_id == best_id
+    assert best_id in proc.stdout
+
+    best = subprocess.run(
+        [sys.executable, "-m", "feedtune", "best", "--experiment", "tiny-tune"],
+        cwd=REPO,
+        env=env_with_src(),
+        capture_output=True,
+        text=True,
+    )
+    assert best.returncode == 0, best.stderr
+    assert best_id in best.stdout and "--set" in best.stdout and "best.pt" in best.stdout
+
+
+def test_two_processes_share_one_study(tmp_path, data, mlflow_store):
+    procs = [
+        _tune(
+            tmp_path,
+            data,
+            "--study",
+            "shared",
+            "--stage",
+            "speed",
+            "--n-trials",
+            "3",
+            experiment="shared-tune",
+            background=True,
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
+    )
+    study = optuna.load_study(study_name="shared-speed", storage=storage)
+    numbers = [t.number for t in study.trials]
+    assert sorted(numbers) == list(range(6))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("shared-tune")
+    trial_runs = [
+        r
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get("feedtune.kind") == "trial"
+    ]
+    run_numbers = sorted(int(r.data.tags["optuna.trial_number"]) for r in trial_runs)
+    assert run_numbers == list(range(6))
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {
+        r.info.run_id for r in trial_runs
+    }
