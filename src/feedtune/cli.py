@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,19 +142,39 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _resume_hint(args: argparse.Namespace, exc: BaseException) -> str:
+    hint = getattr(exc, "resume_hint", None)
+    if hint:
+        return f"the last checkpoint is saved: resume with `{hint}`"
+    if args.command == "tune":
+        storage = args.storage or "journal:optuna.journal"
+        study = args.study or "<experiment name>"
+        return (
+            f"completed trials are kept: resume with `feedtune tune --study {study} "
+            f"--storage {storage}` (add the same --config/--set)"
+        )
+    return "nothing was lost that had been saved"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=os.environ.get("FEEDTUNE_LOG", "WARNING"),
         format="%(levelname)s %(name)s: %(message)s",
     )
     args = build_parser().parse_args(argv)
+    # SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C: runs marked KILLED, checkpoints kept.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _run(args)
     except ConfigError as exc:
         print(f"feedtune: config error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("feedtune: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"feedtune: interrupted; {_resume_hint(args, exc)}", file=sys.stderr)
         return 130
     except (FileNotFoundError, ValueError, ConnectionError, LookupError) as exc:
         print(f"feedtune: error: {exc}", file=sys.stderr)

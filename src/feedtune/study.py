@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
+import psutil
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
@@ -44,13 +47,71 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             url,
             heartbeat_interval=HEARTBEAT_S,
             grace_period=GRACE_S,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2),
+            failed_trial_callback=_retry_dead_trial,
             engine_kwargs={"pool_pre_ping": True},
         )
     except Exception as exc:  # sqlalchemy raises many kinds; the user needs one line
         raise ConnectionError(
             f"cannot open Optuna storage {url!r}: {str(exc).splitlines()[0]}"
         ) from exc
+
+
+# Called for a trial whose worker died; feedtune.tune sets it to end the trial's MLflow run.
+on_dead_trial: Callable[[FrozenTrial], None] | None = None
+_retry = optuna.storages.RetryFailedTrialCallback(max_retry=2)
+
+
+def _retry_dead_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """RDB heartbeat expired: close the trial's run, then retry it with the same parameters
+    (Optuna copies params and user attributes, so the retry finds the old run's checkpoint)."""
+    if on_dead_trial is not None:
+        on_dead_trial(trial)
+    _retry(study, trial)
+
+
+def worker_info() -> dict[str, Any]:
+    """Who runs a trial: lets another process on this machine tell that the worker is gone."""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": psutil.Process().create_time(),
+    }
+
+
+def _worker_alive(info: dict[str, Any]) -> bool:
+    if info.get("host") != socket.gethostname():
+        return True  # another machine's worker: only RDB heartbeats can tell
+    try:
+        return abs(psutil.Process(int(info["pid"])).create_time() - float(info["started"])) < 1.0
+    except (psutil.NoSuchProcess, KeyError, ValueError):
+        return False
+
+
+def reap_dead_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """File storages have no heartbeat: fail RUNNING trials whose worker process on this
+    machine is gone, and queue each again with the same parameters (and its user attributes,
+    among them the MLflow run whose checkpoint the retry resumes from)."""
+    reaped = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        info = trial.user_attrs.get("worker")
+        if not info or _worker_alive(info):
+            continue
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another process reaped it first
+        if on_dead_trial is not None:
+            on_dead_trial(trial)
+        attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
+        study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": trial.number})
+        log.warning(
+            "trial %d of %s: worker %s is gone; failed and queued again",
+            trial.number,
+            study.study_name,
+            info,
+        )
+        reaped.append(trial)
+    return reaped
 
 
 def build_pruner(

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from feedtune import tracking
 from feedtune.augment import build_transform, save_sample_grid
+from feedtune.cache import cache_datasets, working_size
 from feedtune.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from feedtune.config import PROJECT_ROOT, Config, config_from_dict
 from feedtune.dataset import ImageDataset, scan_images
@@ -88,13 +89,25 @@ class Pipeline:
     generators: list[torch.Generator] = field(default_factory=list)
 
 
-def build_pipeline(cfg: Config, data: PreparedData, *, cuda: bool) -> Pipeline:
-    common = {"decoder": cfg.data.decoder, "on_bad_image": cfg.data.on_bad_image}
+def build_pipeline(
+    cfg: Config, data: PreparedData, *, cuda: bool, progress: bool = False
+) -> Pipeline:
+    common = {
+        "decoder": cfg.data.decoder,
+        "on_bad_image": cfg.data.on_bad_image,
+        # JPEGs >= 2x the working size are decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT
+        # scaling); the transform resizes anyway, so output shapes do not change.
+        "min_decode_size": working_size(cfg.augment.image_size),
+    }
     train_set = ImageDataset(
         data.split.train, data.classes, build_transform(cfg.augment, train=True), **common
     )
     val_set = ImageDataset(
         data.split.val, data.classes, build_transform(cfg.augment, train=False), **common
+    )
+    # Both sets: val is read every epoch, and sees the same preprocessing as train.
+    cache_datasets(
+        [train_set, val_set], cfg.loader, image_size=cfg.augment.image_size, progress=progress
     )
     sampler_gen = torch.Generator().manual_seed(cfg.seed)
     sampler = build_sampler(cfg.sampler, targets=train_set.targets, generator=sampler_gen)
@@ -323,24 +336,42 @@ def run_train(cfg: Config, *, resume_run_id: str | None = None, progress: bool =
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "checkpoints"
         if resume_run_id:
-            # MLflow downloads a single file into dst_path itself (no sub-folders).
-            folder.mkdir(parents=True)
-            for name in ("last.pt", "best.pt"):
-                tracking.download_artifact(resume_run_id, f"checkpoints/{name}", folder)
-            resume = load_checkpoint(folder / "last.pt")
+            resume = download_resume(resume_run_id, folder)
+            if resume is None:
+                raise FileNotFoundError(
+                    f"run {resume_run_id} has no checkpoints/last.pt to resume from; "
+                    "start a new run with `feedtune train`"
+                )
             cfg = config_from_dict(resume["config"])
         data = prepare_data(cfg, progress=progress)
         tags = {"feedtune.split_digest": data.split.digest}
         with tracking.start_run("train", run_id=resume_run_id, tags=tags) as run:
             if resume is not None:
-                _relog_missing_epochs(run.info.run_id, resume)
-            outcome = train_model(cfg, data, folder=folder, resume=resume, progress=progress)
+                relog_missing_epochs(run.info.run_id, resume)
+            try:
+                outcome = train_model(cfg, data, folder=folder, resume=resume, progress=progress)
+            except KeyboardInterrupt as exc:
+                exc.resume_hint = f"feedtune train --resume {run.info.run_id}"
+                raise
             log_run_results(cfg, outcome, data.classes)
             _after_training(cfg, outcome, data)
             return run.info.run_id
 
 
-def _relog_missing_epochs(run_id: str, payload: dict[str, Any]) -> None:
+def download_resume(run_id: str, folder: Path) -> dict[str, Any] | None:
+    """Fetch ``last.pt`` and ``best.pt`` of ``run_id`` into ``folder``; the ``last`` payload, or
+    None when the run never finished an epoch."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        # MLflow downloads a single file into dst_path itself (no sub-folders).
+        for name in ("last.pt", "best.pt"):
+            tracking.download_artifact(run_id, f"checkpoints/{name}", folder)
+    except Exception:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
+        return None
+    return load_checkpoint(folder / "last.pt")
+
+
+def relog_missing_epochs(run_id: str, payload: dict[str, Any]) -> None:
     """Log epochs that were checkpointed but whose metrics did not reach MLflow before a kill."""
     done = tracking.logged_steps(run_id, "val_f1_macro")
     for row in payload["train_state"]["history"]:

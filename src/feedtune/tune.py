@@ -25,8 +25,10 @@ from feedtune.throughput import measure_and_log, measure_training
 from feedtune.train import (
     PreparedData,
     build_pipeline,
+    download_resume,
     log_run_results,
     prepare_data,
+    relog_missing_epochs,
     train_model,
 )
 
@@ -96,7 +98,7 @@ class Tuner:
             tags=_trial_tags("speed", name, trial.number),
             system_metrics=False,
         ) as run:
-            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            _claim(trial, run.info.run_id)
             tracking.log_config(tcfg)
             result = speed_trial(tcfg, self.data, steps=self.cfg.search.speed_steps)
             tracking.log_metrics(result)
@@ -118,12 +120,20 @@ class Tuner:
             ) as run,
             tempfile.TemporaryDirectory() as tmp,
         ):
-            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            previous = _claim(trial, run.info.run_id)
             tracking.set_tags({"feedtune.split_digest": self.data.split.digest})
+            # A retried trial (its worker died) continues from the dead run's last checkpoint.
+            resume = download_resume(previous, Path(tmp)) if previous else None
+            if resume is not None:
+                tracking.set_tags({"feedtune.resumed_from_run_id": previous})
+                relog_missing_epochs(run.info.run_id, resume)
+                for row in resume["train_state"]["history"]:  # the pruner sees every epoch
+                    trial.report(row[metric], int(row["epoch"]))
             outcome = train_model(
                 tcfg,
                 self.data,
                 folder=Path(tmp),
+                resume=resume,
                 progress=self.progress,
                 callbacks=[PruneOnPlateau(trial, metric)],
             )
@@ -134,6 +144,22 @@ class Tuner:
             if speed is not None:
                 trial.set_user_attr("train_samples_per_s", speed.train_samples_per_s)
             return best
+
+
+def _claim(trial: Any, run_id: str) -> str | None:
+    """Record which process and MLflow run work on ``trial``; returns the run of the attempt
+    this one retries (None for a first attempt)."""
+    previous = trial.user_attrs.get("mlflow_run_id")
+    trial.set_user_attr("worker", studies.worker_info())
+    trial.set_user_attr("mlflow_run_id", run_id)
+    return previous
+
+
+def _close_dead_trial_run(trial: Any) -> None:
+    """A trial whose worker died must not leave its MLflow run RUNNING."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        tracking.end_run_by_id(run_id, "KILLED")
 
 
 @contextlib.contextmanager
@@ -161,6 +187,7 @@ def run_tune(
         raise ValueError(f"--stage {stage!r}: allowed: speed, quality, all")
     stages = STAGES if stage == "all" else (stage,)
     storage_url = storage or studies.storage_url_for(DEFAULT_STORAGE)
+    studies.on_dead_trial = _close_dead_trial_run
     optuna_storage = studies.open_storage(storage_url)
     base = study_name or cfg.experiment
     tracking.setup(cfg.experiment)
@@ -186,6 +213,7 @@ def run_tune(
         tracking.log_split(data.split)
         tracking.log_bad_images(data.bad)
         speed_study = studies.create_study(f"{base}-speed", optuna_storage, seed=seed)
+        studies.reap_dead_trials(speed_study)
         if "speed" in stages and cfg.search.speed_space():
             studies.optimize(
                 speed_study,
@@ -205,8 +233,14 @@ def run_tune(
         _log_study(speed_study, "study/speed")
         if "quality" in stages:
             quality = studies.create_study(
-                f"{base}-quality", optuna_storage, seed=seed, pruner=cfg.search.pruner
+                f"{base}-quality",
+                optuna_storage,
+                seed=seed,
+                pruner=cfg.search.pruner,
+                startup_trials=cfg.search.pruner_startup_trials,
+                warmup_epochs=cfg.search.pruner_warmup_epochs,
             )
+            studies.reap_dead_trials(quality)
             studies.optimize(
                 quality,
                 tuner.quality_objective,
