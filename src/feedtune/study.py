@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
-import psutil
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from feedtune.config import ParamSpec
+from feedtune.workers import is_alive
 
 log = logging.getLogger(__name__)
+# Optuna flags its matplotlib plots and retry callback as experimental; they are what we want.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 TrialPruned = optuna.TrialPruned
 # An RDB worker that misses heartbeats this long is considered dead and its trial failed.
@@ -47,7 +48,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             url,
             heartbeat_interval=HEARTBEAT_S,
             grace_period=GRACE_S,
-            failed_trial_callback=_retry_dead_trial,
+            heartbeat_stale_trial_callback=_retry_dead_trial,
             engine_kwargs={"pool_pre_ping": True},
         )
     except Exception as exc:  # sqlalchemy raises many kinds; the user needs one line
@@ -58,7 +59,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
 # Called for a trial whose worker died; feedtune.tune sets it to end the trial's MLflow run.
 on_dead_trial: Callable[[FrozenTrial], None] | None = None
-_retry = optuna.storages.RetryFailedTrialCallback(max_retry=2)
+_retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
 
 
 def _retry_dead_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -69,24 +70,6 @@ def _retry_dead_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     _retry(study, trial)
 
 
-def worker_info() -> dict[str, Any]:
-    """Who runs a trial: lets another process on this machine tell that the worker is gone."""
-    return {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "started": psutil.Process().create_time(),
-    }
-
-
-def _worker_alive(info: dict[str, Any]) -> bool:
-    if info.get("host") != socket.gethostname():
-        return True  # another machine's worker: only RDB heartbeats can tell
-    try:
-        return abs(psutil.Process(int(info["pid"])).create_time() - float(info["started"])) < 1.0
-    except (psutil.NoSuchProcess, KeyError, ValueError):
-        return False
-
-
 def reap_dead_trials(study: optuna.Study) -> list[FrozenTrial]:
     """File storages have no heartbeat: fail RUNNING trials whose worker process on this
     machine is gone, and queue each again with the same parameters (and its user attributes,
@@ -94,7 +77,7 @@ def reap_dead_trials(study: optuna.Study) -> list[FrozenTrial]:
     reaped = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         info = trial.user_attrs.get("worker")
-        if not info or _worker_alive(info):
+        if not info or is_alive(info):
             continue
         try:
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)

@@ -22,8 +22,10 @@ from mlflow.tracking import MlflowClient
 
 from feedtune.config import PROJECT_ROOT, Config
 from feedtune.plots import close
+from feedtune.workers import is_alive, worker_info
 
 KIND_TAG = "feedtune.kind"
+WORKER_TAG = "feedtune.worker"
 # MLflow caps a param value at 6000 characters; ours are short, but never fail a run on it.
 _PARAM_LIMIT = 6000
 
@@ -85,13 +87,21 @@ def start_run(
         log_system_metrics=system_metrics,
     )
     try:
-        mlflow.set_tags({KIND_TAG: kind, **(tags or {})})
+        worker = {f"{WORKER_TAG}.{k}": str(v) for k, v in worker_info().items()}
+        mlflow.set_tags({KIND_TAG: kind, **worker, **(tags or {})})
         yield run
     except KeyboardInterrupt:
+        mlflow.set_tag("feedtune.error", "interrupted (Ctrl-C or SIGTERM)")
         mlflow.end_run("KILLED")
         raise
     except BaseException as exc:
-        mlflow.end_run("KILLED" if type(exc).__name__ == "TrialPruned" else "FAILED")
+        pruned = type(exc).__name__ == "TrialPruned"
+        # One line in the UI saying why, e.g. a DataLoader worker that died or timed out.
+        mlflow.set_tag(
+            "feedtune.error",
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500],
+        )
+        mlflow.end_run("KILLED" if pruned else "FAILED")
         raise
     else:
         mlflow.end_run("FINISHED")
@@ -316,3 +326,18 @@ def best_checkpoint_run(experiment: str, *, metric: str = "best_val_f1_macro") -
         max_results=1,
     )
     return runs[0] if runs else None
+
+
+def close_dead_runs(experiment: str) -> list[str]:
+    """Mark KILLED the RUNNING runs whose process on this machine is gone (killed with SIGKILL,
+    machine lost power): file stores have no heartbeat, so feedtune checks at start-up."""
+    closed = []
+    for run in search_runs(experiment, filter_string="attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        info = {k: tags.get(f"{WORKER_TAG}.{k}") for k in ("host", "pid", "started")}
+        if info["host"] is None or is_alive(info):
+            continue
+        MlflowClient().set_tag(run.info.run_id, "feedtune.error", "worker process died")
+        end_run_by_id(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    return closed

@@ -31,6 +31,7 @@ from feedtune.train import (
     relog_missing_epochs,
     train_model,
 )
+from feedtune.workers import worker_info
 
 STAGES = ("speed", "quality")
 DEFAULT_STORAGE = PROJECT_ROOT / "optuna.journal"
@@ -150,7 +151,7 @@ def _claim(trial: Any, run_id: str) -> str | None:
     """Record which process and MLflow run work on ``trial``; returns the run of the attempt
     this one retries (None for a first attempt)."""
     previous = trial.user_attrs.get("mlflow_run_id")
-    trial.set_user_attr("worker", studies.worker_info())
+    trial.set_user_attr("worker", worker_info())
     trial.set_user_attr("mlflow_run_id", run_id)
     return previous
 
@@ -191,6 +192,7 @@ def run_tune(
     optuna_storage = studies.open_storage(storage_url)
     base = study_name or cfg.experiment
     tracking.setup(cfg.experiment)
+    tracking.close_dead_runs(cfg.experiment)
     data = prepare_data(cfg, progress=progress)
     tuner = Tuner(cfg, data, base, progress=progress)
     seed = cfg.search.sampler_seed if cfg.search.sampler_seed is not None else cfg.seed

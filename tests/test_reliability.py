@@ -1,0 +1,249 @@
+"""Nothing lost, nothing left half-done: killed workers, Ctrl-C/SIGTERM, bad inputs, repeats."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from feedtune.checkpoint import load_checkpoint
+from tests.conftest import REPO, env_with_src, write_image_folder
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+experiment: {experiment}
+augment: {{image_size: 32}}
+loader: {{batch_size: 8}}
+train: {{epochs: {epochs}, measure_batches: 2, patience: 0}}
+search:
+  loader.num_workers: {{int: [0, 1]}}
+  augment.policy: {{choice: [none, basic]}}
+  train.lr: {{float: [1.0e-3, 1.0e-2], log: true}}
+  speed_steps: 3
+  pruner: none
+"""
+
+
+def _cmd(
+    tmp: Path, data: Path, command: str, *args: str, experiment: str = "rel", epochs: int = 3
+) -> list[str]:
+    cfg = tmp / f"{experiment}.yaml"
+    cfg.write_text(CONFIG.format(experiment=experiment, epochs=epochs))
+    return [
+        sys.executable,
+        "-m",
+        "feedtune",
+        command,
+        "--no-progress",
+        "--config",
+        str(cfg),
+        "--set",
+        f"data.path={data}",
+        *args,
+    ]
+
+
+def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd, cwd=REPO, env=env_with_src(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _wait_for_epoch(
+    client: MlflowClient, experiment: str, proc: subprocess.Popen, kind: str
+) -> str:
+    """Run id of the first ``kind`` run that has logged an epoch."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        exp = client.get_experiment_by_name(experiment)
+        for run in client.search_runs([exp.experiment_id]) if exp else []:
+            if run.data.tags.get("feedtune.kind") == kind and client.get_metric_history(
+                run.info.run_id, "val_loss"
+            ):
+                return run.info.run_id
+        assert proc.poll() is None, "the process ended before it could be interrupted"
+        time.sleep(0.1)
+    raise AssertionError("no epoch logged in time")
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return write_image_folder(
+        tmp_path / "imgs", {"red": 60, "green": 40, "blue": 30}, size=(48, 40), groups_of=2
+    )
+
+
+def _running_runs(client: MlflowClient, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return [r for r in client.search_runs([exp.experiment_id]) if r.info.status == "RUNNING"]
+
+
+def test_killed_tune_worker_is_failed_retried_and_resumed(tmp_path, data, mlflow_store):
+    storage = f"journal:{tmp_path / 'optuna.journal'}"
+    args = ("--stage", "quality", "--study", "K", "--storage", storage, "--n-trials", "2")
+    proc = subprocess.Popen(_cmd(tmp_path, data, "tune", *args), cwd=REPO, env=env_with_src())
+    client = MlflowClient()
+    try:
+        killed_run = _wait_for_epoch(client, "rel", proc, "trial")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    again = _run(_cmd(tmp_path, data, "tune", *args))
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    study = optuna.load_study(
+        study_name="K-quality",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
+        ),
+    )
+    states = [t.state for t in study.trials]
+    assert states[0] == optuna.trial.TrialState.FAIL
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2
+    assert optuna.trial.TrialState.RUNNING not in states
+    retry = next(t for t in study.trials if t.user_attrs.get("retry_of") == 0)
+    assert retry.params == study.trials[0].params
+    assert client.get_run(killed_run).info.status == "KILLED"
+    resumed = client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert resumed.data.tags["feedtune.resumed_from_run_id"] == killed_run
+    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_loss")]
+    assert sorted(steps) == [0, 1, 2]
+    assert _running_runs(client, "rel") == []
+
+
+def test_sigterm_ends_train_promptly_with_a_resume_hint(tmp_path, data, mlflow_store):
+    proc = subprocess.Popen(
+        _cmd(tmp_path, data, "train", epochs=30),
+        cwd=REPO,
+        env=env_with_src(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = MlflowClient()
+    run_id = _wait_for_epoch(client, "rel", proc, "train")
+    start = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - start < 30
+    assert proc.returncode == 130
+    assert f"feedtune train --resume {run_id}" in err
+    assert client.get_run(run_id).info.status == "KILLED"
+    ckpt = client.download_artifacts(run_id, "checkpoints/last.pt", str(tmp_path))
+    assert load_checkpoint(ckpt)["epoch"] >= 1  # intact, loads with weights_only
+
+
+def test_sigterm_marks_the_trial_and_study_interrupted(tmp_path, data, mlflow_store):
+    storage = f"journal:{tmp_path / 'optuna.journal'}"
+    args = ("--stage", "quality", "--study", "T", "--storage", storage, "--n-trials", "3")
+    proc = subprocess.Popen(
+        _cmd(tmp_path, data, "tune", *args, epochs=30),
+        cwd=REPO,
+        env=env_with_src(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = MlflowClient()
+    run_id = _wait_for_epoch(client, "rel", proc, "trial")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "feedtune tune --study T" in err
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert _running_runs(client, "rel") == []
+    study = optuna.load_study(
+        study_name="T-quality",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
+        ),
+    )
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
+
+
+def _add_bad_files(folder: Path) -> list[str]:
+    good = next((folder / "red").glob("*.jpg")).read_bytes()
+    (folder / "red" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "green" / "empty.jpg").write_bytes(b"")
+    (folder / "blue" / "notes.jpg").write_text("this is not an image\n")
+    return ["truncated.jpg", "empty.jpg", "notes.jpg"]
+
+
+def test_bad_images_are_skipped_and_reported(tmp_path, mlflow_store):
+    folder = write_image_folder(tmp_path / "bad", {"red": 20, "green": 16, "blue": 12})
+    names = _add_bad_files(folder)
+    proc = _run(_cmd(tmp_path, folder, "train", epochs=1))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("rel").experiment_id])
+    assert run.data.metrics["n_bad_images"] == 3
+    bad = pd.read_csv(
+        client.download_artifacts(run.info.run_id, "data/bad_images.csv", str(tmp_path))
+    )
+    assert sorted(Path(p).name for p in bad["path"]) == sorted(names)
+    assert bad["reason"].notna().all()
+
+    raised = _run(_cmd(tmp_path, folder, "train", "--set", "data.on_bad_image=raise", epochs=1))
+    assert raised.returncode != 0
+    assert any(name in raised.stderr for name in names)
+    assert "Traceback" not in raised.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (("--set", "loader.workers=2"), "loader.workers"),
+        (("--set", "loader.num_workers=many"), "loader.num_workers"),
+        (("--set", "data.path=/nowhere/at/all"), "/nowhere/at/all"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_non_zero_exit(
+    tmp_path, data, extra, expected, mlflow_store
+):
+    proc = _run(_cmd(tmp_path, data, "train", *extra))
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("feedtune:")]
+    assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_unreachable_storage_is_one_clear_line(tmp_path, data, mlflow_store):
+    proc = _run(_cmd(tmp_path, data, "tune", "--storage", "postgresql://u:p@127.0.0.1:1/x"))
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "cannot open Optuna storage" in proc.stderr
+
+
+def test_same_seed_same_trial_parameters_in_fresh_processes(tmp_path, data, mlflow_store):
+    params = []
+    for i in range(2):
+        storage = f"journal:{tmp_path / f'optuna{i}.journal'}"
+        proc = _run(
+            _cmd(
+                tmp_path,
+                data,
+                "tune",
+                "--stage",
+                "speed",
+                "--study",
+                "R",
+                "--storage",
+                storage,
+                "--n-trials",
+                "3",
+            )
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        study = optuna.load_study(
+            study_name="R-speed",
+            storage=optuna.storages.JournalStorage(
+                optuna.storages.journal.JournalFileBackend(str(tmp_path / f"optuna{i}.journal"))
+            ),
+        )
+        params.append([t.params for t in study.trials])
+    assert params[0] == params[1] and len(params[0]) == 3
