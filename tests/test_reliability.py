@@ -247,3 +247,69 @@ def test_same_seed_same_trial_parameters_in_fresh_processes(tmp_path, data, mlfl
         )
         params.append([t.params for t in study.trials])
     assert params[0] == params[1] and len(params[0]) == 3
+
+
+def _sabotage_workers(monkeypatch, action):
+    """Make every DataLoader worker (never the main process) run ``action`` on its first image."""
+    import torch.utils.data
+
+    from feedtune.dataset import ImageDataset
+
+    original = ImageDataset.load_image
+
+    def load_image(self, index):
+        if torch.utils.data.get_worker_info() is not None:
+            action()
+        return original(self, index)
+
+    monkeypatch.setattr(ImageDataset, "load_image", load_image)
+
+
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [
+        (lambda: os.kill(os.getpid(), signal.SIGKILL), "DataLoader worker"),
+        (lambda: time.sleep(120), "timed out"),
+    ],
+    ids=["worker-dies", "worker-hangs"],
+)
+def test_dead_or_hung_loader_worker_fails_the_trial_not_the_study(
+    tmp_path, data, mlflow_store, monkeypatch, action, message
+):
+    from feedtune.config import load_config
+    from feedtune.tune import run_tune
+
+    cfg_path = tmp_path / "w.yaml"
+    cfg_path.write_text(CONFIG.format(experiment="workers", epochs=1))
+    cfg = load_config(
+        cfg_path,
+        [
+            f"data.path={data}",
+            "loader.num_workers=1",
+            "loader.timeout=3",
+            "search.loader.num_workers={int: [1, 1]}",
+        ],
+    )
+    _sabotage_workers(monkeypatch, action)
+    start = time.time()
+    result = run_tune(
+        cfg,
+        stage="quality",
+        n_trials=2,
+        storage=f"journal:{tmp_path / 'o.journal'}",
+        study_name="W",
+        progress=False,
+    )
+    assert time.time() - start < 240
+    assert result.best_run_id is None  # every trial failed, and the study still ended
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("workers")
+    trials = [
+        r
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get("feedtune.kind") == "trial"
+    ]
+    assert len(trials) == 2
+    for run in trials:
+        assert run.info.status == "FAILED"
+        assert message in run.data.tags["feedtune.error"]

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -162,9 +163,12 @@ def log_split(split: Any) -> None:
     source = split.summary["root"]
     for name, df in (("train", split.train), ("val", split.val)):
         rel = df.assign(path=[os.path.relpath(p, source) for p in df["path"]])
-        dataset = mlflow.data.from_pandas(
-            rel, source=source, targets="label", name=name, digest=f"{split.digest}-{name}"
-        )
+        with warnings.catch_warnings():
+            # A local folder matches two equivalent MLflow source types; either is right.
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(
+                rel, source=source, targets="label", name=name, digest=f"{split.digest}-{name}"
+            )
         mlflow.log_input(dataset, context=name)
 
 
