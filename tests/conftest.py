@@ -79,3 +79,13 @@ def env_with_src() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+# Real servers (PostgreSQL, mlflow server, Chromium) for the scale-out and browser tests.
+from tests.servers import (  # noqa: E402, F401
+    chromium_browser,
+    mlflow_server,
+    mlflow_server_store,
+    postgres_server,
+    postgres_url,
+)

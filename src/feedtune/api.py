@@ -24,6 +24,7 @@ from torch import nn
 
 from feedtune import tracking
 from feedtune.augment import Transform, build_transform
+from feedtune.cache import working_size
 from feedtune.checkpoint import CheckpointError, load_checkpoint
 from feedtune.config import Config, config_from_dict
 from feedtune.engine import resolve_device
@@ -110,6 +111,18 @@ def fetch_checkpoint(run_id: str, folder: str | Path) -> dict[str, Any]:
     return payload
 
 
+def load_weights(model: nn.Module, payload: dict[str, Any]) -> nn.Module:
+    """``payload["model_state"]`` into ``model``; a mismatch is a ``CheckpointError``."""
+    try:
+        model.load_state_dict(payload["model_state"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"the checkpoint's weights do not fit a {type(model).__name__}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    return model
+
+
 def model_from_checkpoint(payload: dict[str, Any]) -> tuple[nn.Module, Config]:
     """The checkpoint's model (architecture from its config, weights from its state) and config.
 
@@ -118,8 +131,7 @@ def model_from_checkpoint(payload: dict[str, Any]) -> tuple[nn.Module, Config]:
     cfg = config_from_dict(payload["config"])
     model_cfg = dataclasses.replace(cfg.model, pretrained=False)
     model = build_model(model_cfg, num_classes=len(payload["classes"]))
-    model.load_state_dict(payload["model_state"])
-    return model, cfg
+    return load_weights(model, payload), cfg
 
 
 @dataclass
@@ -145,7 +157,13 @@ class BestModel:
 
     def _array(self, image: Any) -> np.ndarray:
         if isinstance(image, (str, os.PathLike)):
-            return decode_image(image, backend=self.config.data.decoder)
+            # Decoded as train.build_pipeline decodes validation images (large JPEGs at reduced
+            # scale), so a file gets the prediction it got during validation.
+            return decode_image(
+                image,
+                backend=self.config.data.decoder,
+                min_size=working_size(self.config.augment.image_size),
+            )
         if isinstance(image, np.ndarray):
             return image
         if hasattr(image, "convert"):  # a PIL image, any mode
@@ -155,22 +173,37 @@ class BestModel:
             f"{type(image).__name__}"
         )
 
+    @staticmethod
+    def _as_list(images: Any) -> list[Any]:
+        if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
+            return [images]
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            return [images]
+        return list(images)
+
+    def preprocess(self, images: Any) -> torch.Tensor:
+        """The model's input for ``images`` (``[n, 3, S, S]`` float, on the CPU): decoded and
+        passed through ``eval_transform`` exactly as validation images are. Also the input of
+        the MLflow model ``runs:/<run_id>/model``."""
+        items = self._as_list(images)
+        size = self.config.augment.image_size
+        if not items:
+            return torch.zeros((0, 3, size, size))
+        return torch.stack([self.eval_transform(self._array(im)) for im in items])
+
     @torch.inference_mode()
     def predict(self, images: Any, *, batch_size: int = 64) -> tuple[list[str], np.ndarray]:
         """Labels and class probabilities ``[n, n_classes]`` (rows sum to 1).
 
         ``images``: a sequence of (or one) image path, PIL image (any mode) or ``(H, W, 3)``
-        uint8 RGB array; each goes through ``eval_transform``, as validation images do."""
-        if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "convert"):
-            images = [images]
-        images = list(images)
-        probs = np.zeros((len(images), len(self.classes)), dtype=np.float32)
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            batch = torch.stack([self.eval_transform(self._array(im)) for im in chunk])
+        uint8 RGB array; each goes through ``preprocess``, as validation images do."""
+        items = self._as_list(images)
+        probs = np.zeros((len(items), len(self.classes)), dtype=np.float32)
+        for start in range(0, len(items), batch_size):
+            batch = self.preprocess(items[start : start + batch_size])
             logits = self.model(batch.to(self.device))
-            probs[start : start + len(chunk)] = torch.softmax(logits.float(), 1).cpu().numpy()
-        labels = [self.classes[i] for i in probs.argmax(1)] if len(images) else []
+            probs[start : start + len(batch)] = torch.softmax(logits.float(), 1).cpu().numpy()
+        labels = [self.classes[i] for i in probs.argmax(1)]
         return labels, probs
 
     def __repr__(self) -> str:

@@ -199,7 +199,11 @@ class BenchConfig:
     library: list[str] = field(default_factory=lambda: ["torchvision", "albumentations"])
     order: list[str] = field(default_factory=lambda: ["resize_first", "augment_first"])
     cache: list[str] = field(default_factory=lambda: ["none"])
+    # Batches timed per loader measurement (the loader alone is cheap to measure).
     batches: int = field(default=20, metadata=_limits(2))
+    # Training steps timed per cell (and for the model's appetite, once per batch size): on a
+    # CPU one step of the default model takes ~0.3-1.5 s, so the grid stays a few minutes.
+    train_steps: int = field(default=6, metadata=_limits(2))
 
 
 @dataclass

@@ -12,26 +12,26 @@ and ``feedtune.parent_model_run_id=<source run>``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from feedtune import tracking
-from feedtune.api import DEFAULT_EXPERIMENT, fetch_checkpoint, model_from_checkpoint, resolve_run_id
-from feedtune.checkpoint import CheckpointError
 from feedtune.config import PROJECT_ROOT, Config, config_from_dict
-from feedtune.models import replace_head, set_backbone_trainable
-from feedtune.train import _after_training, log_run_results, prepare_data, train_model
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch, MLflow and the training modules are imported where used, so that building the CLI
+# parser (add_parser) stays as light as the rest of cli.py.
 
 log = logging.getLogger(__name__)
 
+DEFAULT_EXPERIMENT = Config().experiment
 DEFAULT_FINETUNE_CONFIG = PROJECT_ROOT / "experiments" / "finetune-shapes-shift.yaml"
 
 FROM_HELP = (
@@ -68,9 +68,19 @@ def prepare_model(payload: dict[str, Any], cfg: Config, classes: list[str]) -> F
     """Rebuild the checkpoint's model, give it a new head when ``classes`` differ from the
     checkpoint's, and freeze the backbone when ``cfg.model.freeze == 'backbone'``.
 
-    The new head's initial weights depend only on ``cfg.seed``."""
-    model, _ = model_from_checkpoint(payload)
+    The architecture is the checkpoint's (``model.name``); the other model settings (dropout)
+    are ``cfg``'s. The new head's initial weights depend only on ``cfg.seed``."""
+    import torch
+
+    from feedtune.api import load_weights
+    from feedtune.models import build_model, replace_head, set_backbone_trainable
+
+    source_cfg = config_from_dict(payload["config"])
+    model_cfg = dataclasses.replace(
+        cfg.model, name=source_cfg.model.name, pretrained=False, freeze="none"
+    )
     source_classes = list(payload["classes"])
+    model = load_weights(build_model(model_cfg, num_classes=len(source_classes)), payload)
     replaced = source_classes != list(classes)
     if replaced:
         torch.manual_seed(cfg.seed)
@@ -91,6 +101,10 @@ def run_finetune(
 
     The source is resolved and its checkpoint loaded before any run opens, so a missing or
     refused checkpoint leaves no failed run behind."""
+    from feedtune import tracking
+    from feedtune.api import fetch_checkpoint, resolve_run_id
+    from feedtune.train import _after_training, log_run_results, prepare_data, train_model
+
     with tempfile.TemporaryDirectory() as tmp:
         with tracking.use_store():
             parent_id = resolve_run_id(source, experiment=source_experiment)
@@ -135,6 +149,7 @@ def add_parser(
     p.add_argument(
         "--source-experiment",
         default=DEFAULT_EXPERIMENT,
+        metavar="NAME",
         help=f"experiment (and registered model name) that --from best reads "
         f"(default: {DEFAULT_EXPERIMENT}); the new run goes to the config's own experiment",
     )
@@ -142,11 +157,16 @@ def add_parser(
         common(p)
     if DEFAULT_FINETUNE_CONFIG.is_file():
         p.set_defaults(config=str(DEFAULT_FINETUNE_CONFIG))
+        for action in p._actions:
+            if action.dest == "config":
+                action.help = "YAML config (default: experiments/finetune-shapes-shift.yaml)"
     return p
 
 
 def run_from_args(args: argparse.Namespace, cfg: Config, *, progress: bool = True) -> int:
     """The CLI action: run, print the run id, and turn a refused checkpoint into exit code 1."""
+    from feedtune.checkpoint import CheckpointError
+
     try:
         run_id = run_finetune(
             cfg,

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
+from feedtune.dataset import single_torch_thread
+
 # Above this share of end-to-end time spent waiting for batches, the loader is the bottleneck.
 LOADER_BOUND_WAIT_FRAC = 0.15
 
@@ -201,6 +203,17 @@ def transform_costs(
     return df
 
 
+def cache_metrics(pipeline: Any) -> dict[str, float]:
+    """``cache_fill_s`` and ``cache_mb`` of the decoded-image caches (train + val), if any."""
+    caches = [ds.cache for ds in (pipeline.train_set, pipeline.val_set) if ds.cache is not None]
+    if not caches:
+        return {}
+    return {
+        "cache_fill_s": sum(c.fill_seconds for c in caches),
+        "cache_mb": sum(c.nbytes for c in caches) / 2**20,
+    }
+
+
 def measure_and_log(
     cfg: Any, pipeline: Any, model: nn.Module, *, progress: bool = False
 ) -> Throughput | None:
@@ -213,9 +226,10 @@ def measure_and_log(
         return None
     device = resolve_device(cfg.train.device)
     result = measure(model, pipeline.train_loader, device=device, batches=cfg.train.measure_batches)
-    tracking.log_metrics(result.metrics())
+    tracking.log_metrics({**result.metrics(), **cache_metrics(pipeline)})
     tracking.set_tags({"feedtune.bottleneck": result.bottleneck})
-    costs = transform_costs(pipeline.train_set, batch_size=cfg.loader.batch_size, seed=cfg.seed)
+    with single_torch_thread():  # as the loader runs them (see ImageDataset.__getitems__)
+        costs = transform_costs(pipeline.train_set, batch_size=cfg.loader.batch_size, seed=cfg.seed)
     tracking.log_dataframe(costs, "throughput/transform_costs.csv")
     tracking.log_figure(
         bar_figure(
