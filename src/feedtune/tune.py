@@ -166,8 +166,11 @@ def _close_dead_trial_run(trial: Any) -> None:
 @contextlib.contextmanager
 def _outer_project_run() -> Any:
     """Under ``mlflow run`` the project run is open in MLFLOW_RUN_ID: nest the study in it."""
-    if os.environ.get("MLFLOW_RUN_ID"):
-        with tracking.start_run("project", system_metrics=False) as run:
+    run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    if run_id:
+        # MLflow resumes MLFLOW_RUN_ID on every start_run while it is set, nested ones too:
+        # take it out of the environment once the project run is open.
+        with tracking.start_run("project", run_id=run_id, system_metrics=False) as run:
             yield run
     else:
         yield None
@@ -198,11 +201,11 @@ def run_tune(
     seed = cfg.search.sampler_seed if cfg.search.sampler_seed is not None else cfg.seed
     result = TuneResult("", base, storage_url, None, None, {})
     with (
-        _outer_project_run(),
+        _outer_project_run() as project_run,
         tracking.start_run(
             "study",
             run_name=base,
-            nested=bool(os.environ.get("MLFLOW_RUN_ID")),
+            nested=project_run is not None,
             tags={
                 "optuna.study_name": base,
                 "optuna.storage": _redact(storage_url),
