@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="study name; an existing study is resumed (default: the experiment name)",
     )
 
+    from feedtune import bench, finetune
+
+    _common(bench.add_parser(sub))
+    finetune.add_parser(sub, _common)
+
     p = sub.add_parser("best", help="print the best run of an experiment")
     p.add_argument("--experiment", default=None, help="default: the config's experiment")
     p.add_argument("--config", default=None)
@@ -134,6 +139,15 @@ def _run(args: argparse.Namespace) -> int:
             )
             print("settings: " + " ".join(f"--set {k}={v}" for k, v in result.best_params.items()))
         return 0
+    if args.command == "bench":
+        from feedtune.bench import run_bench
+
+        run_bench(cfg, progress=progress)
+        return 0
+    if args.command == "finetune":
+        from feedtune.finetune import run_from_args
+
+        return run_from_args(args, cfg, progress=progress)
     if args.command == "best":
         from feedtune.best import describe_best
 
