@@ -193,6 +193,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, ConnectionError, LookupError) as exc:
         print(f"feedtune: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        # MLflow server unreachable and the like: one line, plus where to look for more.
+        if type(exc).__module__.split(".")[0] not in ("mlflow", "optuna", "sqlalchemy"):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"feedtune: error ({type(exc).__name__}): {first}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
+import random
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +31,18 @@ HEARTBEAT_S = 10
 GRACE_S = 30
 
 
+def redact(url: str) -> str:
+    """Storage URL without its password, safe to print and to show in the UI."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        return urlunsplit(
+            parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
+        )
+    return url
+
+
 def storage_url_for(path: str | Path) -> str:
     return f"journal:{Path(path).resolve()}"
 
@@ -43,18 +57,30 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return JournalStorage(
             JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
         )
-    try:
-        return RDBStorage(
-            url,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=_retry_dead_trial,
-            engine_kwargs={"pool_pre_ping": True},
-        )
-    except Exception as exc:  # sqlalchemy raises many kinds; the user needs one line
-        raise ConnectionError(
-            f"cannot open Optuna storage {url!r}: {str(exc).splitlines()[0]}"
-        ) from exc
+    import sqlalchemy.exc
+
+    for attempt in range(6):
+        try:
+            return RDBStorage(
+                url,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=_retry_dead_trial,
+                engine_kwargs={"pool_pre_ping": True},
+            )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            # Workers started together on a fresh database race to create Optuna's tables
+            # ("type ... already exists", a duplicate version row): the loser tries again.
+            if attempt == 5:
+                raise ConnectionError(
+                    f"cannot open Optuna storage {redact(url)!r}: {str(exc).splitlines()[0]}"
+                ) from exc
+            time.sleep(0.2 + random.random())
+        except Exception as exc:  # sqlalchemy raises many kinds; the user needs one line
+            raise ConnectionError(
+                f"cannot open Optuna storage {redact(url)!r}: {str(exc).splitlines()[0]}"
+            ) from exc
+    raise AssertionError("unreachable")
 
 
 # Called for a trial whose worker died; feedtune.tune sets it to end the trial's MLflow run.

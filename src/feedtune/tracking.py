@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,7 +171,21 @@ def log_split(split: Any) -> None:
             dataset = mlflow.data.from_pandas(
                 rel, source=source, targets="label", name=name, digest=f"{split.digest}-{name}"
             )
-        mlflow.log_input(dataset, context=name)
+        _log_input(dataset, context=name)
+
+
+def _log_input(dataset: Any, context: str, attempts: int = 4) -> None:
+    """``mlflow.log_input``, again when it fails: workers that start together log the same
+    split, and MLflow's store checks for the dataset row before inserting it, so one of two
+    simultaneous inserts fails (UNIQUE constraint); on the next try the row is there."""
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except mlflow.exceptions.MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random())
 
 
 def log_bad_images(bad: pd.DataFrame) -> None:

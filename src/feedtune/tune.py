@@ -208,7 +208,7 @@ def run_tune(
             nested=project_run is not None,
             tags={
                 "optuna.study_name": base,
-                "optuna.storage": _redact(storage_url),
+                "optuna.storage": studies.redact(storage_url),
                 "feedtune.split_digest": data.split.digest,
             },
         ) as parent,
@@ -281,14 +281,3 @@ def _log_study(study: Any, folder: str, metric: str = "train_samples_per_s") -> 
         figs.pop("pareto_front", None)  # speed vs itself says nothing
     for name, fig in figs.items():
         tracking.log_figure(fig, f"{folder}/{name}.png")
-
-
-def _redact(url: str) -> str:
-    """Storage URL without a password, safe to show in the UI."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url

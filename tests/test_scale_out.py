@@ -1,0 +1,137 @@
+"""Several workers on one study, as on several machines: a real PostgreSQL server as the Optuna
+storage and a real ``mlflow server`` as the tracking URI (README "Scaling out")."""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO, env_with_src, write_image_folder
+
+pytestmark = pytest.mark.slow
+
+WORKERS, TRIALS = 3, 4
+# Speed-stage trials: a few real training steps each, no validation, no DataLoader worker
+# processes (the machine running the tests may have 2 cores): a second or two per trial.
+TINY = """
+experiment: {experiment}
+augment: {{image_size: 32}}
+loader: {{batch_size: 8}}
+train: {{epochs: 2, measure_batches: 2, patience: 0}}
+search:
+  data.decoder: {{choice: [pil, opencv]}}
+  speed_steps: 3
+"""
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return write_image_folder(
+        tmp_path / "imgs", {"red": 16, "green": 12, "blue": 12}, size=(40, 32)
+    )
+
+
+def tune_command(tmp: Path, data: Path, experiment: str, *args: str) -> list[str]:
+    cfg = tmp / f"{experiment}.yaml"
+    cfg.write_text(TINY.format(experiment=experiment))
+    return [
+        sys.executable,
+        "-m",
+        "feedtune",
+        "tune",
+        "--no-progress",
+        "--config",
+        str(cfg),
+        "--set",
+        f"data.path={data}",
+        *args,
+    ]
+
+
+def run_workers(command: list[str], n: int = WORKERS) -> list[int]:
+    """Start ``n`` identical workers together; each must exit 0 without a traceback."""
+    # One OpenMP thread each: several workers on a 2-core machine would otherwise spin against
+    # each other (10x slower steps), as several jobs sharing one real machine would.
+    env = {**env_with_src(), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(n)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=540)
+        text = err.decode(errors="replace")
+        assert p.returncode == 0, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
+    return [p.pid for p in procs]
+
+
+def assert_shared_study(storage: str, study: str, experiment: str, pids: list[int]) -> list:
+    """12 unique COMPLETE trials, 4 per worker, one FINISHED child run each; returns the runs."""
+    speed = optuna.load_study(study_name=f"{study}-speed", storage=storage)
+    trials = speed.get_trials(deepcopy=False)
+    assert sorted(t.number for t in trials) == list(range(WORKERS * TRIALS))
+    assert {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
+    per_worker = collections.Counter(t.user_attrs["worker"]["pid"] for t in trials)
+    assert per_worker == dict.fromkeys(pids, TRIALS)
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("feedtune.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("feedtune.kind") == "trial"]
+    assert len(parents) == WORKERS  # one parent run per worker, all on the same study
+    assert {r.data.tags["optuna.study_name"] for r in parents} == {study}
+    numbers = sorted(int(r.data.tags["optuna.trial_number"]) for r in children)
+    assert numbers == list(range(WORKERS * TRIALS))
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {r.info.run_id for r in parents}
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
+    assert {r.info.status for r in runs} == {"FINISHED"}  # nothing left RUNNING
+    return children
+
+
+def test_workers_on_postgres_log_to_an_mlflow_server(
+    tmp_path, data, postgres_url, mlflow_server_store
+):
+    """3 workers x 4 trials on one PostgreSQL study, tracked by a real ``mlflow server``: the
+    setup of several machines (one test for both: each worker costs seconds of start-up)."""
+    server = mlflow_server_store
+    command = tune_command(
+        tmp_path,
+        data,
+        "scale-out",
+        *("--stage", "speed", "--n-trials", str(TRIALS)),
+        *("--storage", postgres_url, "--study", "shared"),
+    )
+    pids = run_workers(command)
+    children = assert_shared_study(postgres_url, "shared", "scale-out", pids)
+
+    # Artifacts went through the server: the client sees only mlflow-artifacts:/ URIs, and the
+    # files lie in the server's --artifacts-destination.
+    client = MlflowClient()
+    run = children[0]
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/"), run.info.artifact_uri
+    got = Path(client.download_artifacts(run.info.run_id, "config/resolved.yaml", str(tmp_path)))
+    (on_server,) = server.artifacts.glob(f"*/{run.info.run_id}/artifacts/config/resolved.yaml")
+    assert got.read_text() == on_server.read_text()
+    assert "image_size: 32" in got.read_text()
+
+
+def test_unreachable_storage_is_a_one_line_error(tmp_path, data):
+    command = tune_command(
+        tmp_path, data, "scale-bad", "--storage", "postgresql://u:p@127.0.0.1:1/x", "--study", "x"
+    )
+    proc = subprocess.run(
+        command, cwd=REPO, env=env_with_src(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("feedtune: error: cannot open Optuna storage"), lines[0]
+    assert "127.0.0.1" in lines[0]
+    assert "Traceback" not in proc.stderr
