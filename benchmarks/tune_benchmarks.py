@@ -32,8 +32,12 @@ def _env(tmp: Path) -> dict[str, str]:
 
 def _feedtune(tmp: Path, *args: str) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "feedtune", *args, "--no-progress"], cwd=REPO,
-                   env=_env(tmp), check=True)
+    subprocess.run(
+        [sys.executable, "-m", "feedtune", *args, "--no-progress"],
+        cwd=REPO,
+        env=_env(tmp),
+        check=True,
+    )
     return time.perf_counter() - start
 
 
@@ -43,15 +47,25 @@ def bench_main() -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tune_s = _feedtune(tmp, "tune", "--storage", f"journal:{tmp / 'o.journal'}",
-                           "--study", "bench")
-        baseline = ["--set", "augment.policy=none", "--set", "sampler.kind=random",
-                    "--set", "loader.num_workers=0", "--set", "experiment=baseline"]
+        tune_s = _feedtune(
+            tmp, "tune", "--storage", f"journal:{tmp / 'o.journal'}", "--study", "bench"
+        )
+        baseline = [
+            "--set",
+            "augment.policy=none",
+            "--set",
+            "sampler.kind=random",
+            "--set",
+            "loader.num_workers=0",
+            "--set",
+            "experiment=baseline",
+        ]
         base_s = _feedtune(tmp, "train", *baseline)
         client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
         tuned = client.search_runs(
             [client.get_experiment_by_name("feedtune-shapes").experiment_id],
-            filter_string="tags.`feedtune.kind` = 'study'")[0]
+            filter_string="tags.`feedtune.kind` = 'study'",
+        )[0]
         best = client.get_run(tuned.data.tags["feedtune.best_run_id"])
         base = client.search_runs([client.get_experiment_by_name("baseline").experiment_id])[0]
         return {
@@ -61,8 +75,11 @@ def bench_main() -> dict:
             "baseline_val_f1_macro": base.data.metrics["best_val_f1_macro"],
             "same_split": best.data.tags["feedtune.split_digest"]
             == base.data.tags["feedtune.split_digest"],
-            "best_settings": {k: v for k, v in best.data.params.items()
-                              if k.startswith(("augment.", "sampler.", "loader.", "train.lr"))},
+            "best_settings": {
+                k: v
+                for k, v in best.data.params.items()
+                if k.startswith(("augment.", "sampler.", "loader.", "train.lr"))
+            },
         }
 
 
@@ -87,18 +104,27 @@ def bench_speed(trials: int = 12) -> dict:
     start = time.perf_counter()
     grid_values = [objective(p) for p in grid]
     grid_s = time.perf_counter() - start
-    study = optuna.create_study(direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=4,
-                                                                   multivariate=True))
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=4, multivariate=True),
+    )
     study.optimize(lambda t: objective(studies.suggest(t, space)), n_trials=trials)
     # The winner is re-measured beside the grid's winner: one noisy draw must not decide.
     best_grid = grid[max(range(len(grid)), key=grid_values.__getitem__)]
-    remeasured = {"tpe": [objective(study.best_params) for _ in range(3)],
-                  "grid": [objective(best_grid) for _ in range(3)]}
+    remeasured = {
+        "tpe": [objective(study.best_params) for _ in range(3)],
+        "grid": [objective(best_grid) for _ in range(3)],
+    }
     ratio = statistics.median(remeasured["tpe"]) / statistics.median(remeasured["grid"])
-    return {"grid_cells": len(grid), "grid_wall_s": round(grid_s, 1), "tpe_trials": trials,
-            "tpe_best_params": study.best_params, "grid_best_params": best_grid,
-            "tpe_over_grid": round(ratio, 3), "remeasured": remeasured}
+    return {
+        "grid_cells": len(grid),
+        "grid_wall_s": round(grid_s, 1),
+        "tpe_trials": trials,
+        "tpe_best_params": study.best_params,
+        "grid_best_params": best_grid,
+        "tpe_over_grid": round(ratio, 3),
+        "remeasured": remeasured,
+    }
 
 
 def bench_overhead(repeats: int = 3) -> dict:
@@ -127,8 +153,12 @@ def bench_overhead(repeats: int = 3) -> dict:
                         train_model(cfg, data, folder=Path(ck), track=False, progress=False)
                     times[mode].append(time.perf_counter() - start)
     tracked, untracked = statistics.median(times["tracked"]), statistics.median(times["untracked"])
-    return {"tracked_s": round(tracked, 2), "untracked_s": round(untracked, 2),
-            "overhead_frac": round(tracked / untracked - 1, 4), "runs": times}
+    return {
+        "tracked_s": round(tracked, 2),
+        "untracked_s": round(untracked, 2),
+        "overhead_frac": round(tracked / untracked - 1, 4),
+        "runs": times,
+    }
 
 
 if __name__ == "__main__":
