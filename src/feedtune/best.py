@@ -26,7 +26,9 @@ def find_best_run(experiment: str, *, metric: str = "best_val_f1_macro") -> Any:
         return tracking.get_run(run_id)
     runs = tracking.search_runs(
         experiment,
-        filter_string=f"metrics.{metric} > -1 and attributes.status = 'FINISHED'",
+        # Study parent runs repeat their best trial's metric but hold no checkpoint.
+        filter_string=f"metrics.{metric} > -1 and attributes.status = 'FINISHED' "
+        "and tags.`feedtune.kind` != 'study'",
         order_by=[f"metrics.{metric} DESC"],
         max_results=1,
     )
