@@ -132,8 +132,11 @@ def test_sigterm_ends_train_promptly_with_a_resume_hint(tmp_path, data, mlflow_s
     run_id = _wait_for_epoch(client, "rel", proc, "train")
     start = time.time()
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert time.time() - start < 30
+    _, err = proc.communicate(timeout=300)
+    # Prompt: the 30-epoch run stops within the epoch it was in (generous bound: CI machines
+    # are shared, and a loaded 2-core VM took 44 s to finish one step and close the run).
+    assert time.time() - start < 150
+    assert len(client.get_metric_history(run_id, "val_loss")) < 5
     assert proc.returncode == 130
     assert f"feedtune train --resume {run_id}" in err
     assert client.get_run(run_id).info.status == "KILLED"
