@@ -55,9 +55,9 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path: Path) -> N
     other = _digests(generate_dataset("shapes", tmp_path / "c", seed=1, **kwargs).parent)
     assert first == again
     assert len(first) == sum(class_counts("shapes", N_TINY).values()) + 2  # + manifest, marker
-    images = [k for k in first if k.startswith("images/")]
-    assert set(images) <= set(other)  # the plan of paths does not depend on the seed
-    assert all(first[k] != other[k] for k in images)
+    shared = [k for k in first if k.startswith("images/") and k in other]
+    assert len(shared) >= N_TINY // 2
+    assert all(first[k] != other[k] for k in shared)
 
 
 def test_smaller_dataset_keeps_the_first_groups(small: Path, tmp_path: Path) -> None:
