@@ -75,6 +75,14 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_mlflow_
         mlflow.end_run()
 
 
+def artifact_paths(client, run_id: str, path: str = "") -> set[str]:
+    """Every artifact file of a run, as paths relative to its artifact root."""
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
 def env_with_src() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")

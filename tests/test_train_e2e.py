@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from feedtune.checkpoint import load_checkpoint
-from tests.conftest import REPO, env_with_src, write_image_folder
+from tests.conftest import REPO, artifact_paths, env_with_src, write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -82,13 +82,6 @@ def _train(data: Path, *extra: str, epochs: int = 2, background: bool = False):
     return proc
 
 
-def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    out = set()
-    for item in client.list_artifacts(run_id, path):
-        out |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
-    return out
-
-
 def _only_run(client: MlflowClient):
     exp = client.get_experiment_by_name("e2e")
     (run,) = client.search_runs([exp.experiment_id])
@@ -111,7 +104,7 @@ def test_train_logs_the_whole_contract(data, mlflow_store, tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1_macro")] == [0, 1]
     assert run.data.metrics["best_val_f1_macro"] > 0.5  # three colours: easy
     assert run.data.params["augment.library"] == "albumentations"
-    assert CONTRACT_ARTIFACTS <= _artifacts(client, run.info.run_id)
+    assert CONTRACT_ARTIFACTS <= artifact_paths(client, run.info.run_id)
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"train", "val"}
 
     ckpt_path = mlflow.artifacts.download_artifacts(

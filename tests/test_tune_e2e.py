@@ -10,7 +10,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, env_with_src, write_image_folder
+from tests.conftest import REPO, artifact_paths, env_with_src, write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -58,13 +58,6 @@ def _tune(tmp: Path, data: Path, *args: str, experiment: str = "tiny-tune", back
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def _artifacts(client, run_id, path=""):
-    out = set()
-    for item in client.list_artifacts(run_id, path):
-        out |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
-    return out
 
 
 @pytest.fixture
@@ -119,7 +112,7 @@ def test_two_stage_study_is_tracked_and_registered(tmp_path, data, mlflow_store)
         "study/pareto_front.png",
         "split/summary.json",
         "study/speed/trials.csv",
-    } <= _artifacts(client, parent.info.run_id)
+    } <= artifact_paths(client, parent.info.run_id)
     assert parent.data.tags["optuna.storage"].startswith("journal:")
     version = client.get_model_version_by_alias("tiny-tune", "best")
     assert version.run_id == best_id

@@ -201,7 +201,6 @@ class TrainOutcome:
     model: nn.Module
     checkpoint: Path
     pipeline: Pipeline
-    summary: dict[str, float]
 
 
 def log_run_inputs(cfg: Config, data: PreparedData, pipeline: Pipeline) -> None:
@@ -318,14 +317,12 @@ def train_model(
         num_classes=len(data.classes),
         progress=False,
     )
-    summary = {"best_val_f1_macro": best.f1_macro, "best_val_acc": best.acc}
     return TrainOutcome(
         state=state,
         best=best,
         model=model,
         checkpoint=best_path,
         pipeline=pipeline,
-        summary=summary,
     )
 
 
