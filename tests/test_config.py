@@ -27,6 +27,15 @@ def test_set_overrides_are_typed():
     assert cfg.train.lr == 0.01 and cfg.augment.mean == [0.5, 0.5, 0.5]
 
 
+def test_exponent_without_a_dot_is_a_number():
+    # YAML 1.1 reads 1e-3 as the string "1e-3"; users write it that way all the time.
+    cfg = load_config(None, ["train.lr=1e-3", "search.train.lr={float: [1e-4, 1e-1], log: true}"])
+    assert cfg.train.lr == 0.001
+    assert (cfg.search.space["train.lr"].low, cfg.search.space["train.lr"].high) == (1e-4, 0.1)
+    with pytest.raises(ConfigError, match="train.lr: got '1e-3x'"):
+        load_config(None, ["train.lr=1e-3x"])
+
+
 def test_yaml_file_overrides_defaults(tmp_path: Path):
     path = tmp_path / "x.yaml"
     path.write_text(

@@ -221,7 +221,7 @@ def run_bench(cfg: Config, *, progress: bool = True) -> pd.DataFrame:
     from tqdm.auto import tqdm
 
     from feedtune import tracking
-    from feedtune.engine import resolve_device
+    from feedtune.engine import prepare_model, resolve_device
     from feedtune.models import build_model
     from feedtune.train import prepare_data
 
@@ -229,7 +229,11 @@ def run_bench(cfg: Config, *, progress: bool = True) -> pd.DataFrame:
     data = prepare_data(cfg, progress=progress)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, num_classes=len(data.classes))
+    model = prepare_model(
+        build_model(cfg.model, num_classes=len(data.classes)),
+        device,
+        channels_last=cfg.train.channels_last,
+    )
     cells = grid(cfg)
     for cell in cells:  # a bad grid value fails now, naming its key, not after minutes
         cell_config(cfg, cell)

@@ -7,8 +7,10 @@ It reports through callbacks and imports neither mlflow nor optuna, so the same 
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +99,25 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def _to_device(
+def prepare_model(model: nn.Module, device: torch.device, *, channels_last: bool) -> nn.Module:
+    """Move ``model`` to ``device`` in the memory format its batches will be given in."""
+    model.to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return model.to(memory_format=fmt)
+
+
+def is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's convolution weights are NHWC (then batches are made NHWC too)."""
+    for param in model.parameters():
+        if param.dim() != 4:
+            continue
+        nhwc = param.is_contiguous(memory_format=torch.channels_last)
+        if nhwc != param.is_contiguous():  # some kernels (1x1, one channel) are both: skip
+            return nhwc
+    return False
+
+
+def to_device(
     batch: Any, device: torch.device, channels_last: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     images, targets = batch
@@ -106,6 +126,41 @@ def _to_device(
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets.to(device, non_blocking=non_blocking)
+
+
+def lr_factor(schedule: str, step: int, total_steps: int, warmup_frac: float) -> float:
+    """Multiplier of each parameter group's base learning rate at ``step`` (0-based).
+
+    A pure function of the step, so a resumed run continues on the same curve without any
+    scheduler state in the checkpoint."""
+    if schedule == "constant" or total_steps <= 0:
+        return 1.0
+    warmup = int(round(warmup_frac * total_steps))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LrSchedule:
+    """Sets ``lr = base_lr * lr_factor(...)`` for every group before each optimizer step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+        self.optimizer = optimizer
+        self.cfg = cfg
+        self.steps_per_epoch = steps_per_epoch
+        for group in optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+
+    def set(self, epoch: int, step: int) -> None:
+        factor = lr_factor(
+            self.cfg.lr_schedule,
+            epoch * self.steps_per_epoch + step,
+            self.cfg.epochs * self.steps_per_epoch,
+            self.cfg.warmup_frac,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
 
 
 def train_one_epoch(
@@ -120,10 +175,13 @@ def train_one_epoch(
     max_steps: int | None = None,
     progress: bool = True,
     desc: str = "train",
+    set_lr: Callable[[int], None] | None = None,
 ) -> EpochStats:
-    """One pass over ``loader``; times how long each step waited for its batch."""
+    """One pass over ``loader``; times how long each step waited for its batch.
+
+    ``set_lr(step)`` is called before each optimizer step (the learning-rate schedule)."""
     model.train()
-    channels_last = device.type == "cuda"
+    channels_last = is_channels_last(model)
     total_loss, samples, steps, wait = 0.0, 0, 0, 0.0
     total = max_steps if max_steps is not None else _len_or_none(loader)
     bar = tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=False)
@@ -138,10 +196,12 @@ def train_one_epoch(
         wait += time.perf_counter() - t0
         if batch is None:  # every sample of the batch was a bad image
             continue
-        images, targets = _to_device(batch, device, channels_last)
+        images, targets = to_device(batch, device, channels_last)
         with _autocast(device, amp):
             loss = loss_fn(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
+        if set_lr is not None:
+            set_lr(steps)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -189,14 +249,14 @@ def evaluate(
 ) -> EvalResult:
     """Loss, accuracy, macro-F1 (what matters on imbalanced data) and per-class recall."""
     model.eval()
-    channels_last = device.type == "cuda"
+    channels_last = is_channels_last(model)
     total_loss, count = 0.0, 0
     y_true: list[np.ndarray] = []
     y_pred: list[np.ndarray] = []
     for batch in tqdm(loader, desc="val", unit="batch", disable=not progress, leave=False):
         if batch is None:
             continue
-        images, targets = _to_device(batch, device, channels_last)
+        images, targets = to_device(batch, device, channels_last)
         with _autocast(device, amp):
             logits = model(images)
         total_loss += loss_fn(logits.float(), targets).item() * targets.shape[0]
@@ -258,9 +318,7 @@ def fit(
 ) -> TrainState:
     """Train for ``cfg.epochs`` from ``state.epoch``, early-stopping on ``metric``."""
     state = state or TrainState()
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    prepare_model(model, device, channels_last=cfg.channels_last)
     amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if amp else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -273,6 +331,10 @@ def fit(
         total=cfg.epochs,
         disable=not progress,
     )
+    steps_per_epoch = _len_or_none(train_loader) or 0
+    if cfg.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch or cfg.max_steps_per_epoch, cfg.max_steps_per_epoch)
+    schedule = LrSchedule(optimizer, cfg, steps_per_epoch)
     for epoch in epochs:
         if cfg.unfreeze_after and epoch == cfg.unfreeze_after:
             set_backbone_trainable(model, True)
@@ -289,6 +351,7 @@ def fit(
             max_steps=cfg.max_steps_per_epoch,
             progress=progress,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            set_lr=functools.partial(schedule.set, epoch),
         )
         result = evaluate(
             model,
@@ -306,6 +369,7 @@ def fit(
             "val_f1_macro": result.f1_macro,
             "epoch_samples_per_s": stats.samples_per_s,
             "epoch_data_wait_frac": stats.data_wait_frac,
+            "lr": optimizer.param_groups[-1]["lr"],  # the head's, at the epoch's last step
         }
         value = metrics[metric]
         improved = value > state.best_metric

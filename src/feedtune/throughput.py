@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from feedtune.dataset import single_torch_thread
+from feedtune.engine import is_channels_last, to_device
 
 # Above this share of end-to-end time spent waiting for batches, the loader is the bottleneck.
 LOADER_BOUND_WAIT_FRAC = 0.15
@@ -106,7 +107,7 @@ def measure_model(
     """Samples/s of train steps on one batch already on the device (the model's appetite)."""
     model = copy.deepcopy(model).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    images, targets = batch[0].to(device), batch[1].to(device)
+    images, targets = to_device(batch, device, is_channels_last(model))
     loss_fn = nn.CrossEntropyLoss()
     for _ in range(warmup):
         _train_step(model, optimizer, images, targets, loss_fn)
@@ -125,13 +126,13 @@ def measure_training(
     model = copy.deepcopy(model).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     loss_fn = nn.CrossEntropyLoss()
-    non_blocking = device.type == "cuda"
+    channels_last = is_channels_last(model)
     t0 = time.perf_counter()
     it = _batches(loader)
     batch = next(it)
     startup = time.perf_counter() - t0
     for _ in range(warmup):
-        _train_step(model, optimizer, batch[0].to(device), batch[1].to(device), loss_fn)
+        _train_step(model, optimizer, *to_device(batch, device, channels_last), loss_fn)
         batch = next(it)
     _sync(device)
     wait, samples = 0.0, 0
@@ -140,10 +141,7 @@ def measure_training(
         t = time.perf_counter()
         batch = next(it)
         wait += time.perf_counter() - t
-        images = batch[0].to(device, non_blocking=non_blocking)
-        _train_step(
-            model, optimizer, images, batch[1].to(device, non_blocking=non_blocking), loss_fn
-        )
+        _train_step(model, optimizer, *to_device(batch, device, channels_last), loss_fn)
         samples += len(batch[1])
     _sync(device)
     elapsed = time.perf_counter() - start

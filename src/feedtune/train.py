@@ -46,7 +46,7 @@ from feedtune.split import Split, make_split
 
 log = logging.getLogger(__name__)
 
-EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "val_f1_macro")
+EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "val_f1_macro", "lr")
 
 
 @dataclass
@@ -373,7 +373,8 @@ def relog_missing_epochs(run_id: str, payload: dict[str, Any]) -> None:
     done = tracking.logged_steps(run_id, "val_f1_macro")
     for row in payload["train_state"]["history"]:
         if int(row["epoch"]) not in done:
-            tracking.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=int(row["epoch"]))
+            logged = {k: row[k] for k in EPOCH_METRICS if k in row}  # older checkpoints lack lr
+            tracking.log_metrics(logged, step=int(row["epoch"]))
 
 
 def _after_training(cfg: Config, outcome: TrainOutcome, data: PreparedData) -> None:

@@ -19,7 +19,7 @@ import torch
 from feedtune import study as studies
 from feedtune import tracking
 from feedtune.config import PROJECT_ROOT, Config
-from feedtune.engine import Callback, resolve_device
+from feedtune.engine import Callback, prepare_model, resolve_device
 from feedtune.models import build_model
 from feedtune.throughput import measure_and_log, measure_training
 from feedtune.train import (
@@ -71,7 +71,11 @@ def speed_trial(cfg: Config, data: PreparedData, *, steps: int) -> dict[str, flo
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.train.device)
     pipeline = build_pipeline(cfg, data, cuda=device.type == "cuda")
-    model = build_model(cfg.model, num_classes=len(data.classes))
+    model = prepare_model(
+        build_model(cfg.model, num_classes=len(data.classes)),
+        device,
+        channels_last=cfg.train.channels_last,
+    )
     rate, wait_frac, startup = measure_training(
         model, pipeline.train_loader, device=device, steps=steps
     )
