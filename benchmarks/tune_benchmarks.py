@@ -89,8 +89,9 @@ def bench_speed(trials: int = 12) -> dict:
 
     from feedtune import study as studies
     from feedtune.config import load_config
+    from feedtune.engine import resolve_device
     from feedtune.train import prepare_data
-    from feedtune.tune import speed_trial
+    from feedtune.tune import inert_settings, speed_trial
 
     cfg = load_config(REPO / "experiments" / "default.yaml")
     data = prepare_data(cfg, progress=False)
@@ -100,15 +101,20 @@ def bench_speed(trials: int = 12) -> dict:
     def objective(params: dict) -> float:
         return speed_trial(cfg.replace(params), data, steps=steps)["train_samples_per_s"]
 
-    grid = studies.grid(space)
+    cuda = resolve_device(cfg.train.device).type == "cuda"
+
+    def inert(values: dict) -> set[str]:
+        return inert_settings({**cfg.flat(), **values}, cuda=cuda)
+
+    grid = studies.grid(space, inert)  # cells that differ only in inert settings count once
     start = time.perf_counter()
     grid_values = [objective(p) for p in grid]
     grid_s = time.perf_counter() - start
     study = optuna.create_study(
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=4, multivariate=True),
+        sampler=studies.make_sampler(cfg.seed),
     )
-    study.optimize(lambda t: objective(studies.suggest(t, space)), n_trials=trials)
+    study.optimize(lambda t: objective(studies.suggest(t, space, inert)), n_trials=trials)
     # The winner is re-measured beside the grid's winner: one noisy draw must not decide.
     best_grid = grid[max(range(len(grid)), key=grid_values.__getitem__)]
     remeasured = {

@@ -211,6 +211,14 @@ class Transform:
         )
 
 
+def inert_settings(values: dict[str, Any]) -> set[str]:
+    """Dotted augment keys with no effect given ``values``: policy ``none`` trains on the eval
+    pipeline, which has no strength and no order."""
+    return (
+        {"augment.magnitude", "augment.order"} if values.get("augment.policy") == "none" else set()
+    )
+
+
 def build_transform(cfg: AugmentConfig, *, train: bool) -> Transform:
     """The train (random) or eval (deterministic) transform described by ``cfg``.
 

@@ -135,6 +135,11 @@ def build_pruner(
     return optuna.pruners.NopPruner()
 
 
+def make_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
+    """Seeded multivariate TPE; ``group`` because the space is conditional (see ``suggest``)."""
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True, group=True)
+
+
 def create_study(
     name: str,
     storage: optuna.storages.BaseStorage,
@@ -145,7 +150,7 @@ def create_study(
     warmup_epochs: int = 2,
 ) -> optuna.Study:
     """Create or load (resume) the study ``name``; seeded TPE so runs repeat."""
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True)
+    sampler = make_sampler(seed)
     return optuna.create_study(
         study_name=name,
         storage=storage,
@@ -156,10 +161,29 @@ def create_study(
     )
 
 
-def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
-    """Dotted key -> suggested value, from the config's search space."""
+Inert = Callable[[dict[str, Any]], set[str]]
+
+
+# Keys on which other keys' relevance depends (see tune.inert_settings): drawn first.
+DECIDING_KEYS = ("loader.num_workers", "sampler.kind", "augment.policy")
+
+
+def _ordered(space: dict[str, ParamSpec]) -> list[tuple[str, ParamSpec]]:
+    return sorted(space.items(), key=lambda item: item[0] not in DECIDING_KEYS)
+
+
+def suggest(
+    trial: optuna.Trial, space: dict[str, ParamSpec], inert: Inert | None = None
+) -> dict[str, Any]:
+    """Dotted key -> suggested value, from the config's search space.
+
+    ``inert(values so far)`` names keys that cannot matter given those values (e.g. the
+    prefetch factor without workers): they are not suggested, a conditional space in Optuna's
+    define-by-run style, so trials are not spent on settings that change nothing."""
     out: dict[str, Any] = {}
-    for key, spec in space.items():
+    for key, spec in _ordered(space):
+        if inert is not None and key in inert(out):
+            continue
         if spec.kind == "choice":
             out[key] = trial.suggest_categorical(key, spec.choices)
         elif spec.kind == "int":
@@ -173,8 +197,9 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
     return out
 
 
-def grid(space: dict[str, ParamSpec]) -> list[dict[str, Any]]:
-    """Every combination of a discrete space (ints expanded), for exhaustive comparisons."""
+def grid(space: dict[str, ParamSpec], inert: Inert | None = None) -> list[dict[str, Any]]:
+    """Every combination of a discrete space (ints expanded), for exhaustive comparisons;
+    with ``inert``, combinations that differ only in inert keys count once."""
     import itertools
 
     axes = []
@@ -186,7 +211,13 @@ def grid(space: dict[str, ParamSpec]) -> list[dict[str, Any]]:
         else:
             raise ValueError(f"search.{key}: a float range has no finite grid")
         axes.append([(key, v) for v in values])
-    return [dict(combo) for combo in itertools.product(*axes)]
+    cells: dict[tuple, dict[str, Any]] = {}
+    for combo in itertools.product(*axes):
+        cell = dict(combo)
+        if inert is not None:
+            cell = {k: v for k, v in cell.items() if k not in inert(cell)}
+        cells.setdefault(tuple(sorted(cell.items())), cell)
+    return list(cells.values())
 
 
 def report(trial: optuna.Trial, value: float, step: int) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from feedtune import augment, loader, sampling, tracking
 from feedtune import study as studies
-from feedtune import tracking
 from feedtune.config import PROJECT_ROOT, Config
 from feedtune.engine import Callback, prepare_model, resolve_device
 from feedtune.models import build_model
@@ -92,8 +92,22 @@ class Tuner:
         self.progress = progress
         self.speed_params: dict[str, Any] = {}
 
+    def inert(self, values: dict[str, Any]) -> set[str]:
+        """Searched keys that cannot matter given ``values`` and the config's own settings."""
+        cuda = resolve_device(self.cfg.train.device).type == "cuda"
+        return inert_settings({**self.cfg.flat(), **self.speed_params, **values}, cuda=cuda)
+
+
+def inert_settings(values: dict[str, Any], *, cuda: bool) -> set[str]:
+    """Dotted keys that cannot change a trial given the other ``values`` (all settings)."""
+    return (
+        loader.inert_settings(values, cuda=cuda)
+        | sampling.inert_settings(values)
+        | augment.inert_settings(values)
+    )
+
     def speed_objective(self, trial: Any) -> float:
-        params = studies.suggest(trial, self.cfg.search.speed_space())
+        params = studies.suggest(trial, self.cfg.search.speed_space(), self.inert)
         tcfg = self.cfg.replace(params)
         name = f"{self.study_base}-speed"
         with tracking.start_run(
@@ -112,7 +126,7 @@ class Tuner:
             return result["train_samples_per_s"]
 
     def quality_objective(self, trial: Any) -> float:
-        params = studies.suggest(trial, self.cfg.search.quality_space())
+        params = studies.suggest(trial, self.cfg.search.quality_space(), self.inert)
         tcfg = self.cfg.replace({**self.speed_params, **params})
         name = f"{self.study_base}-quality"
         metric = self.cfg.search.metric
