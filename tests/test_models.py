@@ -51,3 +51,11 @@ def test_pretrained_uses_the_local_cache(tmp_path, monkeypatch):
 def test_unknown_model_name_lists_choices():
     with pytest.raises(ValueError, match="small_cnn"):
         build_model(ModelConfig(name="resnet9000"), num_classes=2)
+
+
+def test_small_cnn_width_sets_its_cost():
+    narrow = build_model(ModelConfig(width=16), num_classes=3)
+    wide = build_model(ModelConfig(width=32), num_classes=3)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert narrow.features[0].out_channels == 16 and wide.features[0].out_channels == 32
+    assert 3.5 < count(wide) / count(narrow) < 4.5  # conv weights grow with width squared

@@ -49,3 +49,17 @@ def test_trials_do_not_draw_inert_settings():
     # every relevant branch was explored
     assert {p["loader.num_workers"] for p in drawn} == {0, 1, 2}
     assert {p["sampler.kind"] for p in drawn} == {"random", "weighted"}
+
+
+def test_first_trial_tries_the_configs_own_values():
+    space = _space().quality_space()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    own = {"augment.policy": "color", "augment.magnitude": 0.4, "train.lr": 0.002}
+    outside = {"loader.batch_size": 1000}  # not a choice of the space: left to the sampler
+    assert studies.enqueue_values(study, space, {**own, **outside})
+    trial = study.ask()
+    params = studies.suggest(trial, space, _inert(cuda=False))
+    study.tell(trial, 0.5)
+    assert {k: params[k] for k in own} == own
+    assert params["loader.batch_size"] in space["loader.batch_size"].choices
+    assert not studies.enqueue_values(study, space, own)  # a resumed study is left alone

@@ -113,6 +113,8 @@ class ModelConfig:
     pretrained: bool = False
     freeze: Literal["none", "backbone"] = "none"
     dropout: float = field(default=0.2, metadata=_limits(0.0, 0.95))
+    # Channels of small_cnn's first block (doubling twice); compute grows with its square.
+    width: int = field(default=32, metadata=_limits(4, 512))
 
 
 @dataclass
@@ -192,6 +194,9 @@ class SearchConfig:
     pruner_startup_trials: int = field(default=2, metadata=_limits(0))
     pruner_warmup_epochs: int = field(default=2, metadata=_limits(0))
     sampler_seed: int | None = None
+    # The first trial of each stage tries the config's own values of the searched keys (where
+    # they lie in the space), so a study always shows whether tuning beat the starting point.
+    enqueue_config: bool = True
 
     def speed_space(self) -> dict[str, ParamSpec]:
         return {k: v for k, v in self.space.items() if k in SPEED_KEYS}

@@ -99,7 +99,7 @@ def build_model(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
     if cfg.name == "small_cnn":
         if cfg.pretrained:
             raise ValueError("model.pretrained: small_cnn has no pretrained weights; use false")
-        model: nn.Module = SmallCNN(num_classes, dropout=cfg.dropout)
+        model: nn.Module = SmallCNN(num_classes, dropout=cfg.dropout, width=cfg.width)
     else:
         from torchvision.models import get_model, list_models
 

@@ -172,6 +172,26 @@ def _ordered(space: dict[str, ParamSpec]) -> list[tuple[str, ParamSpec]]:
     return sorted(space.items(), key=lambda item: item[0] not in DECIDING_KEYS)
 
 
+def enqueue_values(
+    study: optuna.Study, space: dict[str, ParamSpec], values: dict[str, Any]
+) -> bool:
+    """Queue a first trial at ``values`` (those of the space's keys that lie inside it), unless
+    the study already has trials; returns whether one was queued."""
+    if study.get_trials(deepcopy=False):
+        return False
+    fixed = {k: values[k] for k, spec in space.items() if k in values and _inside(spec, values[k])}
+    if not fixed:
+        return False
+    study.enqueue_trial(fixed, skip_if_exists=True)
+    return True
+
+
+def _inside(spec: ParamSpec, value: Any) -> bool:
+    if spec.kind == "choice":
+        return value in (spec.choices or [])
+    return float(spec.low) <= float(value) <= float(spec.high)
+
+
 def suggest(
     trial: optuna.Trial, space: dict[str, ParamSpec], inert: Inert | None = None
 ) -> dict[str, Any]:

@@ -238,6 +238,8 @@ def run_tune(
         speed_study = studies.create_study(f"{base}-speed", optuna_storage, seed=seed)
         studies.reap_dead_trials(speed_study)
         if "speed" in stages and cfg.search.speed_space():
+            if cfg.search.enqueue_config:
+                studies.enqueue_values(speed_study, cfg.search.speed_space(), cfg.flat())
             studies.optimize(
                 speed_study,
                 tuner.speed_objective,
@@ -264,6 +266,10 @@ def run_tune(
                 warmup_epochs=cfg.search.pruner_warmup_epochs,
             )
             studies.reap_dead_trials(quality)
+            if cfg.search.enqueue_config:
+                studies.enqueue_values(
+                    quality, cfg.search.quality_space(), {**cfg.flat(), **tuner.speed_params}
+                )
             studies.optimize(
                 quality,
                 tuner.quality_objective,
