@@ -114,13 +114,14 @@ class ModelConfig:
     freeze: Literal["none", "backbone"] = "none"
     dropout: float = field(default=0.2, metadata=_limits(0.0, 0.95))
     # Channels of small_cnn's first block (doubling twice); compute grows with its square.
-    width: int = field(default=32, metadata=_limits(4, 512))
+    # 24: ~1.7x the train steps/s of 32 on 2 CPU cores (BENCHMARKS.md, "Default recipe").
+    width: int = field(default=24, metadata=_limits(4, 512))
 
 
 @dataclass
 class TrainConfig:
     epochs: int = field(default=12, metadata=_limits(1, 10000))
-    lr: float = field(default=3e-3, metadata=_limits(1e-8, 10.0))
+    lr: float = field(default=1e-3, metadata=_limits(1e-8, 10.0))
     weight_decay: float = field(default=1e-4, metadata=_limits(0.0, 1.0))
     optimizer: Literal["adamw", "sgd"] = "adamw"
     label_smoothing: float = field(default=0.0, metadata=_limits(0.0, 0.5))
