@@ -92,6 +92,24 @@ class Tuner:
         self.progress = progress
         self.speed_params: dict[str, Any] = {}
 
+    def optimize(
+        self, study: Any, stage: str, *, n_trials: int | None, timeout: float | None
+    ) -> None:
+        """Run ``stage``'s trials on ``study``; a new study first tries the config's values."""
+        search = self.cfg.search
+        speed = stage == "speed"
+        space = search.speed_space() if speed else search.quality_space()
+        planned = search.n_trials_speed if speed else search.n_trials_quality
+        if search.enqueue_config:
+            studies.enqueue_values(study, space, {**self.cfg.flat(), **self.speed_params})
+        studies.optimize(
+            study,
+            self.speed_objective if speed else self.quality_objective,
+            n_trials=planned if n_trials is None else n_trials,
+            timeout=timeout,
+            progress=self.progress,
+        )
+
     def inert(self, values: dict[str, Any]) -> set[str]:
         """Searched keys that cannot matter given ``values`` and the config's own settings."""
         cuda = resolve_device(self.cfg.train.device).type == "cuda"
@@ -238,15 +256,7 @@ def run_tune(
         speed_study = studies.create_study(f"{base}-speed", optuna_storage, seed=seed)
         studies.reap_dead_trials(speed_study)
         if "speed" in stages and cfg.search.speed_space():
-            if cfg.search.enqueue_config:
-                studies.enqueue_values(speed_study, cfg.search.speed_space(), cfg.flat())
-            studies.optimize(
-                speed_study,
-                tuner.speed_objective,
-                n_trials=n_trials if n_trials is not None else cfg.search.n_trials_speed,
-                timeout=timeout,
-                progress=progress,
-            )
+            tuner.optimize(speed_study, "speed", n_trials=n_trials, timeout=timeout)
         best_speed = studies.best_trial(speed_study)
         if best_speed is not None:
             tuner.speed_params = dict(best_speed.params)
@@ -266,17 +276,7 @@ def run_tune(
                 warmup_epochs=cfg.search.pruner_warmup_epochs,
             )
             studies.reap_dead_trials(quality)
-            if cfg.search.enqueue_config:
-                studies.enqueue_values(
-                    quality, cfg.search.quality_space(), {**cfg.flat(), **tuner.speed_params}
-                )
-            studies.optimize(
-                quality,
-                tuner.quality_objective,
-                n_trials=n_trials if n_trials is not None else cfg.search.n_trials_quality,
-                timeout=timeout,
-                progress=progress,
-            )
+            tuner.optimize(quality, "quality", n_trials=n_trials, timeout=timeout)
             _log_study(quality, "study", metric=f"best_{cfg.search.metric}")
             best = studies.best_trial(quality)
             if best is not None:
