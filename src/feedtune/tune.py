@@ -82,6 +82,15 @@ def speed_trial(cfg: Config, data: PreparedData, *, steps: int) -> dict[str, flo
     return {"train_samples_per_s": rate, "data_wait_frac": wait_frac, "train_startup_s": startup}
 
 
+def inert_settings(values: dict[str, Any], *, cuda: bool) -> set[str]:
+    """Dotted keys that cannot change a trial given the other ``values`` (all settings)."""
+    return (
+        loader.inert_settings(values, cuda=cuda)
+        | sampling.inert_settings(values)
+        | augment.inert_settings(values)
+    )
+
+
 class Tuner:
     """Objectives of both stages over one prepared dataset, logging to nested runs."""
 
@@ -114,15 +123,6 @@ class Tuner:
         """Searched keys that cannot matter given ``values`` and the config's own settings."""
         cuda = resolve_device(self.cfg.train.device).type == "cuda"
         return inert_settings({**self.cfg.flat(), **self.speed_params, **values}, cuda=cuda)
-
-
-def inert_settings(values: dict[str, Any], *, cuda: bool) -> set[str]:
-    """Dotted keys that cannot change a trial given the other ``values`` (all settings)."""
-    return (
-        loader.inert_settings(values, cuda=cuda)
-        | sampling.inert_settings(values)
-        | augment.inert_settings(values)
-    )
 
     def speed_objective(self, trial: Any) -> float:
         params = studies.suggest(trial, self.cfg.search.speed_space(), self.inert)
