@@ -118,8 +118,8 @@ def bench_speed(trials: int = 12) -> dict:
     # The winner is re-measured beside the grid's winner: one noisy draw must not decide.
     best_grid = grid[max(range(len(grid)), key=grid_values.__getitem__)]
     remeasured = {
-        "tpe": [objective(study.best_params) for _ in range(3)],
-        "grid": [objective(best_grid) for _ in range(3)],
+        "tpe": [objective(study.best_params) for _ in range(5)],
+        "grid": [objective(best_grid) for _ in range(5)],
     }
     ratio = statistics.median(remeasured["tpe"]) / statistics.median(remeasured["grid"])
     return {
