@@ -114,7 +114,7 @@ class ModelConfig:
     freeze: Literal["none", "backbone"] = "none"
     dropout: float = field(default=0.2, metadata=_limits(0.0, 0.95))
     # Channels of small_cnn's first block (doubling twice); compute grows with its square.
-    # 24: ~1.7x the train steps/s of 32 on 2 CPU cores (BENCHMARKS.md, "Default recipe").
+    # 24: ~1.3x the train steps/s of 32 on 2 CPU cores (BENCHMARKS.md, "Model speed").
     width: int = field(default=24, metadata=_limits(4, 512))
 
 
@@ -135,7 +135,7 @@ class TrainConfig:
     # Mixed precision is used only on CUDA.
     amp: bool = True
     # NHWC memory format for model and batches: faster convolutions on CUDA and on CPU (oneDNN);
-    # 1.3-1.8x for small_cnn on this 2-core machine (BENCHMARKS.md). Changes no result.
+    # 1.2-1.8x for small_cnn on a 2-core CPU (BENCHMARKS.md, "Model speed"). Changes no result.
     channels_last: bool = True
     # Finetuning: unfreeze the backbone after this many epochs (0 = keep `model.freeze`).
     unfreeze_after: int = field(default=0, metadata=_limits(0))
@@ -143,8 +143,9 @@ class TrainConfig:
     backbone_lr_scale: float = field(default=0.1, metadata=_limits(0.0, 1.0))
     # Stop an epoch after this many steps (None = full epoch); used by short speed trials.
     max_steps_per_epoch: int | None = field(default=None, metadata=_limits(1))
-    # Throughput measurement after training (batches per measurement; 0 = skip).
-    measure_batches: int = field(default=30, metadata=_limits(0))
+    # Throughput measurement after training (batches per measurement; 0 = skip). 80 batches
+    # of 16 (~1 s of loading here) is the shortest with a loader CV <= 5% (BENCHMARKS.md (c)).
+    measure_batches: int = field(default=80, metadata=_limits(0))
 
 
 @dataclass
