@@ -228,7 +228,10 @@ def test_finetune_replaces_the_head_freezes_the_backbone_and_records_lineage(
     after = fetch_checkpoint(run_id, tmp_path / "ft")
     assert after["classes"] == ["cyan", "magenta"]
     assert after["config"]["model"]["name"] == "small_cnn"
-    assert after["model_state"]["classifier.1.weight"].shape == (2, 128)
+    # A new 2-class head on the source's features (3 classes before).
+    features = before["model_state"]["classifier.1.weight"].shape[1]
+    assert before["model_state"]["classifier.1.weight"].shape == (3, features)
+    assert after["model_state"]["classifier.1.weight"].shape == (2, features)
     # Frozen: every backbone parameter is exactly the source's (BatchNorm statistics may move).
     backbone = [k for k in before["model_state"] if k.startswith("features.")]
     params = [k for k in backbone if k.endswith(("weight", "bias"))]
