@@ -91,7 +91,7 @@ def bench_speed(trials: int = 12) -> dict:
     from feedtune.config import load_config
     from feedtune.engine import resolve_device
     from feedtune.train import prepare_data
-    from feedtune.tune import inert_settings, speed_trial
+    from feedtune.tune import inert_given, speed_trial
 
     cfg = load_config(REPO / "experiments" / "default.yaml")
     data = prepare_data(cfg, progress=False)
@@ -101,11 +101,7 @@ def bench_speed(trials: int = 12) -> dict:
     def objective(params: dict) -> float:
         return speed_trial(cfg.replace(params), data, steps=steps)["train_samples_per_s"]
 
-    cuda = resolve_device(cfg.train.device).type == "cuda"
-
-    def inert(values: dict) -> set[str]:
-        return inert_settings({**cfg.flat(), **values}, cuda=cuda)
-
+    inert = inert_given(cfg.flat(), cuda=resolve_device(cfg.train.device).type == "cuda")
     grid = studies.grid(space, inert)  # cells that differ only in inert settings count once
     start = time.perf_counter()
     grid_values = [objective(p) for p in grid]

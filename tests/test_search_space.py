@@ -4,7 +4,7 @@ import optuna
 
 from feedtune import study as studies
 from feedtune.config import load_config
-from feedtune.tune import inert_settings
+from feedtune.tune import inert_given
 from tests.conftest import REPO
 
 
@@ -13,8 +13,7 @@ def _space():
 
 
 def _inert(cuda: bool):
-    cfg = load_config(REPO / "experiments" / "default.yaml")
-    return lambda values: inert_settings({**cfg.flat(), **values}, cuda=cuda)
+    return inert_given(load_config(REPO / "experiments" / "default.yaml").flat(), cuda=cuda)
 
 
 def test_default_speed_grid_counts_each_distinct_loader_once():

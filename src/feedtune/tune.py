@@ -91,6 +91,12 @@ def inert_settings(values: dict[str, Any], *, cuda: bool) -> set[str]:
     )
 
 
+def inert_given(settings: dict[str, Any], *, cuda: bool) -> studies.Inert:
+    """The ``inert`` callback of ``studies.suggest``/``grid`` for a trial whose settings, apart
+    from the values drawn, are ``settings`` (a config's ``flat()``)."""
+    return lambda values: inert_settings({**settings, **values}, cuda=cuda)
+
+
 class Tuner:
     """Objectives of both stages over one prepared dataset, logging to nested runs."""
 
@@ -100,6 +106,8 @@ class Tuner:
         self.study_base = study_base
         self.progress = progress
         self.speed_params: dict[str, Any] = {}
+        self.settings = cfg.flat()  # the config's own values, dotted
+        self.cuda = resolve_device(cfg.train.device).type == "cuda"
 
     def optimize(
         self, study: Any, stage: str, *, n_trials: int | None, timeout: float | None
@@ -110,7 +118,7 @@ class Tuner:
         space = search.speed_space() if speed else search.quality_space()
         planned = search.n_trials_speed if speed else search.n_trials_quality
         if search.enqueue_config:
-            studies.enqueue_values(study, space, {**self.cfg.flat(), **self.speed_params})
+            studies.enqueue_values(study, space, {**self.settings, **self.speed_params})
         studies.optimize(
             study,
             self.speed_objective if speed else self.quality_objective,
@@ -119,13 +127,12 @@ class Tuner:
             progress=self.progress,
         )
 
-    def inert(self, values: dict[str, Any]) -> set[str]:
-        """Searched keys that cannot matter given ``values`` and the config's own settings."""
-        cuda = resolve_device(self.cfg.train.device).type == "cuda"
-        return inert_settings({**self.cfg.flat(), **self.speed_params, **values}, cuda=cuda)
+    def inert(self) -> studies.Inert:
+        """Keys that cannot matter in this stage's trials (the speed stage's winner fixed)."""
+        return inert_given({**self.settings, **self.speed_params}, cuda=self.cuda)
 
     def speed_objective(self, trial: Any) -> float:
-        params = studies.suggest(trial, self.cfg.search.speed_space(), self.inert)
+        params = studies.suggest(trial, self.cfg.search.speed_space(), self.inert())
         tcfg = self.cfg.replace(params)
         name = f"{self.study_base}-speed"
         with tracking.start_run(
@@ -144,7 +151,7 @@ class Tuner:
             return result["train_samples_per_s"]
 
     def quality_objective(self, trial: Any) -> float:
-        params = studies.suggest(trial, self.cfg.search.quality_space(), self.inert)
+        params = studies.suggest(trial, self.cfg.search.quality_space(), self.inert())
         tcfg = self.cfg.replace({**self.speed_params, **params})
         name = f"{self.study_base}-quality"
         metric = self.cfg.search.metric
