@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +84,42 @@ def artifact_paths(client, run_id: str, path: str = "") -> set[str]:
     for item in client.list_artifacts(run_id, path):
         out |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
     return out
+
+
+@contextlib.contextmanager
+def single_torch_thread() -> Iterator[None]:
+    """Tiny models on a busy 2-core VM: two OpenMP threads spin against each other (~10x
+    slower steps), so tests that train run torch on one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    with single_torch_thread():
+        yield
+
+
+def tune_command(config: Path, data: Path, *args: str) -> list[str]:
+    """``feedtune tune`` on the images in ``data`` with the config file ``config``."""
+    return [
+        sys.executable,
+        "-m",
+        "feedtune",
+        "tune",
+        "--no-progress",
+        "--config",
+        str(config),
+        "--set",
+        f"data.path={data}",
+        *args,
+    ]
 
 
 def env_with_src() -> dict[str, str]:

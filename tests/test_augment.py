@@ -37,13 +37,8 @@ def cfg(library: str, policy: str = "basic", **kw: object) -> AugmentConfig:
     return AugmentConfig(library=library, policy=policy, image_size=S, **kw)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Tiny images: threads only add OpenMP stalls when the (shared) CPU is busy.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny images: threads only add OpenMP stalls when the (shared) CPU is busy.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def seeded(seed: int) -> None:

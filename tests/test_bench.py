@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from feedtune.bench import grid, report, run_bench
 from feedtune.config import load_config
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models step ~10x faster on one thread when the shared CPU is oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(folder, *extra):

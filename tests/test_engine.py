@@ -31,16 +31,21 @@ class TinyNet(nn.Module):
         return self.classifier(torch.relu(self.features(x)))
 
 
-def _fit(cfg: TrainConfig, *, finetune: bool = False) -> tuple[list[dict], torch.optim.Optimizer]:
+def _linear_data() -> TensorDataset:
     torch.manual_seed(0)
     x = torch.randn(64, 4)
-    data = TensorDataset(x, (x[:, 0] > 0).long())
-    model = TinyNet()
+    return TensorDataset(x, (x[:, 0] > 0).long())
+
+
+def _fit(
+    cfg: TrainConfig, model: nn.Module, data: TensorDataset, *, finetune: bool = False
+) -> tuple[list[dict], torch.optim.Optimizer]:
+    """``fit`` on CPU in batches of 8 (validation in one batch); (history, optimizer)."""
     optimizer = build_optimizer(model, cfg, finetune=finetune)
     state = fit(
         model,
         DataLoader(data, batch_size=8),
-        DataLoader(data, batch_size=32),
+        DataLoader(data, batch_size=64),
         cfg,
         num_classes=2,
         optimizer=optimizer,
@@ -52,18 +57,18 @@ def _fit(cfg: TrainConfig, *, finetune: bool = False) -> tuple[list[dict], torch
 
 def test_fit_follows_the_schedule_and_keeps_group_ratios():
     cfg = TrainConfig(epochs=4, lr=0.01, patience=0, lr_schedule="cosine", warmup_frac=0.0)
-    lrs = [row["lr"] for row in _fit(cfg)[0]]
+    lrs = [row["lr"] for row in _fit(cfg, TinyNet(), _linear_data())[0]]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-4
     # 8 steps per epoch, 32 in all: epoch 1 ends at step 7, with the cosine's value there
     assert lrs[0] == pytest.approx(0.01 * lr_factor("cosine", 7, 32, 0.0))
 
     cfg = TrainConfig(epochs=2, lr=0.01, patience=0, lr_schedule="constant")
-    assert [row["lr"] for row in _fit(cfg)[0]] == [0.01, 0.01]
+    assert [row["lr"] for row in _fit(cfg, TinyNet(), _linear_data())[0]] == [0.01, 0.01]
 
 
 def test_finetune_backbone_keeps_its_lower_rate_under_the_schedule():
     cfg = TrainConfig(epochs=2, lr=0.01, patience=0, backbone_lr_scale=0.1)
-    _, optimizer = _fit(cfg, finetune=True)
+    _, optimizer = _fit(cfg, TinyNet(), _linear_data(), finetune=True)
     backbone, head = optimizer.param_groups
     assert 0 < head["lr"] < 0.01
     assert backbone["lr"] == pytest.approx(0.1 * head["lr"])
@@ -78,16 +83,6 @@ def test_channels_last_reaches_model_and_batches(channels_last: bool):
     x = torch.randn(16, 3, 32, 32)
     data = TensorDataset(x, torch.arange(16) % 2)
     model = SmallCNN(2, width=8)
-    cfg = TrainConfig(epochs=1, patience=0, channels_last=channels_last)
-    state = fit(
-        model,
-        DataLoader(data, batch_size=8),
-        DataLoader(data, batch_size=8),
-        cfg,
-        num_classes=2,
-        optimizer=build_optimizer(model, cfg),
-        device=torch.device("cpu"),
-        progress=False,
-    )
+    history, _ = _fit(TrainConfig(epochs=1, patience=0, channels_last=channels_last), model, data)
     assert is_channels_last(model) is channels_last
-    assert state.history[0]["train_loss"] > 0
+    assert history[0]["train_loss"] > 0

@@ -32,7 +32,7 @@ from feedtune.finetune import add_parser, prepare_model, run_finetune, run_from_
 from feedtune.imageio import decode_image
 from feedtune.models import head_parameters
 from feedtune.train import run_train
-from tests.conftest import write_image_folder
+from tests.conftest import single_torch_thread, write_image_folder
 from tests.test_train_e2e import CONTRACT_ARTIFACTS, CONTRACT_METRICS
 
 TINY = [
@@ -47,11 +47,8 @@ TINY = [
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Two OpenMP threads on a busy 2-core VM spin against each other (10x slower steps)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

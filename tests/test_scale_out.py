@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import collections
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, env_with_src, write_image_folder
+from tests.conftest import REPO, env_with_src, tune_command, write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -37,21 +36,10 @@ def data(tmp_path: Path) -> Path:
     )
 
 
-def tune_command(tmp: Path, data: Path, experiment: str, *args: str) -> list[str]:
+def scale_out_command(tmp: Path, data: Path, experiment: str, *args: str) -> list[str]:
     cfg = tmp / f"{experiment}.yaml"
     cfg.write_text(TINY.format(experiment=experiment))
-    return [
-        sys.executable,
-        "-m",
-        "feedtune",
-        "tune",
-        "--no-progress",
-        "--config",
-        str(cfg),
-        "--set",
-        f"data.path={data}",
-        *args,
-    ]
+    return tune_command(cfg, data, *args)
 
 
 def run_workers(command: list[str], n: int = WORKERS) -> list[int]:
@@ -101,7 +89,7 @@ def test_workers_on_postgres_log_to_an_mlflow_server(
     """3 workers x 4 trials on one PostgreSQL study, tracked by a real ``mlflow server``: the
     setup of several machines (one test for both: each worker costs seconds of start-up)."""
     server = mlflow_server_store
-    command = tune_command(
+    command = scale_out_command(
         tmp_path,
         data,
         "scale-out",
@@ -123,7 +111,7 @@ def test_workers_on_postgres_log_to_an_mlflow_server(
 
 
 def test_unreachable_storage_is_a_one_line_error(tmp_path, data):
-    command = tune_command(
+    command = scale_out_command(
         tmp_path, data, "scale-bad", "--storage", "postgresql://u:p@127.0.0.1:1/x", "--study", "x"
     )
     proc = subprocess.run(

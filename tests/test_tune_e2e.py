@@ -10,7 +10,13 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, artifact_paths, env_with_src, write_image_folder
+from tests.conftest import (
+    REPO,
+    artifact_paths,
+    env_with_src,
+    tune_command,
+    write_image_folder,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,20 +41,7 @@ search:
 def _tune(tmp: Path, data: Path, *args: str, experiment: str = "tiny-tune", background=False):
     cfg = tmp / "tiny.yaml"
     cfg.write_text(TINY.format(experiment=experiment))
-    cmd = [
-        sys.executable,
-        "-m",
-        "feedtune",
-        "tune",
-        "--no-progress",
-        "--config",
-        str(cfg),
-        "--set",
-        f"data.path={data}",
-        "--storage",
-        f"journal:{tmp / 'optuna.journal'}",
-        *args,
-    ]
+    cmd = tune_command(cfg, data, "--storage", f"journal:{tmp / 'optuna.journal'}", *args)
     if background:
         return subprocess.Popen(
             cmd, cwd=REPO, env=env_with_src(), stderr=subprocess.PIPE, text=True

@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from feedtune.config import load_config
-from tests.conftest import REPO, write_image_folder
+from tests.conftest import REPO, single_torch_thread, write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,6 @@ UI_TIMEOUT_MS = 60_000  # the React app loads its bundle and queries the server
 def test_experiment_page_shows_the_study_and_its_trials(
     tmp_path, mlflow_server_store, chromium_browser
 ):
-    import torch
 
     from feedtune.tune import run_tune
 
@@ -35,9 +34,7 @@ def test_experiment_page_shows_the_study_and_its_trials(
     cfg_path = tmp_path / "ui.yaml"
     cfg_path.write_text(TINY)
     cfg = load_config(cfg_path, [f"data.path={data}"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two OpenMP threads on a busy 2-core machine spin (10x slower)
-    try:
+    with single_torch_thread():
         result = run_tune(
             cfg,
             stage="speed",
@@ -46,8 +43,6 @@ def test_experiment_page_shows_the_study_and_its_trials(
             study_name=STUDY,
             progress=False,
         )
-    finally:
-        torch.set_num_threads(threads)
     client = MlflowClient()
     exp = client.get_experiment_by_name("ui-browser")
     trials = sorted(
