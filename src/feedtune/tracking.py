@@ -66,7 +66,19 @@ def setup(experiment: str, tracking_uri: str | None = None) -> str:
             # Another worker created it a moment ago (several tune processes start together).
             exp_id = client.get_experiment_by_name(experiment).experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
+    _leave_foreign_project_run(experiment, exp_id)
     return exp_id
+
+
+def _leave_foreign_project_run(experiment: str, exp_id: str) -> None:
+    """``mlflow run`` opens a run and passes it in MLFLOW_RUN_ID, which every ``start_run``
+    then resumes. Without ``--experiment-name`` that run is in "Default", and MLflow refuses to
+    resume it under the config's experiment; feedtune's runs then go to the config's experiment
+    (where ``best``, ``load_best`` and the registry look) and the project run says so."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id and MlflowClient().get_run(run_id).info.experiment_id != exp_id:
+        set_tags_by_id(run_id, {"feedtune.experiment": experiment})
+        del os.environ["MLFLOW_RUN_ID"]
 
 
 @contextlib.contextmanager
@@ -302,6 +314,13 @@ def checkpoint_uri(run: Any, name: str = "best.pt") -> str:
 
 def end_run_by_id(run_id: str, status: str) -> None:
     MlflowClient().set_terminated(run_id, status)
+
+
+def set_tags_by_id(run_id: str, tags: dict[str, Any]) -> None:
+    """Tags on a run that is not the active one (e.g. in another experiment)."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
 
 
 # --------------------------------------------------------------------------- reuse (issue 6)
