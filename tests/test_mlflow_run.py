@@ -15,6 +15,8 @@ SETTINGS = "train.epochs=1;train.measure_batches=2;model.width=8;loader.batch_si
 
 def _mlflow_run(store: str, data: Path, *args: str) -> subprocess.CompletedProcess:
     env = env_with_src()
+    for leaked in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        env.pop(leaked, None)  # set by other tests' mlflow.set_experiment/start_run
     env["MLFLOW_TRACKING_URI"] = store
     # `python` in the entry point's command must be this interpreter (make does the same).
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
