@@ -59,3 +59,15 @@ def test_small_cnn_width_sets_its_cost():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert narrow.features[0].out_channels == 16 and wide.features[0].out_channels == 32
     assert 3.5 < count(wide) / count(narrow) < 4.5  # conv weights grow with width squared
+
+
+@pytest.mark.parametrize("side", [8, 17, 64, 96])
+def test_small_cnn_depth_sets_its_blocks_and_any_image_size_works(side):
+    # Five 2x poolings shrink 8 px below 1 px: ceil-mode pooling must keep the map 1x1.
+    shallow = build_model(ModelConfig(depth=3), num_classes=4).eval()
+    deep = build_model(ModelConfig(depth=5), num_classes=4).eval()
+    convs = lambda m: [c for c in m.features if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
+    assert len(convs(shallow)) == 3 and len(convs(deep)) == 5
+    assert [c.out_channels for c in convs(deep)] == [24, 48, 96, 96, 96]
+    with torch.no_grad():
+        assert deep(torch.randn(2, 3, side, side)).shape == (2, 4)

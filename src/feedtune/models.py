@@ -11,18 +11,27 @@ from feedtune.config import ModelConfig
 
 
 class SmallCNN(nn.Module):
-    """Four conv blocks and a linear head: enough capacity for 64 px shapes, fast on 2 cores."""
+    """``depth`` conv blocks (conv, BN, ReLU, 2x max-pool) and a linear head; fast on 2 cores.
 
-    def __init__(self, num_classes: int, *, dropout: float = 0.2, width: int = 32) -> None:
+    Channels are ``width``, ``2 * width``, then ``4 * width`` for every further block. Each block
+    doubles the receptive field: with 5 blocks the last one sees 63 px, a whole 64 px image, so
+    the head pools whole-shape features rather than a bag of corners and edges (4 blocks see
+    31 px, less than most objects; on ``shapes`` that learned ~1.5x slower, BENCHMARKS.md
+    "Default recipe"). ``ceil_mode`` pooling keeps a 1x1 map 1x1, so any image size works.
+    """
+
+    def __init__(
+        self, num_classes: int, *, dropout: float = 0.2, width: int = 24, depth: int = 5
+    ) -> None:
         super().__init__()
-        chans = [3, width, width * 2, width * 4, width * 4]
+        chans = [3] + [width * min(2**i, 4) for i in range(depth)]
         layers: list[nn.Module] = []
         for cin, cout in zip(chans[:-1], chans[1:], strict=True):
             layers += [
                 nn.Conv2d(cin, cout, 3, padding=1, bias=False),
                 nn.BatchNorm2d(cout),
                 nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
+                nn.MaxPool2d(2, ceil_mode=True),
             ]
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(chans[-1], num_classes))
@@ -99,7 +108,9 @@ def build_model(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
     if cfg.name == "small_cnn":
         if cfg.pretrained:
             raise ValueError("model.pretrained: small_cnn has no pretrained weights; use false")
-        model: nn.Module = SmallCNN(num_classes, dropout=cfg.dropout, width=cfg.width)
+        model: nn.Module = SmallCNN(
+            num_classes, dropout=cfg.dropout, width=cfg.width, depth=cfg.depth
+        )
     else:
         from torchvision.models import get_model, list_models
 
