@@ -41,6 +41,25 @@ def _feedtune(tmp: Path, *args: str) -> float:
     return time.perf_counter() - start
 
 
+def _quality_trials(journal: Path, study_name: str) -> list[str]:
+    """One line per quality trial: number, state, value, epochs run, the settings it drew."""
+    import optuna
+
+    from feedtune.study import open_storage
+
+    study = optuna.load_study(study_name=study_name, storage=open_storage(f"journal:{journal}"))
+    lines = []
+    for t in study.trials:
+        value = t.value if t.value is not None else max(t.intermediate_values.values(), default=0)
+        lines.append(
+            f"#{t.number} {t.state.name} {value:.3f} after {len(t.intermediate_values)} epochs: "
+            + " ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items()
+            )
+        )
+    return lines
+
+
 def bench_main() -> dict:
     """`make tune`'s job (default config) and the baseline configuration, same split/epochs."""
     from mlflow.tracking import MlflowClient
@@ -69,6 +88,7 @@ def bench_main() -> dict:
         best = client.get_run(tuned.data.tags["feedtune.best_run_id"])
         base = client.search_runs([client.get_experiment_by_name("baseline").experiment_id])[0]
         return {
+            "quality_trials": _quality_trials(tmp / "o.journal", "bench-quality"),
             "tune_wall_s": round(tune_s, 1),
             "baseline_train_wall_s": round(base_s, 1),
             "best_trial_val_f1_macro": best.data.metrics["best_val_f1_macro"],
