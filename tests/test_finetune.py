@@ -188,7 +188,7 @@ def test_load_best_finds_the_best_run_then_the_alias_and_a_fresh_process_agrees(
 def test_finetune_replaces_the_head_freezes_the_backbone_and_records_lineage(
     store, colours, tmp_path
 ):
-    source = _train(colours, "src")
+    source = _train(colours, "src", "model.width=8", "model.depth=3")
     new_data = write_image_folder(
         tmp_path / "new", {"cyan": 20, "magenta": 20}, size=(48, 40), seed=1, groups_of=4
     )
@@ -200,12 +200,14 @@ def test_finetune_replaces_the_head_freezes_the_backbone_and_records_lineage(
             "experiment=ft",
             "model.freeze=backbone",
             "model.name=resnet18",  # ignored: the source's architecture wins
-        ],
+        ],  # and so do its width and depth (the config's defaults are 24 and 5)
     )
     run_id = run_finetune(cfg, source=source, progress=False)
 
     client = MlflowClient()
     run = client.get_run(run_id)
+    arch = {k: run.data.params[f"model.{k}"] for k in ("name", "width", "depth")}
+    assert arch == {"name": "small_cnn", "width": "8", "depth": "3"}
     assert run.info.status == "FINISHED"
     assert run.data.tags["feedtune.kind"] == "finetune"
     assert run.data.tags["feedtune.parent_model_run_id"] == source

@@ -71,3 +71,24 @@ def test_small_cnn_depth_sets_its_blocks_and_any_image_size_works(side):
     assert [c.out_channels for c in convs(deep)] == [24, 48, 96, 96, 96]
     with torch.no_grad():
         assert deep(torch.randn(2, 3, side, side)).shape == (2, 4)
+
+
+def test_a_checkpoint_from_before_model_depth_still_loads(tmp_path):
+    # Checkpoints written while small_cnn always had 4 blocks have no model.depth in their
+    # config; they must rebuild as 4 blocks, not as today's default, or load_best breaks.
+    from feedtune.api import model_from_checkpoint
+    from feedtune.checkpoint import load_checkpoint, save_checkpoint
+    from feedtune.config import Config
+
+    old = build_model(ModelConfig(depth=4, width=8), num_classes=3).eval()
+    config = Config().to_dict()
+    config["model"].pop("depth")
+    config["model"]["width"] = 8
+    path = save_checkpoint(
+        {"config": config, "classes": ["a", "b", "c"], "model_state": old.state_dict()},
+        tmp_path / "old.pt",
+    )
+    model, _ = model_from_checkpoint(load_checkpoint(path))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), old(x))

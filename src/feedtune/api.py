@@ -129,9 +129,22 @@ def model_from_checkpoint(payload: dict[str, Any]) -> tuple[nn.Module, Config]:
     ``model.pretrained`` is ignored: the weights come from the checkpoint, so no torchvision
     weight file is needed."""
     cfg = config_from_dict(payload["config"])
-    model_cfg = dataclasses.replace(cfg.model, pretrained=False)
+    model_cfg = dataclasses.replace(cfg.model, **architecture(payload))
     model = build_model(model_cfg, num_classes=len(payload["classes"]))
     return load_weights(model, payload), cfg
+
+
+# small_cnn had 4 blocks before `model.depth` existed; checkpoints of that time do not say so.
+_DEPTH_BEFORE_THE_KEY = 4
+
+
+def architecture(payload: dict[str, Any]) -> dict[str, Any]:
+    """The model settings that shape the checkpoint's weights (``ModelConfig`` fields), so its
+    state dict loads; ``pretrained`` is off because the weights come from the checkpoint."""
+    saved = payload["config"].get("model", {})
+    model = config_from_dict(payload["config"]).model
+    depth = saved.get("depth", _DEPTH_BEFORE_THE_KEY)
+    return {"name": model.name, "width": model.width, "depth": depth, "pretrained": False}
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from feedtune.config import PROJECT_ROOT, Config, config_from_dict
+from feedtune.config import PROJECT_ROOT, Config
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,35 +50,38 @@ class FinetuneStart:
     source_classes: list[str]
 
 
-def effective_config(cfg: Config, source_cfg: Config) -> Config:
-    """``cfg`` with the source run's architecture: its weights fit no other ``model.name``.
+def effective_config(cfg: Config, payload: dict[str, Any]) -> Config:
+    """``cfg`` with the source checkpoint's architecture (``model.name``, and ``width`` and
+    ``depth`` for small_cnn): its weights fit no other, and the run's params must say what ran.
 
     ``model.pretrained`` becomes false: the weights come from the parent run (tag
     ``feedtune.parent_model_run_id``), not from torchvision."""
-    if cfg.model.name != source_cfg.model.name:
-        log.warning(
-            "model.name %r ignored: finetuning keeps the source run's %r",
-            cfg.model.name,
-            source_cfg.model.name,
-        )
-    return cfg.replace({"model.name": source_cfg.model.name, "model.pretrained": False})
+    from feedtune.api import architecture
+
+    source = architecture(payload)
+    for key in ("name", "width", "depth"):
+        if getattr(cfg.model, key) != source[key]:
+            log.warning(
+                "model.%s %r ignored: finetuning keeps the source run's %r",
+                key,
+                getattr(cfg.model, key),
+                source[key],
+            )
+    return cfg.replace({f"model.{key}": value for key, value in source.items()})
 
 
 def prepare_model(payload: dict[str, Any], cfg: Config, classes: list[str]) -> FinetuneStart:
     """Rebuild the checkpoint's model, give it a new head when ``classes`` differ from the
     checkpoint's, and freeze the backbone when ``cfg.model.freeze == 'backbone'``.
 
-    The architecture is the checkpoint's (``model.name``); the other model settings (dropout)
+    The architecture is the checkpoint's (name, width, depth); the other model settings (dropout)
     are ``cfg``'s. The new head's initial weights depend only on ``cfg.seed``."""
     import torch
 
-    from feedtune.api import load_weights
+    from feedtune.api import architecture, load_weights
     from feedtune.models import build_model, replace_head, set_backbone_trainable
 
-    source_cfg = config_from_dict(payload["config"])
-    model_cfg = dataclasses.replace(
-        cfg.model, name=source_cfg.model.name, pretrained=False, freeze="none"
-    )
+    model_cfg = dataclasses.replace(cfg.model, **architecture(payload), freeze="none")
     source_classes = list(payload["classes"])
     model = load_weights(build_model(model_cfg, num_classes=len(source_classes)), payload)
     replaced = source_classes != list(classes)
@@ -109,7 +112,7 @@ def run_finetune(
         with tracking.use_store():
             parent_id = resolve_run_id(source, experiment=source_experiment)
             payload = fetch_checkpoint(parent_id, Path(tmp) / "source")
-        cfg = effective_config(cfg, config_from_dict(payload["config"]))
+        cfg = effective_config(cfg, payload)
         tracking.setup(cfg.experiment)
         data = prepare_data(cfg, progress=progress)
         start = prepare_model(payload, cfg, data.classes)
