@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Iterator
@@ -12,6 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+
+# Tiny models on a busy 2-core VM: two OpenMP threads spin against each other (~10x slower
+# steps), so tests that train run torch on one thread, with the library's own context manager.
+from feedtune.dataset import single_torch_thread
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,20 +87,6 @@ def artifact_paths(client, run_id: str, path: str = "") -> set[str]:
     for item in client.list_artifacts(run_id, path):
         out |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
     return out
-
-
-@contextlib.contextmanager
-def single_torch_thread() -> Iterator[None]:
-    """Tiny models on a busy 2-core VM: two OpenMP threads spin against each other (~10x
-    slower steps), so tests that train run torch on one thread."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture
