@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import subprocess
+import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -187,3 +190,74 @@ def test_unknown_name_lists_the_allowed_ones(tmp_path: Path) -> None:
 
 def test_dataset_root() -> None:
     assert dataset_root("shapes", Path("/p")) == Path("/p/data/shapes")
+
+
+def _ensure_in_subprocess(root: Path, *, seed: int, n_images: int) -> subprocess.Popen:
+    code = (
+        "import sys; from feedtune.shapes import ensure_dataset; "
+        f"ensure_dataset('shapes', sys.argv[1], seed={seed}, progress=False, n_images={n_images})"
+    )
+    return subprocess.Popen([sys.executable, "-c", code, str(root)], stderr=subprocess.PIPE)
+
+
+def test_data_command_refuses_a_folder_it_did_not_write(tmp_path: Path) -> None:
+    root = tmp_path / "mine"
+    (root / "images" / "cats").mkdir(parents=True)
+    (root / "images" / "cats" / "001.jpg").write_bytes(b"my cat")
+    (root / "manifest.csv").write_text("path,label\nimages/cats/001.jpg,cats\n")
+    before, mtimes = _digests(root), _mtimes(root)
+
+    done = subprocess.run(
+        [sys.executable, "-m", "feedtune", "data", "--root", str(root), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert str(root) in done.stderr and "did not write" in done.stderr
+    assert _digests(root) == before and _mtimes(root) == mtimes
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.lock", "mine"]
+
+
+def test_a_user_file_in_an_embedded_dataset_stops_its_rebuild(tmp_path: Path) -> None:
+    root = tmp_path / "shapes"
+    ensure_dataset("shapes", root, seed=0, progress=False, n_images=N_TINY)
+    notes = root / "images" / "circle" / "my-notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(shapes.DatasetFolderError, match="my-notes.txt"):
+        ensure_dataset("shapes", root, seed=1, progress=False, n_images=N_TINY)
+    assert notes.read_text() == "keep me"
+    assert json.loads((root / "_complete.json").read_text())["seed"] == 0
+
+
+def test_a_killed_rebuild_leaves_the_old_dataset_whole(tmp_path: Path) -> None:
+    root = tmp_path / "shapes"
+    ensure_dataset("shapes", root, seed=0, progress=False, n_images=N_TINY)
+    old = _digests(root)
+    proc = _ensure_in_subprocess(root, seed=1, n_images=3000)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".shapes.building-*/images/*/*.jpg")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _digests(root) == old  # the old dataset, whole, while and after the rebuild died
+
+    ensure_dataset("shapes", root, seed=1, progress=False, n_images=N_TINY)
+    assert json.loads((root / "_complete.json").read_text())["seed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".shapes.lock", "shapes"]
+
+
+def test_two_processes_asking_at_once_build_one_whole_dataset(tmp_path: Path) -> None:
+    root = tmp_path / "shapes"
+    procs = [_ensure_in_subprocess(root, seed=5, n_images=N_SMALL) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()
+    reference = generate_dataset(
+        "shapes", tmp_path / "ref", seed=5, progress=False, n_images=N_SMALL
+    )
+    assert _digests(root) == _digests(reference.parent)
+    assert not [p for p in tmp_path.iterdir() if ".building-" in p.name or ".old-" in p.name]

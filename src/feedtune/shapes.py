@@ -21,9 +21,10 @@ Generation is byte-identical for a given seed: every random draw comes from
 its own coordinates (a smaller ``n_images`` keeps the first groups of each class stable), and
 images are encoded with PIL at a fixed quality with ``optimize=False``.
 
-``ensure_dataset`` is idempotent: a ``_complete.json`` marker written last (atomically) records
-the parameters and the manifest digest, so an interrupted or different generation is rebuilt,
-and a deleted image is re-rendered on its own.
+``ensure_dataset`` is idempotent: a ``_complete.json`` marker records the parameters and the
+manifest digest, so a different generation is rebuilt and a deleted image is re-rendered on its
+own. A dataset is built beside its folder and renamed into place under a lock, and a folder
+holding anything feedtune did not write is refused, never cleared.
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 __all__ = [
     "EMBEDDED",
+    "DatasetFolderError",
     "class_counts",
     "dataset_root",
     "ensure_dataset",
@@ -599,7 +602,100 @@ def _write_images(seed: int, root: Path, items: list[_Item], progress: bool, des
     for it in tqdm(items, desc=desc, unit="img", disable=not progress):
         path = root / it.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_render(seed, it))
+        # Atomic, so that a reader never scans a half-written JPEG as a bad image.
+        _atomic_write(path, _render(seed, it))
+
+
+class DatasetFolderError(ValueError):
+    """The target folder holds files feedtune did not write; nothing in it was touched."""
+
+
+def _lock(root: Path) -> FileLock:
+    # Beside the folder, not in it: the folder itself is replaced by a rename.
+    return FileLock(str(root.parent / f".{root.name}.lock"))
+
+
+def _listed_paths(manifest: Path) -> set[str] | None:
+    try:
+        with manifest.open(newline="") as f:
+            return {row["path"] for row in csv.DictReader(f)}
+    except (OSError, KeyError, csv.Error, UnicodeDecodeError):
+        return None
+
+
+def _foreign_file(root: Path, expected_manifest: bytes) -> Path | None:
+    """The first file in ``root`` that feedtune did not write, or None if all are feedtune's.
+
+    A folder is feedtune's when it carries a generator marker or exactly the manifest this
+    generation would write, and every file in it is that marker, the manifest, an image the
+    manifest lists or a leftover of an atomic write. Symbolic links are never feedtune's.
+    """
+    manifest = root / MANIFEST_NAME
+    files = sorted(
+        Path(folder, name)
+        for folder, dirs, names in os.walk(root)  # does not follow links
+        for name in names + [d for d in dirs if Path(folder, d).is_symlink()]
+    )
+    if not files:
+        return None
+    try:
+        marker = json.loads((root / MARKER_NAME).read_text())
+        marked = isinstance(marker, dict) and "generator_version" in marker
+    except (OSError, ValueError):
+        marked = False
+    try:
+        same_manifest = manifest.read_bytes() == expected_manifest
+    except OSError:
+        same_manifest = False
+    listed = _listed_paths(manifest) if marked or same_manifest else None
+    if listed is None:
+        return next((p for p in files if p.name == MANIFEST_NAME), files[0])
+    ours = listed | {MANIFEST_NAME, MARKER_NAME}
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        leftover = path.name.startswith(".") and path.name.endswith(".tmp")
+        if path.is_symlink() or not (rel in ours or leftover):
+            return path
+    return None
+
+
+def _replace_folder(built: Path, root: Path) -> None:
+    """Move the finished ``built`` folder to ``root``; an old ``root`` goes only afterwards."""
+    if not root.exists():
+        os.replace(built, root)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+    os.replace(root, old / root.name)
+    os.replace(built, root)
+    shutil.rmtree(old)
+
+
+def _generate_locked(
+    name: str, root: Path, seed: int, progress: bool, n_images: int | None, items: list[_Item]
+) -> Path:
+    manifest = _manifest_bytes(items)
+    if root.exists() and not root.is_dir():
+        raise DatasetFolderError(f"{root} is a file, not a folder; choose another --root")
+    foreign = _foreign_file(root, manifest) if root.is_dir() else None
+    if foreign is not None:
+        raise DatasetFolderError(
+            f"{root} holds files feedtune did not write (e.g. {foreign}); nothing was changed. "
+            "Choose an empty or new folder for the embedded dataset."
+        )
+    # Builds of a process killed mid-way; only the holder of the lock builds, so none is live.
+    for stale in root.parent.glob(f".{root.name}.building-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    built = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+    try:
+        _write_images(seed, built, items, progress, name)
+        (built / MANIFEST_NAME).write_bytes(manifest)
+        digest = hashlib.sha256(manifest).hexdigest()
+        info = _marker(name, seed, n_images, items, digest)
+        (built / MARKER_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        _replace_folder(built, root)
+    finally:
+        shutil.rmtree(built, ignore_errors=True)
+    return root / MANIFEST_NAME
 
 
 def generate_dataset(
@@ -612,10 +708,14 @@ def generate_dataset(
 ) -> Path:
     """Write the embedded dataset ``name`` into ``root`` and return the manifest path.
 
+    The dataset is built in a hidden sibling folder and renamed into place, under a lock file
+    beside ``root``: a reader sees the old dataset or the new one, never half of one, and
+    several processes asking at once build it once.
+
     Args:
         name: one of ``EMBEDDED`` (``"shapes"`` or ``"shapes-shift"``).
-        root: the dataset's own folder, e.g. ``data/shapes``; created if missing. Its
-            ``images/`` subfolder, manifest and marker are replaced.
+        root: the dataset's own folder, e.g. ``data/shapes``; created if missing. It must be
+            missing, empty or an earlier feedtune dataset, which is replaced.
         seed: generator seed; the same seed gives byte-identical files.
         progress: show a tqdm progress bar.
         n_images: scale the dataset down (or up) to about this many images, keeping the class
@@ -623,21 +723,21 @@ def generate_dataset(
 
     Raises:
         ValueError: unknown ``name`` (the message lists the allowed names).
+        DatasetFolderError: ``root`` holds files feedtune did not write (it names one).
     """
     items = _plan(name, seed, n_images)
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    marker = root / MARKER_NAME
-    marker.unlink(missing_ok=True)  # first: an interrupted generation is then detectable
-    if (root / IMAGE_DIR).is_dir():
-        shutil.rmtree(root / IMAGE_DIR)  # no stale image of an earlier dataset may remain
-    _write_images(seed, root, items, progress, name)
-    manifest = _manifest_bytes(items)
-    _atomic_write(root / MANIFEST_NAME, manifest)
-    digest = hashlib.sha256(manifest).hexdigest()
-    info = _marker(name, seed, n_images, items, digest)
-    _atomic_write(marker, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
-    return root / MANIFEST_NAME
+    root = Path(root).absolute()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(root):
+        return _generate_locked(name, root, seed, progress, n_images, items)
+
+
+def _intact(root: Path, marker: dict, expected_manifest: bytes) -> bool:
+    try:
+        found = json.loads((root / MARKER_NAME).read_text())
+        return found == marker and (root / MANIFEST_NAME).read_bytes() == expected_manifest
+    except (OSError, ValueError):
+        return False
 
 
 def ensure_dataset(
@@ -651,30 +751,25 @@ def ensure_dataset(
     """Make sure ``root`` holds the complete dataset; return the manifest path.
 
     Idempotent: a complete dataset with the same parameters is left untouched (no file is
-    rewritten). Missing images of an otherwise complete dataset are re-rendered alone
-    (byte-identical to the originals); a missing or different marker (interrupted generation,
-    other seed, size or generator version) or a changed manifest means a full rebuild.
-    Arguments as for ``generate_dataset``.
+    rewritten, no lock taken). Missing images of an otherwise complete dataset are re-rendered
+    alone (byte-identical to the originals); a missing or different marker (other seed, size
+    or generator version) or a changed manifest means a full rebuild, as ``generate_dataset``.
+    Arguments and errors as for ``generate_dataset``.
     """
     items = _plan(name, seed, n_images)
-    root = Path(root)
-    manifest_path = root / MANIFEST_NAME
+    root = Path(root).absolute()
     expected = _manifest_bytes(items)
-    digest = hashlib.sha256(expected).hexdigest()
-    try:
-        found = json.loads((root / MARKER_NAME).read_text())
-        intact = (
-            found == _marker(name, seed, n_images, items, digest)
-            and manifest_path.read_bytes() == expected
-        )
-    except (OSError, ValueError):
-        intact = False
-    if not intact:
-        return generate_dataset(name, root, seed=seed, progress=progress, n_images=n_images)
-    missing = [it for it in items if not _nonempty(root / it.path)]
-    if missing:
-        _write_images(seed, root, missing, progress, f"{name} (repair)")
-    return manifest_path
+    marker = _marker(name, seed, n_images, items, hashlib.sha256(expected).hexdigest())
+    if _intact(root, marker, expected) and all(_nonempty(root / it.path) for it in items):
+        return root / MANIFEST_NAME
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(root):  # checked again: another process may have built it while we waited
+        if not _intact(root, marker, expected):
+            return _generate_locked(name, root, seed, progress, n_images, items)
+        missing = [it for it in items if not _nonempty(root / it.path)]
+        if missing:
+            _write_images(seed, root, missing, progress, f"{name} (repair)")
+    return root / MANIFEST_NAME
 
 
 def _nonempty(path: Path) -> bool:
