@@ -36,10 +36,10 @@ from torch.utils.data import DataLoader, Dataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from feedtune.augment import build_transform  # noqa: E402
-from feedtune.cache import attach_cache, build_cache  # noqa: E402
+from feedtune.commands.train import PreparedData, build_pipeline, prepare_data  # noqa: E402
 from feedtune.config import Config, load_config  # noqa: E402
-from feedtune.train import PreparedData, build_pipeline, prepare_data  # noqa: E402
+from feedtune.data.augment import build_transform  # noqa: E402
+from feedtune.data.cache import attach_cache, build_cache  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0))
 # Speed settings tried for "best" (the transform policy stays the config's: speed settings must
@@ -238,9 +238,9 @@ def part_c(cfg: Config, data: PreparedData, best: dict[str, Any], args: argparse
 
 def part_e(cfg: Config, data: PreparedData, args: argparse.Namespace) -> None:
     """CV of the whole ``throughput.measure`` (loader, model, end to end) that ``train`` logs."""
-    from feedtune.engine import resolve_device
-    from feedtune.models import build_model
-    from feedtune.throughput import measure
+    from feedtune.training.engine import resolve_device
+    from feedtune.training.models import build_model
+    from feedtune.training.throughput import measure
 
     model = build_model(cfg.model, num_classes=len(data.classes))
     loader = feedtune_loader(cfg, data)

@@ -22,8 +22,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from feedtune.config import ModelConfig  # noqa: E402
-from feedtune.engine import prepare_model  # noqa: E402
-from feedtune.models import build_model  # noqa: E402
+from feedtune.training.engine import prepare_model  # noqa: E402
+from feedtune.training.models import build_model  # noqa: E402
 
 
 def steps_per_s(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, steps: int) -> float:

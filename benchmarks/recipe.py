@@ -20,8 +20,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from feedtune.commands.train import prepare_data, train_model  # noqa: E402
 from feedtune.config import load_config  # noqa: E402
-from feedtune.train import prepare_data, train_model  # noqa: E402
 
 
 def main() -> None:

@@ -27,11 +27,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from feedtune import tracking  # noqa: E402
 from feedtune.api import find_best_run_id  # noqa: E402
+from feedtune.commands.finetune import run_finetune  # noqa: E402
+from feedtune.commands.train import run_train  # noqa: E402
 from feedtune.config import load_config  # noqa: E402
-from feedtune.finetune import run_finetune  # noqa: E402
-from feedtune.train import run_train  # noqa: E402
+from feedtune.tracking import mlflow_store as tracking  # noqa: E402
 
 SECTION = "## Transfer learning (issue 6)"
 SOURCE_EXPERIMENT = "feedtune-shapes"

@@ -45,7 +45,7 @@ def _quality_trials(journal: Path, study_name: str) -> list[str]:
     """One line per quality trial: number, state, value, epochs run, the settings it drew."""
     import optuna
 
-    from feedtune.study import open_storage
+    from feedtune.tuning.optuna_study import open_storage
 
     study = optuna.load_study(study_name=study_name, storage=open_storage(f"journal:{journal}"))
     lines = []
@@ -107,11 +107,11 @@ def bench_speed(trials: int = 12) -> dict:
     """Best train_samples_per_s found by TPE in <= `trials` vs the exhaustive grid's best."""
     import optuna
 
-    from feedtune import study as studies
+    from feedtune.commands.train import prepare_data
+    from feedtune.commands.tune import inert_given, speed_trial
     from feedtune.config import load_config
-    from feedtune.engine import resolve_device
-    from feedtune.train import prepare_data
-    from feedtune.tune import inert_given, speed_trial
+    from feedtune.training.engine import resolve_device
+    from feedtune.tuning import optuna_study as studies
 
     cfg = load_config(REPO / "experiments" / "default.yaml")
     data = prepare_data(cfg, progress=False)
@@ -154,9 +154,9 @@ def bench_overhead(repeats: int = 2) -> dict:
     same trial without, interleaved."""
     import mlflow
 
-    from feedtune import tracking
+    from feedtune.commands.train import log_run_results, prepare_data, train_model
     from feedtune.config import load_config
-    from feedtune.train import log_run_results, prepare_data, train_model
+    from feedtune.tracking import mlflow_store as tracking
 
     cfg = load_config(REPO / "experiments" / "default.yaml")
     data = prepare_data(cfg, progress=False)

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from feedtune.checkpoint import load_checkpoint
+from feedtune.training.checkpoint import load_checkpoint
 from tests.conftest import REPO, env_with_src, write_image_folder
 
 pytestmark = pytest.mark.slow
@@ -257,7 +257,7 @@ def _sabotage_workers(monkeypatch, action):
     """Make every DataLoader worker (never the main process) run ``action`` on its first image."""
     import torch.utils.data
 
-    from feedtune.dataset import ImageDataset
+    from feedtune.data.dataset import ImageDataset
 
     original = ImageDataset.load_image
 
@@ -280,8 +280,8 @@ def _sabotage_workers(monkeypatch, action):
 def test_dead_or_hung_loader_worker_fails_the_trial_not_the_study(
     tmp_path, data, mlflow_store, monkeypatch, action, message
 ):
+    from feedtune.commands.tune import run_tune
     from feedtune.config import load_config
-    from feedtune.tune import run_tune
 
     cfg_path = tmp_path / "w.yaml"
     cfg_path.write_text(CONFIG.format(experiment="workers", epochs=1))

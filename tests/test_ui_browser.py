@@ -28,7 +28,7 @@ def test_experiment_page_shows_the_study_and_its_trials(
     tmp_path, mlflow_server_store, chromium_browser
 ):
 
-    from feedtune.tune import run_tune
+    from feedtune.commands.tune import run_tune
 
     data = write_image_folder(tmp_path / "imgs", {"red": 16, "green": 12}, size=(40, 32))
     cfg_path = tmp_path / "ui.yaml"

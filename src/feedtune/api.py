@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from feedtune import tracking
-from feedtune.augment import Transform, build_transform
-from feedtune.cache import working_size
-from feedtune.checkpoint import CheckpointError, load_checkpoint
 from feedtune.config import Config, config_from_dict
-from feedtune.engine import resolve_device
-from feedtune.imageio import decode_image
-from feedtune.models import build_model
+from feedtune.data.augment import Transform, build_transform
+from feedtune.data.cache import working_size
+from feedtune.data.imageio import decode_image
+from feedtune.tracking import mlflow_store as tracking
+from feedtune.training.checkpoint import CheckpointError, load_checkpoint
+from feedtune.training.engine import resolve_device
+from feedtune.training.models import build_model
 
 DEFAULT_EXPERIMENT = Config().experiment
 BEST_ALIAS = "best"

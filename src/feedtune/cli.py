@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="study name; an existing study is resumed (default: the experiment name)",
     )
 
-    from feedtune import bench, finetune
+    from feedtune.commands import bench, finetune
 
     _common(bench.add_parser(sub))
     finetune.add_parser(sub, _common)
@@ -102,7 +102,7 @@ def _positive_or_none(value: float | None) -> float | None:
 def _run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.command == "data":
-        from feedtune.shapes import dataset_root, ensure_dataset
+        from feedtune.data.embedded import dataset_root, ensure_dataset
 
         root = Path(args.root) if args.root else dataset_root(args.name, PROJECT_ROOT)
         manifest = ensure_dataset(args.name, root, seed=args.seed, progress=progress)
@@ -110,13 +110,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     cfg = _config(args)
     if args.command == "train":
-        from feedtune.train import run_train
+        from feedtune.commands.train import run_train
 
         run_id = run_train(cfg, resume_run_id=args.resume or None, progress=progress)
         print(f"run {run_id} finished (experiment '{cfg.experiment}')")
         return 0
     if args.command == "tune":
-        from feedtune.tune import run_tune
+        from feedtune.commands.tune import run_tune
 
         n_trials = _positive_or_none(args.n_trials)
         result = run_tune(
@@ -140,16 +140,16 @@ def _run(args: argparse.Namespace) -> int:
             print("settings: " + " ".join(f"--set {k}={v}" for k, v in result.best_params.items()))
         return 0
     if args.command == "bench":
-        from feedtune.bench import run_bench
+        from feedtune.commands.bench import run_bench
 
         run_bench(cfg, progress=progress)
         return 0
     if args.command == "finetune":
-        from feedtune.finetune import run_from_args
+        from feedtune.commands.finetune import run_from_args
 
         return run_from_args(args, cfg, progress=progress)
     if args.command == "best":
-        from feedtune.best import describe_best
+        from feedtune.commands.best import describe_best
 
         print(describe_best(args.experiment or cfg.experiment))
         return 0

@@ -1,0 +1,1 @@
+"""One plain function per ``feedtune`` command; ``feedtune.cli`` parses the arguments."""

@@ -1,0 +1,288 @@
+"""``feedtune bench``: the loader benchmark grid, measured properly.
+
+Every cell of ``bench.num_workers x bench.batch_size x bench.library x bench.order x
+bench.cache`` (the config's ``bench`` section) is measured as ``throughput.measure`` does: the
+loader alone (``bench.batches``), the model's appetite (once per batch size: it depends on
+nothing else), real training steps end to end with the time spent waiting for batches
+(``bench.train_steps``), and the verdict. A cache is filled once per mode and shared by the
+cells (its fill time is reported, not timed into the rates). One MLflow run
+(``feedtune.kind=bench``) holds the table (``bench/results.csv``), a plot of samples/s against
+``num_workers`` per setting (``bench/samples_per_s.png``) and the best cell's metrics and
+settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from typing import TYPE_CHECKING, Any
+
+from feedtune.config import Config
+
+# torch, MLflow, pandas and the training modules are imported where used, so that building the
+# CLI parser (which imports this module for ``add_parser``) stays fast.
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from matplotlib.figure import Figure
+
+    from feedtune.data.cache import ImageCache
+
+# Grid axis -> the config key it sets (the order of the table's first columns).
+AXES = {
+    "num_workers": "loader.num_workers",
+    "batch_size": "loader.batch_size",
+    "library": "augment.library",
+    "order": "augment.order",
+    "cache": "loader.cache",
+}
+# Cells are ranked by what a training job gets: end-to-end samples per second.
+RANK_BY = "train_samples_per_s"
+# Settings that change what the model learns (DESIGN: quality settings): check them by score.
+QUALITY_AXES = ("batch_size", "library", "order")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """The ``bench`` sub-command (the caller adds --config/--set/--no-progress)."""
+    return subparsers.add_parser(
+        "bench",
+        help="loader benchmark grid (num_workers x batch_size x library x order x cache)",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+
+
+def grid(cfg: Config) -> list[dict[str, Any]]:
+    """The cells of ``cfg.bench``, num_workers varying fastest (one plot line per setting)."""
+    values = {axis: list(dict.fromkeys(getattr(cfg.bench, axis))) for axis in AXES}
+    outer = [a for a in AXES if a != "num_workers"]
+    cells = []
+    for combo in itertools.product(*(values[a] for a in outer)):
+        for workers in values["num_workers"]:
+            cells.append({"num_workers": workers, **dict(zip(outer, combo, strict=True))})
+    return cells
+
+
+def cell_config(cfg: Config, cell: dict[str, Any]) -> Config:
+    return cfg.replace({AXES[axis]: value for axis, value in cell.items()})
+
+
+def _cache_for(
+    mode: str, dataset: Any, cfg: Config, caches: dict[str, ImageCache], *, progress: bool
+) -> ImageCache | None:
+    """One cache per mode for the whole grid: its content does not depend on the other axes."""
+    from feedtune.data.cache import build_cache
+
+    if mode == "none":
+        return None
+    if mode not in caches:
+        caches[mode] = build_cache(
+            dataset, cfg.loader, image_size=cfg.augment.image_size, progress=progress
+        )
+    return caches[mode]
+
+
+def measure_cell(
+    cfg: Config,
+    data: Any,
+    cell: dict[str, Any],
+    *,
+    model: torch.nn.Module,
+    device: torch.device,
+    caches: dict[str, ImageCache],
+    appetite: dict[int, float],
+    progress: bool = False,
+) -> dict[str, Any]:
+    """One row of the table: the cell's settings, its rates, verdict and cache cost.
+
+    ``caches`` (mode -> cache) and ``appetite`` (batch size -> model samples/s) are filled on
+    first use and shared by the cells: neither depends on the other axes of the grid.
+    """
+    from feedtune.commands.train import build_pipeline
+    from feedtune.data.cache import attach_cache
+    from feedtune.training.throughput import (
+        Throughput,
+        measure_loader,
+        measure_model,
+        measure_training,
+    )
+
+    ccfg = cell_config(cfg, cell)
+    # Build without a cache, then attach the grid's shared one (filled once per mode).
+    pipeline = build_pipeline(
+        ccfg.replace({"loader.cache": "none"}), data, cuda=device.type == "cuda"
+    )
+    cache = _cache_for(ccfg.loader.cache, pipeline.train_set, ccfg, caches, progress=progress)
+    attach_cache(pipeline.train_set, cache)
+    start = time.perf_counter()
+    loader_rate, loader_startup = measure_loader(pipeline.train_loader, batches=cfg.bench.batches)
+    if ccfg.loader.batch_size not in appetite:
+        batch = next(b for b in pipeline.train_loader if b is not None)
+        appetite[ccfg.loader.batch_size] = measure_model(
+            model, batch, device=device, steps=cfg.bench.train_steps
+        )
+    train_rate, wait_frac, train_startup = measure_training(
+        model, pipeline.train_loader, device=device, steps=cfg.bench.train_steps, warmup=1
+    )
+    result = Throughput(
+        loader_samples_per_s=loader_rate,
+        model_samples_per_s=appetite[ccfg.loader.batch_size],
+        train_samples_per_s=train_rate,
+        data_wait_frac=wait_frac,
+        loader_startup_s=loader_startup,
+        train_startup_s=train_startup,
+    )
+    return {
+        **cell,
+        **result.metrics(),
+        "bottleneck": result.bottleneck,
+        "cache_fill_s": cache.fill_seconds if cache is not None else 0.0,
+        "cache_mb": cache.nbytes / 2**20 if cache is not None else 0.0,
+        "cell_s": time.perf_counter() - start,
+    }
+
+
+def best_row(results: pd.DataFrame) -> pd.Series:
+    return results.loc[results[RANK_BY].idxmax()]
+
+
+def samples_per_s_figure(results: pd.DataFrame) -> Figure:
+    """Samples/s against num_workers: loader alone and end to end, one line per setting."""
+    from matplotlib.figure import Figure
+
+    series = [a for a in AXES if a != "num_workers"]
+    groups = list(results.groupby(series, sort=False))
+    legend_rows = -(-len(groups) // 2)
+    fig = Figure(figsize=(11, 4.2 + 0.22 * legend_rows), dpi=100)
+    axes = fig.subplots(1, 2)  # own y scales: on a CPU the model is often 10x slower
+    for key, rows in groups:
+        rows = rows.sort_values("num_workers")
+        for ax, column in zip(axes, ("loader_samples_per_s", RANK_BY), strict=True):
+            ax.plot(rows["num_workers"], rows[column], marker="o", label=" / ".join(map(str, key)))
+    for ax, title in zip(axes, ("loader alone", "end to end (training)"), strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("num_workers")
+        ax.set_ylabel("samples / s")
+        ax.set_xticks(sorted(results["num_workers"].unique()))
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    fig.legend(
+        *axes[0].get_legend_handles_labels(),
+        title=" / ".join(series),
+        loc="lower center",
+        ncol=2,
+        fontsize=8,
+        title_fontsize=8,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, min(0.5, 0.05 + 0.055 * legend_rows), 1, 1))
+    return fig
+
+
+def recommended_overrides(row: pd.Series) -> str:
+    return " ".join(f"--set {AXES[axis]}={row[axis]}" for axis in AXES)
+
+
+def report(results: pd.DataFrame) -> str:
+    """The table (fastest end to end first) and the recommended ``--set`` line."""
+    shown = results.sort_values(RANK_BY, ascending=False)
+    columns = [*AXES, "loader_samples_per_s", "model_samples_per_s", RANK_BY]
+    columns += ["data_wait_frac", "bottleneck"]
+    table = shown[columns].rename(
+        columns={
+            "loader_samples_per_s": "loader/s",
+            "model_samples_per_s": "model/s",
+            RANK_BY: "train/s",
+            "data_wait_frac": "wait",
+        }
+    )
+    text = table.to_string(index=False, float_format=lambda v: f"{v:.2f}" if v < 10 else f"{v:.0f}")
+    best = best_row(results)
+    quality = ", ".join(AXES[a] for a in QUALITY_AXES if results[a].nunique() > 1)
+    lines = [
+        text,
+        "",
+        f"best end to end: {best[RANK_BY]:.0f} samples/s "
+        f"(loader alone {best['loader_samples_per_s']:.0f}, model {best['model_samples_per_s']:.0f}"
+        f", bottleneck: {best['bottleneck']})",
+        f"recommended: {recommended_overrides(best)}",
+    ]
+    if quality:
+        lines.append(
+            f"note: {quality} also change what the model learns; compare val_f1_macro "
+            "(feedtune tune) before adopting them for speed"
+        )
+    return "\n".join(lines)
+
+
+def run_bench(cfg: Config, *, progress: bool = True) -> pd.DataFrame:
+    """Measure every cell of ``cfg.bench`` and log one ``feedtune.kind=bench`` MLflow run.
+
+    Returns the results table, one row per cell (settings, rates, verdict, cache cost), and
+    prints it with the recommended settings.
+    """
+    import pandas as pd
+    import torch
+    from tqdm.auto import tqdm
+
+    from feedtune.commands.train import prepare_data
+    from feedtune.tracking import mlflow_store as tracking
+    from feedtune.training.engine import prepare_model, resolve_device
+    from feedtune.training.models import build_model
+
+    tracking.setup(cfg.experiment)
+    data = prepare_data(cfg, progress=progress)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.seed)
+    model = prepare_model(
+        build_model(cfg.model, num_classes=len(data.classes)),
+        device,
+        channels_last=cfg.train.channels_last,
+    )
+    cells = grid(cfg)
+    for cell in cells:  # a bad grid value fails now, naming its key, not after minutes
+        cell_config(cfg, cell)
+    caches: dict[str, ImageCache] = {}
+    appetite: dict[int, float] = {}
+    rows = []
+    with tracking.start_run("bench", run_name="bench") as run:
+        bar = tqdm(cells, desc="bench", unit="cell", disable=not progress)
+        for cell in bar:
+            bar.set_postfix_str(" ".join(str(v) for v in cell.values()))
+            rows.append(
+                measure_cell(
+                    cfg, data, cell, model=model, device=device, caches=caches, appetite=appetite
+                )
+            )
+        results = pd.DataFrame(rows)
+        best = best_row(results)
+        tracking.log_config(cell_config(cfg, {a: _plain(best[a]) for a in AXES}))
+        tracking.log_dataframe(results, "bench/results.csv")
+        tracking.log_figure(samples_per_s_figure(results), "bench/samples_per_s.png")
+        metrics = [
+            "loader_samples_per_s",
+            "model_samples_per_s",
+            "train_samples_per_s",
+            "data_wait_frac",
+            "feed_ratio",
+            "loader_startup_s",
+            "train_startup_s",
+            "cache_fill_s",
+            "cache_mb",
+        ]
+        tracking.log_metrics({**{m: best[m] for m in metrics}, "bench_cells": len(results)})
+        tracking.set_tags(
+            {
+                "feedtune.bottleneck": best["bottleneck"],
+                "feedtune.best_cell": recommended_overrides(best),
+            }
+        )
+        results.attrs["run_id"] = run.info.run_id
+    print(report(results))
+    print(f"MLflow run {results.attrs['run_id']} (experiment '{cfg.experiment}')")
+    return results
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars from a DataFrame row -> Python values (config validation wants them)."""
+    return value.item() if hasattr(value, "item") else value

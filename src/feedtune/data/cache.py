@@ -1,0 +1,318 @@
+"""Decoded-image cache shared by the DataLoader workers (``loader.cache``).
+
+``build_cache`` decodes every image of a dataset ONCE, in the main process, before the loader
+starts, into one shared-memory ``uint8`` buffer plus an offsets/shapes table. Workers forked
+(or spawned) afterwards map the same pages: ``get`` returns a read-only view, no copy, no
+decode. Modes:
+
+- ``decoded``: exactly what ``ImageDataset.load_image`` returns without a cache (same decoder,
+  same reduced-size JPEG decoding), so training sees identical pixels.
+- ``resized``: each image stored once with its shorter side scaled down to a working resolution
+  (``working_size``: 1.25x the eval resize, never below the training size), FFCV's trick. Pixels
+  change slightly (one extra area resize), shapes keep their aspect ratio; the transforms then
+  run on small images. Images already smaller are stored as decoded (no upscaling).
+
+The memory a cache will take is estimated from the image headers and checked against
+``loader.cache_limit_mb`` before anything is decoded. A bad image is marked bad in the table
+and ``get`` raises ``BadImageError`` for it, so the dataset skips it as it would without cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from feedtune.data.augment_policies import CROP_FRACTION
+from feedtune.config import LoaderConfig
+from feedtune.data.imageio import BadImageError, _jpeg_scale, decode_image, image_size
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "decoded", "resized")
+# Working resolution = this x the eval resize (S / 0.875): room for a random resized crop to
+# zoom in ~1.25x before it has to upsample (FFCV stores ImageNet at ~1.4x its 224 crops).
+WORKING_SCALE = 1.25
+MIB = 2**20
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def working_size(image_size: int) -> int:
+    """Shorter side of a ``resized`` cache entry and target of reduced-size JPEG decoding."""
+    return max(image_size, round(image_size / CROP_FRACTION * WORKING_SCALE))
+
+
+class CacheTooLargeError(ValueError):
+    """The estimated cache does not fit under ``loader.cache_limit_mb``."""
+
+
+class ImageCache:
+    """Images of one dataset in one shared ``uint8`` buffer; ``get(i)`` is a read-only view.
+
+    Attributes:
+        mode: ``decoded`` or ``resized``.
+        nbytes: bytes of pixel data held.
+        fill_seconds: wall time of ``build_cache`` (header scan, decoding, copying).
+        bad: index -> reason for the images that could not be decoded.
+    """
+
+    def __init__(
+        self,
+        buffer: torch.Tensor,
+        offsets: np.ndarray,
+        shapes: np.ndarray,
+        *,
+        paths: list[str],
+        bad: dict[int, str],
+        mode: str,
+        fill_seconds: float,
+    ) -> None:
+        self.buffer = buffer  # shared-memory tensor: pickles to workers by handle, not by value
+        self.offsets = offsets
+        self.shapes = shapes
+        self.paths = paths
+        self.bad = bad
+        self.mode = mode
+        self.fill_seconds = fill_seconds
+        self._view()
+
+    def _view(self) -> None:
+        self._pixels = self.buffer.numpy()
+        self._pixels.flags.writeable = False  # a transform writing in place must not corrupt it
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def get(self, index: int) -> np.ndarray:
+        """The ``(H, W, 3) uint8`` image ``index`` (read-only view into the shared buffer)."""
+        reason = self.bad.get(index)
+        if reason is not None:
+            raise BadImageError(self.paths[index], reason)
+        h, w = self.shapes[index]
+        start = self.offsets[index]
+        return self._pixels[start : start + h * w * 3].reshape(h, w, 3)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawned workers: torch's pickler sends the shared buffer's handle; rebuild the view.
+        state = self.__dict__.copy()
+        del state["_pixels"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._view()
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageCache(mode={self.mode!r}, images={len(self)}, bad={len(self.bad)}, "
+            f"mb={self.nbytes / MIB:.1f}, fill_seconds={self.fill_seconds:.2f})"
+        )
+
+
+@dataclass
+class CacheEstimate:
+    """Predicted shapes (0 x 0 for unreadable headers) and total bytes of a cache."""
+
+    shapes: np.ndarray  # (n, 2) int64: height, width
+    bad: dict[int, str]
+
+    @property
+    def nbytes(self) -> int:
+        return int((self.shapes[:, 0] * self.shapes[:, 1] * 3).sum())
+
+
+def _decoded_hw(path: str, min_size: int | None) -> tuple[int, int]:
+    """(H, W) that ``decode_image(path, min_size=min_size)`` returns, from the header."""
+    w, h = image_size(path)
+    if min_size is not None:
+        with open(path, "rb") as f:
+            is_jpeg = f.read(3) == _JPEG_MAGIC
+        scale = _jpeg_scale((w, h), min_size) if is_jpeg else 1
+        w, h = math.ceil(w / scale), math.ceil(h / scale)
+    return h, w
+
+
+def _decode_min_size(dataset: Any, *, mode: str, target: int) -> int | None:
+    """``decoded`` decodes as the dataset does; ``resized`` may reduce down to ``target``."""
+    return target if mode == "resized" else getattr(dataset, "min_decode_size", None)
+
+
+def _resized_hw(h: int, w: int, target: int) -> tuple[int, int]:
+    """Shorter side scaled down to ``target`` (aspect kept); smaller images unchanged."""
+    shorter = min(h, w)
+    if shorter <= target:
+        return h, w
+    if h <= w:
+        return target, max(target, round(w * target / h))
+    return max(target, round(h * target / w)), target
+
+
+def estimate_cache(
+    paths: list[str], *, mode: str, min_decode_size: int | None, target: int
+) -> CacheEstimate:
+    """Shapes each image will have in the cache, from headers only (no decoding)."""
+    shapes = np.zeros((len(paths), 2), dtype=np.int64)
+    bad: dict[int, str] = {}
+    for i, path in enumerate(paths):
+        try:
+            h, w = _decoded_hw(path, min_decode_size)
+        except (BadImageError, OSError) as exc:
+            bad[i] = getattr(exc, "reason", None) or str(exc)
+            continue
+        shapes[i] = _resized_hw(h, w, target) if mode == "resized" else (h, w)
+    return CacheEstimate(shapes=shapes, bad=bad)
+
+
+def _shared_uint8(nbytes: int) -> torch.Tensor:
+    """A 1-D uint8 tensor in shared memory, without touching its pages first."""
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if new_shared is None:  # pragma: no cover - older/newer torch: copies zeros once
+        return torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+    return torch.empty(0, dtype=torch.uint8).set_(new_shared(max(nbytes, 1)))[:nbytes]
+
+
+def build_cache(
+    dataset: Any,
+    cfg: LoaderConfig,
+    *,
+    image_size: int,
+    progress: bool = False,
+    reserved_bytes: int = 0,
+) -> ImageCache | None:
+    """Decode ``dataset``'s images into a shared cache (``cfg.cache``), or None for ``none``.
+
+    Args:
+        dataset: an ``ImageDataset`` (``paths``, ``decoder``, ``min_decode_size`` are used).
+        cfg: ``cache`` (mode) and ``cache_limit_mb`` (refused above it, before decoding).
+        image_size: the training resolution; ``resized`` keeps a shorter side of
+            ``working_size(image_size)``.
+        progress: show a tqdm bar while filling.
+        reserved_bytes: bytes other caches of the same run already hold (counted in the limit).
+
+    Raises:
+        CacheTooLargeError: the estimate exceeds ``loader.cache_limit_mb``.
+    """
+    if cfg.cache not in MODES:
+        raise ValueError(f"loader.cache: got {cfg.cache!r}, allowed: {', '.join(MODES)}")
+    if cfg.cache == "none":
+        return None
+    start = time.perf_counter()
+    paths = list(dataset.paths)
+    target = working_size(image_size)
+    estimate = estimate_cache(
+        paths,
+        mode=cfg.cache,
+        min_decode_size=_decode_min_size(dataset, mode=cfg.cache, target=target),
+        target=target,
+    )
+    limit = cfg.cache_limit_mb * MIB
+    if estimate.nbytes + reserved_bytes > limit:
+        hint = ""
+        if cfg.cache == "decoded":
+            small = estimate_cache(paths, mode="resized", min_decode_size=target, target=target)
+            hint = f", or use loader.cache=resized (~{small.nbytes / MIB:.0f} MiB)"
+        held = f" + {reserved_bytes / MIB:.0f} MiB already cached" if reserved_bytes else ""
+        raise CacheTooLargeError(
+            f"loader.cache={cfg.cache} needs ~{estimate.nbytes / MIB:.0f} MiB for "
+            f"{len(paths)} images{held}, over loader.cache_limit_mb={cfg.cache_limit_mb}; "
+            f"raise loader.cache_limit_mb{hint}, or set loader.cache=none"
+        )
+    cache = _fill(dataset, paths, estimate, mode=cfg.cache, target=target, progress=progress)
+    cache.fill_seconds = time.perf_counter() - start
+    log.info("filled %r", cache)
+    return cache
+
+
+def _fill(
+    dataset: Any,
+    paths: list[str],
+    estimate: CacheEstimate,
+    *,
+    mode: str,
+    target: int,
+    progress: bool,
+) -> ImageCache:
+    decoder = getattr(dataset, "decoder", "pil")
+    min_decode = _decode_min_size(dataset, mode=mode, target=target)
+
+    def load(i: int) -> np.ndarray | str:
+        if i in estimate.bad:
+            return estimate.bad[i]
+        try:
+            image = decode_image(paths[i], backend=decoder, min_size=min_decode)
+        except BadImageError as exc:
+            return exc.reason
+        if mode == "resized":
+            h, w = _resized_hw(*image.shape[:2], target)
+            if (h, w) != image.shape[:2]:
+                image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+        return image
+
+    buffer = _shared_uint8(estimate.nbytes)
+    offsets = np.zeros(len(paths) + 1, dtype=np.int64)
+    shapes = np.zeros((len(paths), 2), dtype=np.int64)
+    bad: dict[int, str] = {}
+    # Pillow, libjpeg and OpenCV release the GIL: threads decode in parallel in this process.
+    threads = max(1, len(os.sched_getaffinity(0)))
+    with ThreadPoolExecutor(threads) as pool:
+        results = pool.map(load, range(len(paths)))
+        bar = tqdm(
+            results,
+            total=len(paths),
+            desc=f"cache ({mode})",
+            unit="img",
+            leave=False,
+            disable=not progress,
+        )
+        pos = 0
+        for i, result in enumerate(bar):
+            if isinstance(result, str):
+                bad[i] = result
+                log.warning("bad image skipped: %s (%s)", paths[i], result)
+            else:
+                size = result.size
+                if pos + size > buffer.numel():  # header and decoder disagree: grow, copy once
+                    bigger = _shared_uint8(max(pos + size, int(buffer.numel() * 1.25)))
+                    bigger[:pos].copy_(buffer[:pos])
+                    buffer = bigger
+                buffer[pos : pos + size].numpy()[:] = result.reshape(-1)
+                shapes[i] = result.shape[:2]
+                pos += size
+            offsets[i + 1] = pos
+    return ImageCache(buffer, offsets, shapes, paths=paths, bad=bad, mode=mode, fill_seconds=0.0)
+
+
+def attach_cache(dataset: Any, cache: ImageCache | None) -> None:
+    """Make ``dataset.load_image`` read from ``cache`` (None detaches)."""
+    if cache is not None and list(cache.paths) != list(dataset.paths):
+        raise ValueError("this cache was built for a different list of images")
+    dataset.cache = cache
+
+
+def cache_datasets(
+    datasets: list[Any], cfg: LoaderConfig, *, image_size: int, progress: bool = False
+) -> list[ImageCache]:
+    """Build and attach a cache to each dataset; one ``loader.cache_limit_mb`` for them all."""
+    caches: list[ImageCache] = []
+    for dataset in datasets:
+        held = sum(c.nbytes for c in caches)
+        cache = build_cache(
+            dataset, cfg, image_size=image_size, progress=progress, reserved_bytes=held
+        )
+        if cache is not None:
+            attach_cache(dataset, cache)
+            caches.append(cache)
+    return caches

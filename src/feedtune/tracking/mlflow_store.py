@@ -1,0 +1,382 @@
+"""Every MLflow call feedtune makes lives here: runs, params, metrics, artifacts, models.
+
+The fluent API's active-run stack is thread-local in MLflow, so each trial thread that opens
+its own run logs to it; everything else below takes explicit run ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from feedtune.config import PROJECT_ROOT, Config
+from feedtune.tracking.liveness import is_alive, worker_info
+from feedtune.tracking.plots import close
+
+KIND_TAG = "feedtune.kind"
+WORKER_TAG = "feedtune.worker"
+# MLflow caps a param value at 6000 characters; ours are short, but never fail a run on it.
+_PARAM_LIMIT = 6000
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` at the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def _sqlite_artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store go to ``mlruns/`` beside the database, as MLflow does by
+    default from the project root, but independent of the current directory."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(urlparse(uri).path)
+    return (db.parent / "mlruns").resolve().as_uri()
+
+
+def setup(experiment: str, tracking_uri: str | None = None) -> str:
+    """Point MLflow at the store and return the experiment id (created when missing)."""
+    uri = tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        exp_id = found.experiment_id
+    else:
+        try:
+            exp_id = client.create_experiment(
+                experiment, artifact_location=_sqlite_artifact_root(uri)
+            )
+        except mlflow.exceptions.MlflowException:
+            # Another worker created it a moment ago (several tune processes start together).
+            exp_id = client.get_experiment_by_name(experiment).experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    _leave_foreign_project_run(experiment, exp_id)
+    return exp_id
+
+
+def _leave_foreign_project_run(experiment: str, exp_id: str) -> None:
+    """``mlflow run`` opens a run and passes it in MLFLOW_RUN_ID, which every ``start_run``
+    then resumes. Without ``--experiment-name`` that run is in "Default", and MLflow refuses to
+    resume it under the config's experiment; feedtune's runs then go to the config's experiment
+    (where ``best``, ``load_best`` and the registry look) and the project run says so."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id and MlflowClient().get_run(run_id).info.experiment_id != exp_id:
+        set_tags_by_id(run_id, {"feedtune.experiment": experiment})
+        del os.environ["MLFLOW_RUN_ID"]
+
+
+@contextlib.contextmanager
+def start_run(
+    kind: str,
+    *,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    nested: bool = False,
+    tags: dict[str, str] | None = None,
+    system_metrics: bool = True,
+) -> Iterator[mlflow.ActiveRun]:
+    """Open (or reopen, with ``run_id``) a run tagged ``feedtune.kind``.
+
+    An exception ends the run FAILED, Ctrl-C ends it KILLED: no run is left RUNNING.
+    """
+    run = mlflow.start_run(
+        run_id=run_id,
+        run_name=None if run_id else run_name,
+        nested=nested,
+        log_system_metrics=system_metrics,
+    )
+    try:
+        worker = {f"{WORKER_TAG}.{k}": str(v) for k, v in worker_info().items()}
+        mlflow.set_tags({KIND_TAG: kind, **worker, **(tags or {})})
+        yield run
+    except KeyboardInterrupt:
+        mlflow.set_tag("feedtune.error", "interrupted (Ctrl-C or SIGTERM)")
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as exc:
+        pruned = type(exc).__name__ == "TrialPruned"
+        # One line in the UI saying why, e.g. a DataLoader worker that died or timed out.
+        mlflow.set_tag(
+            "feedtune.error",
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500],
+        )
+        mlflow.end_run("KILLED" if pruned else "FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def active_run_id() -> str:
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("no active MLflow run")
+    return run.info.run_id
+
+
+def log_params(flat: dict[str, Any]) -> None:
+    params = {k: ("null" if v is None else str(v))[:_PARAM_LIMIT] for k, v in flat.items()}
+    mlflow.log_params(params)
+
+
+def log_config(cfg: Config) -> None:
+    """Flattened params plus ``config/resolved.yaml`` (re-runnable with ``--config``)."""
+    log_params(cfg.flat())
+    mlflow.log_text(cfg.to_yaml(), "config/resolved.yaml")
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_file(path: str | Path, artifact_dir: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=artifact_dir)
+
+
+def log_dataframe(df: pd.DataFrame, artifact_file: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        df.to_csv(path, index=False)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(artifact_file).parent) or None)
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    mlflow.log_text(json.dumps(obj, indent=2, sort_keys=True, default=str), artifact_file)
+
+
+def log_figure(fig: Any, artifact_file: str) -> None:
+    mlflow.log_figure(fig, artifact_file)
+    close(fig)
+
+
+def log_split(split: Any) -> None:
+    """``split/train.csv``, ``split/val.csv``, ``split/summary.json`` and the two datasets as
+    MLflow inputs ``train`` / ``val`` (with the split digest, so runs can be compared)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in split.write(tmp):
+            mlflow.log_artifact(str(path), artifact_path="split")
+    source = split.summary["root"]
+    for name, df in (("train", split.train), ("val", split.val)):
+        rel = df.assign(path=[os.path.relpath(p, source) for p in df["path"]])
+        with warnings.catch_warnings():
+            # A local folder matches two equivalent MLflow source types; either is right.
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(
+                rel, source=source, targets="label", name=name, digest=f"{split.digest}-{name}"
+            )
+        _log_input(dataset, context=name)
+
+
+def _log_input(dataset: Any, context: str, attempts: int = 4) -> None:
+    """``mlflow.log_input``, again when it fails: workers that start together log the same
+    split, and MLflow's store checks for the dataset row before inserting it, so one of two
+    simultaneous inserts fails (UNIQUE constraint); on the next try the row is there."""
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except mlflow.exceptions.MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random())
+
+
+def log_bad_images(bad: pd.DataFrame) -> None:
+    log_metrics({"n_bad_images": len(bad)})
+    log_dataframe(bad, "data/bad_images.csv")
+
+
+def log_model(model: Any, input_example: np.ndarray) -> None:
+    """The model as MLflow model ``model``, with a signature inferred from a real batch."""
+    import torch
+    from mlflow.models import infer_signature
+
+    model.eval()
+    with torch.no_grad():
+        output = model(torch.from_numpy(input_example)).numpy()
+    signature = infer_signature(input_example, output)
+    import feedtune
+
+    # Pickle (not MLflow's default torch.export) so load_model returns a normal nn.Module that
+    # supports .eval()/.train() and finetuning; feedtune's code travels with the model, and the
+    # requirements are given so MLflow need not re-load the model in a subprocess to infer them.
+    mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=signature,
+        input_example=input_example,
+        serialization_format="pickle",
+        code_paths=[str(Path(feedtune.__file__).parent)],
+        pip_requirements=_model_requirements(),
+    )
+
+
+def _model_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for dist in ("torch", "torchvision", "numpy", "cloudpickle"):
+        try:
+            reqs.append(f"{dist}=={version(dist).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+def logged_steps(run_id: str, metric: str) -> set[int]:
+    """Steps already logged for ``metric`` (a resumed run logs only the missing epochs)."""
+    return {m.step for m in MlflowClient().get_metric_history(run_id, metric)}
+
+
+def download_artifact(run_id: str, artifact_path: str, dst: str | Path) -> Path:
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)
+        )
+    )
+
+
+def get_run(run_id: str) -> Any:
+    return MlflowClient().get_run(run_id)
+
+
+def register_if_better(
+    run_id: str, name: str, *, metric: str = "best_val_f1_macro", alias: str = "best"
+) -> tuple[bool, str | None]:
+    """Register ``runs:/<run_id>/model`` as ``name`` and point ``alias`` at it, unless the run
+    the alias already points at scored at least as well. Returns (moved, version)."""
+    client = MlflowClient()
+    new_value = client.get_run(run_id).data.metrics.get(metric, float("-inf"))
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        current = None
+    if current is not None:
+        if current.run_id == run_id:
+            return False, current.version
+        old = client.get_run(current.run_id).data.metrics.get(metric, float("-inf"))
+        if old >= new_value:
+            return False, current.version
+    version = mlflow.register_model(f"runs:/{run_id}/model", name)
+    client.set_registered_model_alias(name, alias, version.version)
+    client.set_model_version_tag(name, version.version, metric, str(new_value))
+    return True, version.version
+
+
+def alias_run_id(name: str, alias: str = "best") -> str | None:
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias).run_id
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def search_runs(
+    experiment: str,
+    *,
+    filter_string: str = "",
+    order_by: list[str] | None = None,
+    max_results: int = 1000,
+) -> list[Any]:
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs(
+        [exp.experiment_id],
+        filter_string=filter_string,
+        order_by=order_by or [],
+        max_results=max_results,
+    )
+
+
+def checkpoint_uri(run: Any, name: str = "best.pt") -> str:
+    return f"{run.info.artifact_uri.rstrip('/')}/checkpoints/{name}"
+
+
+def end_run_by_id(run_id: str, status: str) -> None:
+    MlflowClient().set_terminated(run_id, status)
+
+
+def set_tags_by_id(run_id: str, tags: dict[str, Any]) -> None:
+    """Tags on a run that is not the active one (e.g. in another experiment)."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
+# --------------------------------------------------------------------------- reuse (issue 6)
+
+
+@contextlib.contextmanager
+def use_store(tracking_uri: str | None = None) -> Iterator[str]:
+    """Read from the store ``tracking_uri`` (default: ``default_tracking_uri()``) and restore the
+    previous URI afterwards; creates nothing, so a lookup never makes an empty experiment."""
+    previous = mlflow.get_tracking_uri()
+    uri = tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def current_store() -> str:
+    """The tracking URI MLflow uses now."""
+    return mlflow.get_tracking_uri()
+
+
+def model_version_run_id(name: str, version: str) -> str | None:
+    """Run behind version ``version`` of the registered model ``name``, or None."""
+    try:
+        return MlflowClient().get_model_version(name, str(version)).run_id
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def best_checkpoint_run(experiment: str, *, metric: str = "best_val_f1_macro") -> Any | None:
+    """The finished run with the highest ``metric`` among runs that train (not study parents,
+    which repeat their best trial's metric but hold no checkpoint), or None."""
+    runs = search_runs(
+        experiment,
+        filter_string=(
+            f"metrics.{metric} > -1 and attributes.status = 'FINISHED' "
+            "and tags.`feedtune.kind` != 'study'"
+        ),
+        order_by=[f"metrics.{metric} DESC", "attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def close_dead_runs(experiment: str) -> list[str]:
+    """Mark KILLED the RUNNING runs whose process on this machine is gone (killed with SIGKILL,
+    machine lost power): file stores have no heartbeat, so feedtune checks at start-up."""
+    closed = []
+    for run in search_runs(experiment, filter_string="attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        info = {k: tags.get(f"{WORKER_TAG}.{k}") for k in ("host", "pid", "started")}
+        if info["host"] is None or is_alive(info):
+            continue
+        MlflowClient().set_tag(run.info.run_id, "feedtune.error", "worker process died")
+        end_run_by_id(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    return closed

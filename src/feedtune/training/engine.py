@@ -1,0 +1,399 @@
+"""Training loop: one epoch of training, one evaluation, and ``fit`` with early stopping.
+
+It reports through callbacks and imports neither mlflow nor optuna, so the same loop serves
+``train``, ``tune`` trials and ``finetune``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import confusion_matrix, f1_score, recall_score
+from torch import nn
+from tqdm.auto import tqdm
+
+from feedtune.config import TrainConfig
+from feedtune.training.models import head_parameters, set_backbone_trainable
+
+
+class StopTraining(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by a callback to end ``fit`` early (e.g. a pruned trial)."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device: cuda requested but no CUDA device is available; use auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    samples: int
+    steps: int
+    seconds: float
+    data_wait_s: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def data_wait_frac(self) -> float:
+        return self.data_wait_s / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc: float
+    f1_macro: float
+    per_class_recall: list[float]
+    confusion: np.ndarray
+    y_true: np.ndarray
+    y_pred: np.ndarray
+
+
+@dataclass
+class TrainState:
+    """Everything ``fit`` needs to continue where it stopped (stored in checkpoints)."""
+
+    epoch: int = 0  # epochs completed
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_metric: float = -1.0
+    best_epoch: int = -1
+    stale_epochs: int = 0
+
+
+class Callback:
+    """Hooks called by ``fit``; override what you need."""
+
+    def on_epoch_start(self, epoch: int) -> None: ...
+
+    def on_epoch_end(
+        self,
+        epoch: int,
+        metrics: dict[str, float],
+        *,
+        state: TrainState,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        evaluation: EvalResult,
+        improved: bool,
+    ) -> None: ...
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: nn.Module, device: torch.device, *, channels_last: bool) -> nn.Module:
+    """Move ``model`` to ``device`` in the memory format its batches will be given in."""
+    model.to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return model.to(memory_format=fmt)
+
+
+def is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's convolution weights are NHWC (then batches are made NHWC too)."""
+    for param in model.parameters():
+        if param.dim() != 4:
+            continue
+        nhwc = param.is_contiguous(memory_format=torch.channels_last)
+        if nhwc != param.is_contiguous():  # some kernels (1x1, one channel) are both: skip
+            return nhwc
+    return False
+
+
+def to_device(
+    batch: Any, device: torch.device, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    images, targets = batch
+    non_blocking = device.type == "cuda"  # overlaps the copy with compute when memory is pinned
+    images = images.to(device, non_blocking=non_blocking)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(device, non_blocking=non_blocking)
+
+
+def lr_factor(schedule: str, step: int, total_steps: int, warmup_frac: float) -> float:
+    """Multiplier of each parameter group's base learning rate at ``step`` (0-based).
+
+    A pure function of the step, so a resumed run continues on the same curve without any
+    scheduler state in the checkpoint."""
+    if schedule == "constant" or total_steps <= 0:
+        return 1.0
+    warmup = int(round(warmup_frac * total_steps))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LrSchedule:
+    """Sets ``lr = base_lr * lr_factor(...)`` for every group before each optimizer step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+        self.optimizer = optimizer
+        self.cfg = cfg
+        self.steps_per_epoch = steps_per_epoch
+        for group in optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+
+    def set(self, epoch: int, step: int) -> None:
+        factor = lr_factor(
+            self.cfg.lr_schedule,
+            epoch * self.steps_per_epoch + step,
+            self.cfg.epochs * self.steps_per_epoch,
+            self.cfg.warmup_frac,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    *,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
+    amp: bool = False,
+    max_steps: int | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    set_lr: Callable[[int], None] | None = None,
+) -> EpochStats:
+    """One pass over ``loader``; times how long each step waited for its batch.
+
+    ``set_lr(step)`` is called before each optimizer step (the learning-rate schedule)."""
+    model.train()
+    channels_last = is_channels_last(model)
+    total_loss, samples, steps, wait = 0.0, 0, 0, 0.0
+    total = max_steps if max_steps is not None else _len_or_none(loader)
+    bar = tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=False)
+    start = time.perf_counter()
+    iterator = iter(loader)
+    while max_steps is None or steps < max_steps:
+        t0 = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
+        wait += time.perf_counter() - t0
+        if batch is None:  # every sample of the batch was a bad image
+            continue
+        images, targets = to_device(batch, device, channels_last)
+        with _autocast(device, amp):
+            loss = loss_fn(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        if set_lr is not None:
+            set_lr(steps)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        n = targets.shape[0]
+        total_loss += loss.item() * n
+        samples += n
+        steps += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{total_loss / samples:.3f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    bar.close()
+    del iterator  # shuts non-persistent workers down now rather than at garbage collection
+    return EpochStats(
+        loss=total_loss / max(1, samples),
+        samples=samples,
+        steps=steps,
+        seconds=seconds,
+        data_wait_s=wait,
+    )
+
+
+def _len_or_none(loader: Iterable[Any]) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss_fn: nn.Module,
+    *,
+    device: torch.device,
+    num_classes: int,
+    amp: bool = False,
+    progress: bool = True,
+) -> EvalResult:
+    """Loss, accuracy, macro-F1 (what matters on imbalanced data) and per-class recall."""
+    model.eval()
+    channels_last = is_channels_last(model)
+    total_loss, count = 0.0, 0
+    y_true: list[np.ndarray] = []
+    y_pred: list[np.ndarray] = []
+    for batch in tqdm(loader, desc="val", unit="batch", disable=not progress, leave=False):
+        if batch is None:
+            continue
+        images, targets = to_device(batch, device, channels_last)
+        with _autocast(device, amp):
+            logits = model(images)
+        total_loss += loss_fn(logits.float(), targets).item() * targets.shape[0]
+        count += targets.shape[0]
+        y_true.append(targets.cpu().numpy())
+        y_pred.append(logits.argmax(1).cpu().numpy())
+    true = np.concatenate(y_true) if y_true else np.zeros(0, dtype=np.int64)
+    pred = np.concatenate(y_pred) if y_pred else np.zeros(0, dtype=np.int64)
+    labels = list(range(num_classes))
+    return EvalResult(
+        loss=total_loss / max(1, count),
+        acc=float((true == pred).mean()) if count else 0.0,
+        f1_macro=float(f1_score(true, pred, labels=labels, average="macro", zero_division=0)),
+        per_class_recall=[
+            float(r) for r in recall_score(true, pred, labels=labels, average=None, zero_division=0)
+        ],
+        confusion=confusion_matrix(true, pred, labels=labels),
+        y_true=true,
+        y_pred=pred,
+    )
+
+
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, *, finetune: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW or SGD; when finetuning, the backbone learns at ``lr * backbone_lr_scale``.
+
+    Frozen parameters stay in the optimizer (their grads are None, so they do not move) so that
+    unfreezing later needs no new optimizer and resuming restores one consistent state.
+    """
+    head_ids = {id(p) for p in head_parameters(model)}
+    head = [p for p in model.parameters() if id(p) in head_ids]
+    backbone = [p for p in model.parameters() if id(p) not in head_ids]
+    scale = cfg.backbone_lr_scale if finetune else 1.0
+    groups = [
+        {"params": backbone, "lr": cfg.lr * scale, "name": "backbone"},
+        {"params": head, "lr": cfg.lr, "name": "head"},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True
+        )
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Iterable[Any],
+    val_loader: Iterable[Any],
+    cfg: TrainConfig,
+    *,
+    num_classes: int,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    state: TrainState | None = None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+    metric: str = "val_f1_macro",
+) -> TrainState:
+    """Train for ``cfg.epochs`` from ``state.epoch``, early-stopping on ``metric``."""
+    state = state or TrainState()
+    prepare_model(model, device, channels_last=cfg.channels_last)
+    amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    eval_loss = nn.CrossEntropyLoss()
+    epochs = tqdm(
+        range(state.epoch, cfg.epochs),
+        desc="epochs",
+        unit="epoch",
+        initial=state.epoch,
+        total=cfg.epochs,
+        disable=not progress,
+    )
+    steps_per_epoch = _len_or_none(train_loader) or 0
+    if cfg.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch or cfg.max_steps_per_epoch, cfg.max_steps_per_epoch)
+    schedule = LrSchedule(optimizer, cfg, steps_per_epoch)
+    for epoch in epochs:
+        if cfg.unfreeze_after and epoch == cfg.unfreeze_after:
+            set_backbone_trainable(model, True)
+        for cb in callbacks:
+            cb.on_epoch_start(epoch)
+        stats = train_one_epoch(
+            model,
+            train_loader,
+            optimizer,
+            loss_fn,
+            device=device,
+            scaler=scaler,
+            amp=amp,
+            max_steps=cfg.max_steps_per_epoch,
+            progress=progress,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            set_lr=functools.partial(schedule.set, epoch),
+        )
+        result = evaluate(
+            model,
+            val_loader,
+            eval_loss,
+            device=device,
+            num_classes=num_classes,
+            amp=amp,
+            progress=progress,
+        )
+        metrics = {
+            "train_loss": stats.loss,
+            "val_loss": result.loss,
+            "val_acc": result.acc,
+            "val_f1_macro": result.f1_macro,
+            "epoch_samples_per_s": stats.samples_per_s,
+            "epoch_data_wait_frac": stats.data_wait_frac,
+            "lr": optimizer.param_groups[-1]["lr"],  # the head's, at the epoch's last step
+        }
+        value = metrics[metric]
+        improved = value > state.best_metric
+        if improved:
+            state.best_metric, state.best_epoch, state.stale_epochs = value, epoch, 0
+        else:
+            state.stale_epochs += 1
+        state.epoch = epoch + 1
+        state.history.append({"epoch": epoch, **metrics})
+        epochs.set_postfix(val_f1=f"{result.f1_macro:.3f}", best=f"{state.best_metric:.3f}")
+        try:
+            for cb in callbacks:
+                cb.on_epoch_end(
+                    epoch,
+                    metrics,
+                    state=state,
+                    model=model,
+                    optimizer=optimizer,
+                    evaluation=result,
+                    improved=improved,
+                )
+        except StopTraining:
+            break
+        if cfg.patience and state.stale_epochs >= cfg.patience:
+            break
+    epochs.close()
+    return state

@@ -1,0 +1,309 @@
+"""Every Optuna call feedtune makes lives here: storages, studies, samplers, pruners,
+suggestions from the config's search space, and the study's plots and table."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.trial import FrozenTrial, TrialState
+
+from feedtune.config import ParamSpec
+from feedtune.tracking.liveness import is_alive
+
+log = logging.getLogger(__name__)
+# Optuna flags its matplotlib plots and retry callback as experimental; they are what we want.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+TrialPruned = optuna.TrialPruned
+# An RDB worker that misses heartbeats this long is considered dead and its trial failed.
+HEARTBEAT_S = 10
+GRACE_S = 30
+
+
+def redact(url: str) -> str:
+    """Storage URL without its password, safe to print and to show in the UI."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        return urlunsplit(
+            parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
+        )
+    return url
+
+
+def storage_url_for(path: str | Path) -> str:
+    return f"journal:{Path(path).resolve()}"
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """``journal:PATH`` (default: a file several processes on one machine share through a file
+    lock) or any SQLAlchemy URL (``postgresql://...``, ``sqlite:///...``) for an RDB storage
+    with heartbeats, so a trial whose worker died is failed and retried."""
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(
+            JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+        )
+    import sqlalchemy.exc
+
+    for attempt in range(6):
+        try:
+            return RDBStorage(
+                url,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=_retry_dead_trial,
+                engine_kwargs={"pool_pre_ping": True},
+            )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            # Workers started together on a fresh database race to create Optuna's tables
+            # ("type ... already exists", a duplicate version row): the loser tries again.
+            if attempt == 5:
+                raise ConnectionError(
+                    f"cannot open Optuna storage {redact(url)!r}: {str(exc).splitlines()[0]}"
+                ) from exc
+            time.sleep(0.2 + random.random())
+        except Exception as exc:  # sqlalchemy raises many kinds; the user needs one line
+            raise ConnectionError(
+                f"cannot open Optuna storage {redact(url)!r}: {str(exc).splitlines()[0]}"
+            ) from exc
+    raise AssertionError("unreachable")
+
+
+# Called for a trial whose worker died; feedtune.tune sets it to end the trial's MLflow run.
+on_dead_trial: Callable[[FrozenTrial], None] | None = None
+_retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+
+
+def _retry_dead_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """RDB heartbeat expired: close the trial's run, then retry it with the same parameters
+    (Optuna copies params and user attributes, so the retry finds the old run's checkpoint)."""
+    if on_dead_trial is not None:
+        on_dead_trial(trial)
+    _retry(study, trial)
+
+
+def reap_dead_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """File storages have no heartbeat: fail RUNNING trials whose worker process on this
+    machine is gone, and queue each again with the same parameters (and its user attributes,
+    among them the MLflow run whose checkpoint the retry resumes from)."""
+    reaped = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        info = trial.user_attrs.get("worker")
+        if not info or is_alive(info):
+            continue
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another process reaped it first
+        if on_dead_trial is not None:
+            on_dead_trial(trial)
+        attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
+        study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": trial.number})
+        log.warning(
+            "trial %d of %s: worker %s is gone; failed and queued again",
+            trial.number,
+            study.study_name,
+            info,
+        )
+        reaped.append(trial)
+    return reaped
+
+
+def build_pruner(
+    kind: str, *, startup_trials: int = 2, warmup_epochs: int = 2
+) -> optuna.pruners.BasePruner:
+    if kind == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs
+        )
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, warmup_epochs))
+    return optuna.pruners.NopPruner()
+
+
+def make_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
+    """Seeded multivariate TPE; ``group`` because the space is conditional (see ``suggest``)."""
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True, group=True)
+
+
+def create_study(
+    name: str,
+    storage: optuna.storages.BaseStorage,
+    *,
+    seed: int | None,
+    pruner: str = "none",
+    startup_trials: int = 2,
+    warmup_epochs: int = 2,
+) -> optuna.Study:
+    """Create or load (resume) the study ``name``; seeded TPE so runs repeat."""
+    sampler = make_sampler(seed)
+    return optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        sampler=sampler,
+        pruner=build_pruner(pruner, startup_trials=startup_trials, warmup_epochs=warmup_epochs),
+        load_if_exists=True,
+    )
+
+
+Inert = Callable[[dict[str, Any]], set[str]]
+
+
+# Keys on which other keys' relevance depends (see tune.inert_settings): drawn first.
+DECIDING_KEYS = ("loader.num_workers", "sampler.kind", "augment.policy")
+
+
+def _ordered(space: dict[str, ParamSpec]) -> list[tuple[str, ParamSpec]]:
+    return sorted(space.items(), key=lambda item: item[0] not in DECIDING_KEYS)
+
+
+def enqueue_values(
+    study: optuna.Study, space: dict[str, ParamSpec], values: dict[str, Any]
+) -> bool:
+    """Queue a first trial at ``values`` (those of the space's keys that lie inside it), unless
+    the study already has trials; returns whether one was queued."""
+    if study.get_trials(deepcopy=False):
+        return False
+    fixed = {k: values[k] for k, spec in space.items() if k in values and _inside(spec, values[k])}
+    if not fixed:
+        return False
+    study.enqueue_trial(fixed, skip_if_exists=True)
+    return True
+
+
+def _inside(spec: ParamSpec, value: Any) -> bool:
+    if spec.kind == "choice":
+        return value in (spec.choices or [])
+    return float(spec.low) <= float(value) <= float(spec.high)
+
+
+def suggest(
+    trial: optuna.Trial, space: dict[str, ParamSpec], inert: Inert | None = None
+) -> dict[str, Any]:
+    """Dotted key -> suggested value, from the config's search space.
+
+    ``inert(values so far)`` names keys that cannot matter given those values (e.g. the
+    prefetch factor without workers): they are not suggested, a conditional space in Optuna's
+    define-by-run style, so trials are not spent on settings that change nothing."""
+    out: dict[str, Any] = {}
+    for key, spec in _ordered(space):
+        if inert is not None and key in inert(out):
+            continue
+        if spec.kind == "choice":
+            out[key] = trial.suggest_categorical(key, spec.choices)
+        elif spec.kind == "int":
+            out[key] = trial.suggest_int(
+                key, int(spec.low), int(spec.high), log=spec.log, step=int(spec.step or 1)
+            )
+        else:
+            out[key] = trial.suggest_float(
+                key, float(spec.low), float(spec.high), log=spec.log, step=spec.step
+            )
+    return out
+
+
+def grid(space: dict[str, ParamSpec], inert: Inert | None = None) -> list[dict[str, Any]]:
+    """Every combination of a discrete space (ints expanded), for exhaustive comparisons;
+    with ``inert``, combinations that differ only in inert keys count once."""
+    import itertools
+
+    axes = []
+    for key, spec in space.items():
+        if spec.kind == "choice":
+            values = list(spec.choices or [])
+        elif spec.kind == "int":
+            values = list(range(int(spec.low), int(spec.high) + 1, int(spec.step or 1)))
+        else:
+            raise ValueError(f"search.{key}: a float range has no finite grid")
+        axes.append([(key, v) for v in values])
+    cells: dict[tuple, dict[str, Any]] = {}
+    for combo in itertools.product(*axes):
+        cell = dict(combo)
+        if inert is not None:
+            cell = {k: v for k, v in cell.items() if k not in inert(cell)}
+        cells.setdefault(tuple(sorted(cell.items())), cell)
+    return list(cells.values())
+
+
+def report(trial: optuna.Trial, value: float, step: int) -> None:
+    """Report an intermediate value; raises ``TrialPruned`` when the pruner says stop."""
+    trial.report(value, step)
+    if trial.should_prune():
+        raise TrialPruned(f"pruned at epoch {step + 1} (value {value:.4f})")
+
+
+def optimize(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    *,
+    n_trials: int | None,
+    timeout: float | None,
+    progress: bool = True,
+) -> None:
+    # Exceptions other than pruning mark the trial FAIL and the study goes on.
+    study.optimize(
+        objective,
+        n_trials=n_trials,
+        timeout=timeout,
+        catch=(Exception,),
+        show_progress_bar=progress,
+        gc_after_trial=True,
+    )
+
+
+def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    done = complete_trials(study)
+    return max(done, key=lambda t: t.value) if done else None
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    return study.trials_dataframe(
+        attrs=("number", "value", "state", "params", "user_attrs", "datetime_start", "duration")
+    )
+
+
+def figures(study: optuna.Study, *, pareto_x: str, pareto_y: str) -> dict[str, Any]:
+    """Optimization history, parameter importances (with >= 2 complete trials) and the
+    accuracy/throughput Pareto front from trial user attributes."""
+    from feedtune.tracking.plots import pareto_figure
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out: dict[str, Any] = {}
+    done = complete_trials(study)
+    if not done:
+        return out
+    out["history"] = optuna.visualization.matplotlib.plot_optimization_history(study).figure
+    varied = {k for t in done for k in t.params if len({str(u.params.get(k)) for u in done}) > 1}
+    if len(done) >= 2 and varied:
+        try:
+            out["importances"] = optuna.visualization.matplotlib.plot_param_importances(
+                study
+            ).figure
+        except (RuntimeError, ValueError) as exc:  # too few distinct values for the evaluator
+            log.info("no parameter importances: %s", exc)
+    points = [(t.user_attrs.get(pareto_x), t.user_attrs.get(pareto_y), t.number) for t in done]
+    points = [p for p in points if p[0] is not None and p[1] is not None and not math.isnan(p[0])]
+    if points:
+        out["pareto_front"] = pareto_figure(points, xlabel=pareto_x, ylabel=pareto_y)
+    for fig in out.values():
+        fig.set_size_inches(8, 5)
+    return out

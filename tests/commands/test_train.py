@@ -1,0 +1,172 @@
+"""`feedtune train` end to end: real CLI process, real MLflow store, real images and workers."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from feedtune.training.checkpoint import load_checkpoint
+from tests.conftest import REPO, artifact_paths, env_with_src, write_image_folder
+
+pytestmark = pytest.mark.slow
+
+CONTRACT_METRICS = {
+    "train_loss",
+    "val_loss",
+    "val_acc",
+    "val_f1_macro",
+    "best_val_acc",
+    "best_val_f1_macro",
+    "loader_samples_per_s",
+    "model_samples_per_s",
+    "train_samples_per_s",
+    "data_wait_frac",
+    "feed_ratio",
+    "n_bad_images",
+}
+CONTRACT_ARTIFACTS = {
+    "split/train.csv",
+    "split/val.csv",
+    "split/summary.json",
+    "config/resolved.yaml",
+    "augment/train.yaml",
+    "augment/samples.png",
+    "checkpoints/best.pt",
+    "plots/confusion_matrix.png",
+    "sampler/epoch_class_counts.csv",
+    "data/bad_images.csv",
+    "throughput/transform_costs.csv",
+}
+
+
+def _train(data: Path, *extra: str, epochs: int = 2, background: bool = False):
+    cmd = [
+        sys.executable,
+        "-m",
+        "feedtune",
+        "train",
+        "--no-progress",
+        "--set",
+        f"data.path={data}",
+        "--set",
+        "experiment=e2e",
+        "--set",
+        "augment.image_size=32",
+        "--set",
+        f"train.epochs={epochs}",
+        "--set",
+        "train.measure_batches=3",
+        "--set",
+        "loader.batch_size=16",
+        "--set",
+        "loader.num_workers=1",
+        "--set",
+        "train.patience=0",
+        *extra,
+    ]
+    if background:
+        return subprocess.Popen(cmd, cwd=REPO, env=env_with_src())
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env_with_src(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _only_run(client: MlflowClient):
+    exp = client.get_experiment_by_name("e2e")
+    (run,) = client.search_runs([exp.experiment_id])
+    return run
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "imgs", {"red": 40, "green": 20, "blue": 12}, groups_of=4)
+
+
+def test_train_logs_the_whole_contract(data, mlflow_store, tmp_path):
+    _train(data, "--set", "augment.library=albumentations", "--set", "sampler.kind=weighted")
+    client = MlflowClient()
+    run = _only_run(client)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["feedtune.kind"] == "train"
+    assert run.data.tags["feedtune.bottleneck"] in {"loader", "model"}
+    assert CONTRACT_METRICS <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1_macro")] == [0, 1]
+    assert run.data.metrics["best_val_f1_macro"] > 0.5  # three colours: easy
+    assert run.data.params["augment.library"] == "albumentations"
+    assert CONTRACT_ARTIFACTS <= artifact_paths(client, run.info.run_id)
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"train", "val"}
+
+    ckpt_path = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="checkpoints/best.pt", dst_path=str(tmp_path)
+    )
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["classes"] == ["blue", "green", "red"]
+    assert {"model_state", "config", "epoch", "metrics"} <= set(ckpt)
+
+    # The logged MLflow model predicts what the checkpoint's weights predict.
+    from feedtune.config import config_from_dict
+    from feedtune.training.models import build_model
+
+    logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model").eval()
+    rebuilt = build_model(config_from_dict(ckpt["config"]).model, num_classes=3).eval()
+    rebuilt.load_state_dict(ckpt["model_state"])
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(6, 3, 32, 32)).astype(np.float32))
+    with torch.no_grad():
+        assert torch.equal(logged(x).argmax(1), rebuilt(x).argmax(1))
+
+
+def test_same_seed_same_split_and_metrics(data, mlflow_store):
+    _train(data, "--set", "loader.num_workers=2")
+    _train(data, "--set", "loader.num_workers=2")
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2
+    digests = {r.data.tags["feedtune.split_digest"] for r in runs}
+    assert len(digests) == 1
+    losses = [[m.value for m in client.get_metric_history(r.info.run_id, "val_loss")] for r in runs]
+    assert losses[0] == losses[1]
+
+
+def test_killed_run_resumes_and_logs_each_epoch_once(tmp_path, mlflow_store):
+    data = write_image_folder(tmp_path / "big", {"red": 160, "green": 100, "blue": 60}, groups_of=4)
+    proc = _train(data, "--set", "loader.num_workers=0", epochs=3, background=True)
+    client = MlflowClient()
+    deadline = time.time() + 300
+    run_id = None
+    try:
+        while time.time() < deadline:
+            exp = client.get_experiment_by_name("e2e")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and client.get_metric_history(runs[0].info.run_id, "val_loss"):
+                run_id = runs[0].info.run_id
+                break
+            assert proc.poll() is None, "training ended before it could be killed"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert run_id is not None
+    _train(data, "--resume", run_id, epochs=3)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for name in ("val_loss", "train_loss", "val_f1_macro"):
+        steps = [m.step for m in client.get_metric_history(run_id, name)]
+        assert sorted(steps) == [0, 1, 2], (name, steps)
+    last = load_checkpoint(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="checkpoints/last.pt", dst_path=str(tmp_path / "dl")
+        )
+    )
+    assert last["epoch"] == 3

@@ -1,0 +1,228 @@
+"""The decoded-image cache: same pixels, smaller resized copies, memory limit, shared by real
+DataLoader workers, bad images still skipped; and the main-process thread setting."""
+
+from __future__ import annotations
+
+import io
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.multiprocessing  # noqa: F401 - registers torch's shared-memory pickling
+from PIL import Image
+
+from feedtune.data import cache as cache_mod
+from feedtune.data.augment import build_transform
+from feedtune.data.cache import (
+    CacheTooLargeError,
+    attach_cache,
+    build_cache,
+    estimate_cache,
+    working_size,
+)
+from feedtune.config import AugmentConfig, LoaderConfig, load_config
+from feedtune.data.dataset import ImageDataset
+from feedtune.data.imageio import BadImageError, decode_image
+from feedtune.data.loader import build_loader
+from feedtune.training.throughput import cache_metrics
+from feedtune.commands.train import build_pipeline, prepare_data
+
+from tests.conftest import write_image_folder
+
+IMAGE_SIZE = 16  # working size 23: JPEGs with a shorter side >= 46 decode reduced
+
+
+def _rgb(w: int, h: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x * 255 / w, y * 255 / h, np.full_like(x, 90.0)], axis=2)
+    return np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
+
+
+def _mixed_folder(root: Path) -> pd.DataFrame:
+    """JPEGs of odd sizes (one EXIF-rotated, one too small to reduce) and a PNG."""
+    root.mkdir(parents=True)
+    rows = []
+    specs = [(203, 151, "jpg", 1), (120, 260, "jpg", 1), (201, 97, "jpg", 6)]
+    specs += [(40, 30, "jpg", 1), (90, 70, "png", 1)]
+    for i, (w, h, ext, orientation) in enumerate(specs):
+        path = root / f"img{i}.{ext}"
+        im = Image.fromarray(_rgb(w, h, i))
+        if ext == "jpg":
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            im.save(path, quality=90, exif=exif.tobytes())
+        else:
+            im.save(path)
+        rows.append({"path": str(path), "label": "ab"[i % 2]})
+    return pd.DataFrame(rows)
+
+
+def _dataset(table: pd.DataFrame, *, min_decode_size=None, transform=None, decoder="pil"):
+    return ImageDataset(
+        table, ["a", "b"], transform, decoder=decoder, min_decode_size=min_decode_size
+    )
+
+
+def _cfg(mode: str, **kw) -> LoaderConfig:
+    return LoaderConfig(cache=mode, **kw)
+
+
+@pytest.mark.parametrize("min_decode_size", [None, working_size(IMAGE_SIZE)])
+@pytest.mark.parametrize("decoder", ["pil", "opencv"])
+def test_decoded_cache_returns_the_same_pixels_as_decoding(tmp_path, min_decode_size, decoder):
+    ds = _dataset(_mixed_folder(tmp_path / "m"), min_decode_size=min_decode_size, decoder=decoder)
+    cache = build_cache(ds, _cfg("decoded"), image_size=IMAGE_SIZE, progress=False)
+    assert len(cache) == len(ds) and not cache.bad and cache.fill_seconds > 0
+    for i, path in enumerate(ds.paths):
+        expected = decode_image(path, backend=decoder, min_size=min_decode_size)
+        got = cache.get(i)
+        assert got.dtype == np.uint8 and np.array_equal(got, expected)
+        assert not got.flags.writeable  # shared pages: a transform cannot corrupt them
+    # the header-only estimate is exact (so the limit check is honest and nothing is regrown)
+    est = estimate_cache(ds.paths, mode="decoded", min_decode_size=min_decode_size, target=23)
+    assert est.nbytes == cache.nbytes == sum(cache.get(i).nbytes for i in range(len(ds)))
+    attach_cache(ds, cache)
+    assert np.array_equal(ds.load_image(2), decode_image(ds.paths[2], min_size=min_decode_size))
+
+
+def test_resized_cache_keeps_working_resolution_and_aspect(tmp_path):
+    ds = _dataset(_mixed_folder(tmp_path / "m"), min_decode_size=working_size(IMAGE_SIZE))
+    cache = build_cache(ds, _cfg("resized"), image_size=IMAGE_SIZE, progress=False)
+    target = working_size(IMAGE_SIZE)
+    assert target >= IMAGE_SIZE / 0.875
+    for i, path in enumerate(ds.paths):
+        full = decode_image(path)
+        got = cache.get(i)
+        h, w = full.shape[:2]
+        if min(h, w) <= target:  # already small: stored as decoded, never upscaled
+            assert np.array_equal(got, full)
+            continue
+        assert min(got.shape[:2]) == target
+        assert abs(got.shape[0] / got.shape[1] - h / w) < 0.03
+        # close to an area resize of the full image (the JPEG reduction is the only extra step)
+        ref = np.asarray(Image.fromarray(full).resize(got.shape[1::-1], Image.Resampling.BOX))
+        assert np.abs(ref.astype(int) - got.astype(int)).mean() < 12
+    est = estimate_cache(ds.paths, mode="resized", min_decode_size=target, target=target)
+    assert est.nbytes == cache.nbytes
+    assert cache.nbytes < build_cache(ds, _cfg("decoded"), image_size=IMAGE_SIZE).nbytes
+
+
+def test_estimate_over_the_limit_refuses_before_decoding(tmp_path, monkeypatch):
+    folder = write_image_folder(tmp_path / "big", {"a": 3, "b": 3}, size=(700, 600))
+    paths = sorted(str(p) for p in folder.rglob("*.jpg"))
+    ds = _dataset(pd.DataFrame({"path": paths, "label": ["a"] * 3 + ["b"] * 3}))
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before checking the limit")
+
+    monkeypatch.setattr(cache_mod, "decode_image", no_decoding)
+    with pytest.raises(CacheTooLargeError, match=r"loader\.cache_limit_mb=7") as err:
+        build_cache(ds, _cfg("decoded", cache_limit_mb=7), image_size=IMAGE_SIZE)
+    assert "~7 MiB" in str(err.value) and "loader.cache=resized" in str(err.value)
+    # already-held bytes count too (train + val share one limit)
+    with pytest.raises(CacheTooLargeError, match="already cached"):
+        build_cache(
+            ds,
+            _cfg("resized", cache_limit_mb=7),
+            image_size=IMAGE_SIZE,
+            reserved_bytes=7 * 2**20,
+        )
+    assert build_cache(ds, _cfg("none"), image_size=IMAGE_SIZE) is None
+
+
+def test_workers_read_the_cache_and_produce_the_same_batches(tiny_folder):
+    table = pd.DataFrame({"path": sorted(str(p) for p in tiny_folder.rglob("*.jpg")), "label": "a"})
+    transform = build_transform(AugmentConfig(image_size=IMAGE_SIZE), train=False)
+    loader_cfg = LoaderConfig(batch_size=8, num_workers=2, cache="decoded")
+
+    def batches(cached: bool) -> list[torch.Tensor]:
+        ds = ImageDataset(table, ["a"], transform)
+        if cached:
+            cache = build_cache(ds, loader_cfg, image_size=IMAGE_SIZE)
+            attach_cache(ds, cache)
+            assert cache.buffer.is_shared()
+        return [b[0] for b in build_loader(ds, loader_cfg, seed=0)]
+
+    plain, cached = batches(False), batches(True)
+    assert len(plain) == len(cached) == 6
+    assert all(torch.equal(a, b) for a, b in zip(plain, cached, strict=True))
+
+
+def test_spawned_workers_get_a_handle_not_the_pixels(tmp_path):
+    ds = _dataset(_mixed_folder(tmp_path / "m"))
+    cache = build_cache(ds, _cfg("decoded"), image_size=IMAGE_SIZE)
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(cache)  # what DataLoader does for spawn/forkserver workers
+    assert len(buf.getvalue()) < cache.nbytes / 4
+    back = ForkingPickler.loads(buf.getvalue())
+    assert all(np.array_equal(back.get(i), cache.get(i)) for i in range(len(ds)))
+
+
+def test_bad_image_is_marked_and_skipped(tmp_path):
+    table = _mixed_folder(tmp_path / "m")
+    truncated = tmp_path / "m" / "cut.jpg"
+    good = Path(table["path"][0]).read_bytes()
+    truncated.write_bytes(good[: len(good) // 2])
+    (tmp_path / "m" / "text.jpg").write_text("not an image")
+    extra = [{"path": str(truncated), "label": "a"}, {"path": str(tmp_path / "m/text.jpg")}]
+    table = pd.concat([table, pd.DataFrame(extra).fillna("b")], ignore_index=True)
+    transform = build_transform(AugmentConfig(image_size=IMAGE_SIZE), train=False)
+    ds = _dataset(table, transform=transform)
+    cache = build_cache(ds, _cfg("resized"), image_size=IMAGE_SIZE)
+    assert sorted(cache.bad) == [5, 6]
+    with pytest.raises(BadImageError, match="truncated JPEG") as err:
+        cache.get(5)
+    assert err.value.path == str(truncated)
+    attach_cache(ds, cache)
+    assert ds[5] is None and ds[6] is None and ds[0] is not None
+    batches = list(build_loader(ds, LoaderConfig(batch_size=4, num_workers=2), seed=0))
+    assert sum(len(b[1]) for b in batches) == len(table) - 2
+
+
+def test_cache_of_another_table_is_refused(tmp_path):
+    table = _mixed_folder(tmp_path / "m")
+    cache = build_cache(_dataset(table), _cfg("decoded"), image_size=IMAGE_SIZE)
+    with pytest.raises(ValueError, match="different list of images"):
+        attach_cache(_dataset(table.iloc[::-1]), cache)
+
+
+def test_pipeline_caches_train_and_val_and_reports_cost(tiny_folder):
+    cfg = load_config(
+        None,
+        [f"data.path={tiny_folder}", "loader.cache=resized", f"augment.image_size={IMAGE_SIZE}"],
+    )
+    data = prepare_data(cfg, progress=False)
+    pipeline = build_pipeline(cfg, data, cuda=False)
+    assert pipeline.train_set.min_decode_size == working_size(IMAGE_SIZE)
+    caches = [pipeline.train_set.cache, pipeline.val_set.cache]
+    assert all(c is not None and c.mode == "resized" for c in caches)
+    metrics = cache_metrics(pipeline)
+    assert metrics["cache_mb"] == pytest.approx(sum(c.nbytes for c in caches) / 2**20)
+    assert metrics["cache_fill_s"] > 0
+    x, y = next(iter(pipeline.train_loader))
+    assert x.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE) and len(x) == len(y) > 1
+    plain = build_pipeline(cfg.replace({"loader.cache": "none"}), data, cuda=False)
+    assert plain.train_set.cache is None and cache_metrics(plain) == {}
+
+
+def test_main_process_transforms_run_on_one_torch_thread(tiny_folder):
+    seen = []
+
+    def transform(image):
+        seen.append(torch.get_num_threads())
+        return torch.zeros(1)
+
+    table = pd.DataFrame({"path": sorted(map(str, tiny_folder.rglob("*.jpg")))[:6], "label": "a"})
+    ds = ImageDataset(table, ["a"], transform)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batch = next(iter(build_loader(ds, LoaderConfig(batch_size=3, num_workers=0))))
+        assert torch.get_num_threads() == 2  # restored for the model
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 1] and len(batch[1]) == 3

@@ -1,0 +1,64 @@
+"""The search space as Optuna sees it: settings that cannot matter are not searched."""
+
+import optuna
+
+from feedtune.commands.tune import inert_given
+from feedtune.config import load_config
+from feedtune.tuning import optuna_study as studies
+from tests.conftest import REPO
+
+
+def _space():
+    return load_config(REPO / "experiments" / "default.yaml").search
+
+
+def _inert(cuda: bool):
+    return inert_given(load_config(REPO / "experiments" / "default.yaml").flat(), cuda=cuda)
+
+
+def test_default_speed_grid_counts_each_distinct_loader_once():
+    space = _space().speed_space()
+    assert len(studies.grid(space)) == 3 * 2 * 2 * 2 * 3 * 2  # every combination
+    # On CPU pin_memory does nothing; without workers neither do prefetch nor persistence:
+    # 0 workers: cache x decoder = 6; 1 or 2 workers: x prefetch x persistent = 24 each.
+    cells = studies.grid(space, _inert(cuda=False))
+    assert len(cells) == 6 + 2 * 24
+    assert all("loader.pin_memory" not in c for c in cells)
+    assert all("loader.prefetch_factor" not in c for c in cells if c["loader.num_workers"] == 0)
+    assert len(studies.grid(space, _inert(cuda=True))) == 2 * (6 + 2 * 24)
+
+
+def test_trials_do_not_draw_inert_settings():
+    space = _space()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = []
+    for _ in range(40):
+        trial = study.ask()
+        params = studies.suggest(
+            trial, {**space.speed_space(), **space.quality_space()}, _inert(cuda=False)
+        )
+        study.tell(trial, 0.0)
+        drawn.append(params)
+    assert all("loader.pin_memory" not in p for p in drawn)
+    for p in drawn:
+        workers = p["loader.num_workers"] > 0
+        assert ("loader.prefetch_factor" in p) is workers
+        assert ("sampler.weight_power" in p) is (p["sampler.kind"] == "weighted")
+        assert ("augment.magnitude" in p) is (p["augment.policy"] != "none")
+    # every relevant branch was explored
+    assert {p["loader.num_workers"] for p in drawn} == {0, 1, 2}
+    assert {p["sampler.kind"] for p in drawn} == {"random", "weighted"}
+
+
+def test_first_trial_tries_the_configs_own_values():
+    space = _space().quality_space()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    own = {"augment.policy": "color", "augment.magnitude": 0.4, "train.lr": 0.002}
+    outside = {"loader.batch_size": 1000}  # not a choice of the space: left to the sampler
+    assert studies.enqueue_values(study, space, {**own, **outside})
+    trial = study.ask()
+    params = studies.suggest(trial, space, _inert(cuda=False))
+    study.tell(trial, 0.5)
+    assert {k: params[k] for k in own} == own
+    assert params["loader.batch_size"] in space["loader.batch_size"].choices
+    assert not studies.enqueue_values(study, space, own)  # a resumed study is left alone
