@@ -38,6 +38,7 @@ tune: data
 lint: install-test
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/lint-imports
 
 format: install-test
 	$(BIN)/ruff format src tests benchmarks

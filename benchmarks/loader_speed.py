@@ -36,10 +36,10 @@ from torch.utils.data import DataLoader, Dataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from feedtune.commands.train import PreparedData, build_pipeline, prepare_data  # noqa: E402
 from feedtune.config import Config, load_config  # noqa: E402
 from feedtune.data.augment import build_transform  # noqa: E402
 from feedtune.data.cache import attach_cache, build_cache  # noqa: E402
+from feedtune.data.pipeline import PreparedData, build_pipeline, prepare_data  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0))
 # Speed settings tried for "best" (the transform policy stays the config's: speed settings must

@@ -20,8 +20,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from feedtune.commands.train import prepare_data, train_model  # noqa: E402
 from feedtune.config import load_config  # noqa: E402
+from feedtune.data.pipeline import prepare_data  # noqa: E402
+from feedtune.training.trainer import train_model  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     data = prepare_data(cfg, progress=False)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        out = train_model(cfg, data, folder=Path(folder), track=False, progress=False)
+        out = train_model(cfg, data, folder=Path(folder), progress=False)
     curve = ", ".join(f"{h['val_f1_macro']:.3f}" for h in out.state.history)
     print(
         f"{' '.join(args.overrides) or '(config as is)'} | val_f1_macro per epoch [{curve}] | "

@@ -27,11 +27,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from feedtune.api import find_best_run_id  # noqa: E402
 from feedtune.commands.finetune import run_finetune  # noqa: E402
 from feedtune.commands.train import run_train  # noqa: E402
 from feedtune.config import load_config  # noqa: E402
 from feedtune.tracking import mlflow_store as tracking  # noqa: E402
+from feedtune.tracking.lookup import find_best_run  # noqa: E402
 
 SECTION = "## Transfer learning (issue 6)"
 SOURCE_EXPERIMENT = "feedtune-shapes"
@@ -43,7 +43,7 @@ def source_run(args: argparse.Namespace) -> tuple[str, bool]:
     """The registered shapes model, or a fresh `feedtune train` (defaults) registered as best."""
     with tracking.use_store():
         try:
-            return find_best_run_id(SOURCE_EXPERIMENT), False
+            return find_best_run(SOURCE_EXPERIMENT).info.run_id, False
         except LookupError:
             pass
     print("no shapes model in this store: training one with `feedtune train` defaults ...")

@@ -107,28 +107,30 @@ def bench_speed(trials: int = 12) -> dict:
     """Best train_samples_per_s found by TPE in <= `trials` vs the exhaustive grid's best."""
     import optuna
 
-    from feedtune.commands.train import prepare_data
-    from feedtune.commands.tune import inert_given, speed_trial
     from feedtune.config import load_config
+    from feedtune.data.pipeline import prepare_data
     from feedtune.training.engine import resolve_device
     from feedtune.tuning import optuna_study as studies
+    from feedtune.tuning.space import grid as space_grid
+    from feedtune.tuning.space import inert_given, speed_space
+    from feedtune.tuning.stages import speed_trial
 
     cfg = load_config(REPO / "experiments" / "default.yaml")
     data = prepare_data(cfg, progress=False)
-    space = cfg.search.speed_space()
+    space = speed_space(cfg.search)
     steps = cfg.search.speed_steps
 
     def objective(params: dict) -> float:
         return speed_trial(cfg.replace(params), data, steps=steps)["train_samples_per_s"]
 
     inert = inert_given(cfg.flat(), cuda=resolve_device(cfg.train.device).type == "cuda")
-    grid = studies.grid(space, inert)  # cells that differ only in inert settings count once
+    grid = space_grid(space, inert)  # cells that differ only in inert settings count once
     start = time.perf_counter()
     grid_values = [objective(p) for p in grid]
     grid_s = time.perf_counter() - start
     study = optuna.create_study(
         direction="maximize",
-        sampler=studies.make_sampler(cfg.seed),
+        sampler=studies.build_trial_sampler(cfg.seed),
     )
     study.optimize(lambda t: objective(studies.suggest(t, space, inert)), n_trials=trials)
     # The winner is re-measured beside the grid's winner: one noisy draw must not decide.
@@ -154,9 +156,11 @@ def bench_overhead(repeats: int = 2) -> dict:
     same trial without, interleaved."""
     import mlflow
 
-    from feedtune.commands.train import log_run_results, prepare_data, train_model
     from feedtune.config import load_config
+    from feedtune.data.pipeline import prepare_data
     from feedtune.tracking import mlflow_store as tracking
+    from feedtune.tracking.recording import RunRecorder, log_run_results
+    from feedtune.training.trainer import train_model
 
     cfg = load_config(REPO / "experiments" / "default.yaml")
     data = prepare_data(cfg, progress=False)
@@ -170,10 +174,13 @@ def bench_overhead(repeats: int = 2) -> dict:
                     start = time.perf_counter()
                     if mode == "tracked":
                         with tracking.start_run("trial", system_metrics=True):
-                            out = train_model(cfg, data, folder=Path(ck), progress=False)
+                            recorder = RunRecorder(cfg, data, Path(ck))
+                            out = train_model(
+                                cfg, data, folder=Path(ck), progress=False, callbacks=[recorder]
+                            )
                             log_run_results(cfg, out, data.classes)
                     else:
-                        train_model(cfg, data, folder=Path(ck), track=False, progress=False)
+                        train_model(cfg, data, folder=Path(ck), progress=False)
                     times[mode].append(time.perf_counter() - start)
     tracked, untracked = statistics.median(times["tracked"]), statistics.median(times["untracked"])
     return {

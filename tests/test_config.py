@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from feedtune.config import Config, ConfigError, config_from_dict, load_config, parse_override
+from feedtune.tuning.space import speed_space
 from tests.conftest import REPO
 
 
@@ -47,7 +48,7 @@ def test_yaml_file_overrides_defaults(tmp_path: Path):
     assert cfg.search.space["loader.num_workers"].kind == "int"
     assert cfg.search.space["train.lr"].log is True
     assert cfg.search.n_trials_quality == 3
-    assert set(cfg.search.speed_space()) == {"loader.num_workers"}
+    assert set(speed_space(cfg.search)) == {"loader.num_workers"}
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@
 
 The model is rebuilt from ``checkpoints/best.pt`` of the chosen run, read with
 ``weights_only=True``: a checkpoint is data (tensors, names, numbers), never code, so a
-tampered file is refused instead of executed. The same helpers resolve the source of
-``feedtune finetune --from``.
+tampered file is refused instead of executed. The run is chosen by ``tracking.lookup``'s one
+best-run rule, the same as ``feedtune best`` and ``feedtune finetune --from best``.
 """
 
 from __future__ import annotations
@@ -15,136 +15,20 @@ import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from feedtune.config import Config, config_from_dict
+from feedtune.config import DEFAULT_EXPERIMENT, Config
 from feedtune.data.augment import Transform, build_transform
 from feedtune.data.cache import working_size
 from feedtune.data.imageio import decode_image
-from feedtune.tracking import mlflow_store as tracking
-from feedtune.training.checkpoint import CheckpointError, load_checkpoint
+from feedtune.tracking import mlflow_store
+from feedtune.tracking.lookup import fetch_checkpoint, find_best_run
+from feedtune.training.checkpoint import model_from_checkpoint
 from feedtune.training.engine import resolve_device
-from feedtune.training.models import build_model
-
-DEFAULT_EXPERIMENT = Config().experiment
-BEST_ALIAS = "best"
-CHECKPOINT = "checkpoints/best.pt"
-
-
-def find_best_run_id(experiment: str, *, metric: str = "best_val_f1_macro") -> str:
-    """The run behind the registered model ``experiment`` alias ``best``, else the finished
-    training run with the highest ``metric``. Reads the current store; creates nothing."""
-    run_id = tracking.alias_run_id(experiment, BEST_ALIAS)
-    if run_id:
-        return run_id
-    run = tracking.best_checkpoint_run(experiment, metric=metric)
-    if run is None:
-        raise LookupError(
-            f"no registered model '{experiment}' with alias '{BEST_ALIAS}' and no finished run "
-            f"with {metric} in experiment '{experiment}' of store {tracking.current_store()}; "
-            "run `feedtune train` or `feedtune tune` first"
-        )
-    return run.info.run_id
-
-
-def resolve_run_id(source: str, *, experiment: str = DEFAULT_EXPERIMENT) -> str:
-    """The run id that ``source`` names, in the current store.
-
-    ``best``: alias ``best`` of the model registered as ``experiment``, else that experiment's
-    best run; ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: the run that logged that model
-    version; ``runs:/RUN_ID[/...]`` or a bare ``RUN_ID``: that run.
-    """
-    source = source.strip()
-    if source == "best":
-        return find_best_run_id(experiment)
-    if source.startswith("models:/"):
-        ref = source[len("models:/") :].strip("/")
-        if "@" in ref:
-            name, alias = ref.rsplit("@", 1)
-            run_id = tracking.alias_run_id(name, alias)
-        elif "/" in ref:
-            name, version = ref.rsplit("/", 1)
-            run_id = tracking.model_version_run_id(name, version)
-        else:
-            raise LookupError(f"{source}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-        if not run_id:
-            raise LookupError(f"{source}: no such registered model version")
-        return run_id
-    run_id = source[len("runs:/") :].split("/", 1)[0] if source.startswith("runs:/") else source
-    try:
-        tracking.get_run(run_id)
-    except Exception as exc:  # MlflowException: unknown run id (or not a run id at all)
-        raise LookupError(
-            f"--from {source!r}: not 'best', models:/NAME@ALIAS, models:/NAME/VERSION, "
-            f"or the id of a run in this store ({str(exc).splitlines()[0]})"
-        ) from None
-    return run_id
-
-
-def fetch_checkpoint(run_id: str, folder: str | Path) -> dict[str, Any]:
-    """Download ``checkpoints/best.pt`` of ``run_id`` into ``folder`` and load it safely
-    (``weights_only=True``). Raises ``CheckpointError`` for a file that would need to run code."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        path = tracking.download_artifact(run_id, CHECKPOINT, folder)
-    except Exception as exc:  # MlflowException / OSError: the artifact is not there
-        raise LookupError(
-            f"run {run_id} has no {CHECKPOINT} artifact (only runs that train have one: "
-            f"train, quality trials, finetune): {str(exc).splitlines()[0]}"
-        ) from None
-    try:
-        payload = load_checkpoint(path)
-    except CheckpointError as exc:
-        raise CheckpointError(f"run {run_id}: {exc}") from exc
-    missing = {"classes", "config"} - set(payload)
-    if missing:
-        raise CheckpointError(
-            f"run {run_id}: {CHECKPOINT} lacks {', '.join(sorted(missing))}; not a feedtune "
-            "checkpoint"
-        )
-    return payload
-
-
-def load_weights(model: nn.Module, payload: dict[str, Any]) -> nn.Module:
-    """``payload["model_state"]`` into ``model``; a mismatch is a ``CheckpointError``."""
-    try:
-        model.load_state_dict(payload["model_state"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"the checkpoint's weights do not fit a {type(model).__name__}: "
-            f"{str(exc).splitlines()[0]}"
-        ) from exc
-    return model
-
-
-def model_from_checkpoint(payload: dict[str, Any]) -> tuple[nn.Module, Config]:
-    """The checkpoint's model (architecture from its config, weights from its state) and config.
-
-    ``model.pretrained`` is ignored: the weights come from the checkpoint, so no torchvision
-    weight file is needed."""
-    cfg = config_from_dict(payload["config"])
-    model_cfg = dataclasses.replace(cfg.model, **architecture(payload))
-    model = build_model(model_cfg, num_classes=len(payload["classes"]))
-    return load_weights(model, payload), cfg
-
-
-# small_cnn had 4 blocks before `model.depth` existed; checkpoints of that time do not say so.
-_DEPTH_BEFORE_THE_KEY = 4
-
-
-def architecture(payload: dict[str, Any]) -> dict[str, Any]:
-    """The model settings that shape the checkpoint's weights (``ModelConfig`` fields), so its
-    state dict loads; ``pretrained`` is off because the weights come from the checkpoint."""
-    saved = payload["config"].get("model", {})
-    model = config_from_dict(payload["config"]).model
-    depth = saved.get("depth", _DEPTH_BEFORE_THE_KEY)
-    return {"name": model.name, "width": model.width, "depth": depth, "pretrained": False}
 
 
 @dataclass
@@ -246,8 +130,8 @@ def load_best(
         CheckpointError: the checkpoint holds more than tensors and plain data (it could run
             code when unpickled) or cannot be read; nothing in it is executed.
     """
-    with tracking.use_store(tracking_uri), tempfile.TemporaryDirectory() as tmp:
-        run_id = find_best_run_id(experiment)
+    with mlflow_store.use_store(tracking_uri), tempfile.TemporaryDirectory() as tmp:
+        run_id = find_best_run(experiment).info.run_id
         payload = fetch_checkpoint(run_id, tmp)
     model, cfg = model_from_checkpoint(payload)
     dev = resolve_device(device)

@@ -1,4 +1,5 @@
-"""``feedtune <command>``: argument parsing only; each command lives in its own module."""
+"""``feedtune <command>``: every parser is built here; each command is one plain function in
+``feedtune.commands``, imported only when it runs so that ``--help`` stays fast."""
 
 from __future__ import annotations
 
@@ -10,14 +11,30 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from feedtune.config import DEFAULT_CONFIG_PATH, PROJECT_ROOT, Config, ConfigError, load_config
+from feedtune.config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_EXPERIMENT,
+    DEFAULT_FINETUNE_CONFIG_PATH,
+    Config,
+    ConfigError,
+    load_config,
+)
+
+# Workers can take the Optuna storage URL (which may hold a password) from the environment
+# instead of the command line, where `ps`, shell history and `mlflow run` params would show it.
+STORAGE_ENV = "FEEDTUNE_STORAGE"
+FROM_HELP = (
+    "the model to start from: 'best' (the model registered as --source-experiment with alias "
+    "'best', else that experiment's best finished run by best_val_f1_macro), "
+    "models:/NAME@ALIAS, models:/NAME/VERSION, or a RUN_ID (default: best)"
+)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, *, default_config: Path = DEFAULT_CONFIG_PATH) -> None:
     parser.add_argument(
         "--config",
-        default=None,
-        help="YAML config (default: experiments/default.yaml)",
+        default=str(default_config) if default_config.is_file() else None,
+        help=f"YAML config (default: {default_config.parent.name}/{default_config.name})",
     )
     parser.add_argument(
         "--set",
@@ -32,22 +49,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    path = args.config
-    if path is None and DEFAULT_CONFIG_PATH.is_file():
-        path = DEFAULT_CONFIG_PATH
     # MLproject passes all overrides as one parameter, separated by ';'.
     overrides = [part.strip() for o in args.overrides for part in o.split(";") if part.strip()]
-    return load_config(path, overrides)
+    return load_config(args.config, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="feedtune", description=__doc__)
+    parser = argparse.ArgumentParser(prog="feedtune", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="write the embedded dataset (data/<name>/) if missing")
     p.add_argument("--name", default="shapes", choices=["shapes", "shapes-shift"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--root", default=None, help="folder to write to (default: data/<name>)")
+    p.add_argument(
+        "--root", default=None, help="an empty or new folder to write to (default: data/<name>)"
+    )
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("train", help="one run of one configuration")
@@ -56,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="RUN_ID",
         default=None,
-        help="continue a killed run from its last checkpoint",
+        help="continue a killed run from its last checkpoint, with that run's configuration",
     )
 
     p = sub.add_parser("tune", help="Optuna study: speed stage, then quality stage")
@@ -72,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--storage",
         default=None,
-        help="Optuna storage: an RDB URL (postgresql://...) or journal:PATH "
-        "(default: journal file optuna.journal here)",
+        help="Optuna storage: an RDB URL (postgresql://...) or journal:PATH (default: "
+        f"${STORAGE_ENV} if set, else the journal file optuna.journal here); keep passwords "
+        f"out of it with PGPASSFILE or ${STORAGE_ENV}",
     )
     p.add_argument(
         "--study",
@@ -81,16 +98,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="study name; an existing study is resumed (default: the experiment name)",
     )
 
-    from feedtune.commands import bench, finetune
+    p = sub.add_parser(
+        "bench", help="loader benchmark grid (num_workers x batch_size x library x order x cache)"
+    )
+    _common(p)
 
-    _common(bench.add_parser(sub))
-    finetune.add_parser(sub, _common)
+    p = sub.add_parser(
+        "finetune", help="transfer learning from a logged checkpoint to a new dataset"
+    )
+    p.add_argument("--from", dest="source", default="best", metavar="SOURCE", help=FROM_HELP)
+    p.add_argument(
+        "--source-experiment",
+        default=DEFAULT_EXPERIMENT,
+        metavar="NAME",
+        help=f"experiment (and registered model name) that --from best reads "
+        f"(default: {DEFAULT_EXPERIMENT}); the new run goes to the config's own experiment",
+    )
+    _common(p, default_config=DEFAULT_FINETUNE_CONFIG_PATH)
 
     p = sub.add_parser("best", help="print the best run of an experiment")
     p.add_argument("--experiment", default=None, help="default: the config's experiment")
-    p.add_argument("--config", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--no-progress", action="store_true")
+    _common(p)
     return parser
 
 
@@ -99,13 +127,16 @@ def _positive_or_none(value: float | None) -> float | None:
     return None if value is None or value < 0 else value
 
 
+def _storage(args: argparse.Namespace) -> str | None:
+    return args.storage or os.environ.get(STORAGE_ENV) or None
+
+
 def _run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.command == "data":
-        from feedtune.data.embedded import dataset_root, ensure_dataset
+        from feedtune.commands.data import run_data
 
-        root = Path(args.root) if args.root else dataset_root(args.name, PROJECT_ROOT)
-        manifest = ensure_dataset(args.name, root, seed=args.seed, progress=progress)
+        manifest = run_data(args.name, root=args.root, seed=args.seed, progress=progress)
         print(f"dataset '{args.name}' ready: {manifest}")
         return 0
     cfg = _config(args)
@@ -124,7 +155,7 @@ def _run(args: argparse.Namespace) -> int:
             stage=args.stage,
             n_trials=int(n_trials) if n_trials is not None else None,
             timeout=_positive_or_none(args.timeout),
-            storage=args.storage or None,
+            storage=_storage(args),
             study_name=args.study or None,
             progress=progress,
         )
@@ -145,9 +176,16 @@ def _run(args: argparse.Namespace) -> int:
         run_bench(cfg, progress=progress)
         return 0
     if args.command == "finetune":
-        from feedtune.commands.finetune import run_from_args
+        from feedtune.commands.finetune import run_finetune
 
-        return run_from_args(args, cfg, progress=progress)
+        run_id = run_finetune(
+            cfg,
+            source=args.source or "best",
+            source_experiment=args.source_experiment or DEFAULT_EXPERIMENT,
+            progress=progress,
+        )
+        print(f"finetune run {run_id} finished (experiment '{cfg.experiment}', from {args.source})")
+        return 0
     if args.command == "best":
         from feedtune.commands.best import describe_best
 
@@ -165,7 +203,11 @@ def _resume_hint(args: argparse.Namespace, exc: BaseException) -> str:
     if hint:
         return f"the last checkpoint is saved: resume with `{hint}`"
     if args.command == "tune":
-        storage = args.storage or "journal:optuna.journal"
+        from feedtune.tracking.mlflow_store import redact
+
+        storage = redact(args.storage) if args.storage else None
+        if storage is None:
+            storage = f"${STORAGE_ENV}" if os.environ.get(STORAGE_ENV) else "journal:optuna.journal"
         study = args.study or "<experiment name>"
         return (
             f"completed trials are kept: resume with `feedtune tune --study {study} "
@@ -194,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"feedtune: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
+        if type(exc).__name__ == "CheckpointError":  # refused or unreadable; names its file
+            print(f"feedtune: error: {exc}", file=sys.stderr)
+            return 1
         # MLflow server unreachable and the like: one line, plus where to look for more.
         if type(exc).__module__.split(".")[0] not in ("mlflow", "optuna", "sqlalchemy"):
             raise

@@ -28,6 +28,9 @@ def _project_root() -> Path:
 
 PROJECT_ROOT = _project_root()
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "experiments" / "default.yaml"
+DEFAULT_FINETUNE_CONFIG_PATH = PROJECT_ROOT / "experiments" / "finetune-shapes-shift.yaml"
+# The experiment (and registered model name) of the embedded dataset's runs.
+DEFAULT_EXPERIMENT = "feedtune-shapes"
 
 
 class ConfigError(ValueError):
@@ -50,6 +53,14 @@ class DataConfig:
     on_bad_image: Literal["skip", "raise"] = "skip"
     # Seed of the embedded dataset's generator (not of training).
     generator_seed: int = 0
+    # Images with more pixels than this are bad images (checked from the header, before
+    # decoding): a 64 MP RGB image already decodes to ~180 MiB per copy in every worker, and
+    # Pillow itself only warns up to ~89 MP. Pillow refuses headers above ~179 MP whatever
+    # this says.
+    max_pixels: int = field(default=64_000_000, metadata=_limits(1))
+    # Files larger than this many MiB are bad images, refused from their size before being
+    # read: files are read whole to check and decode them.
+    max_file_mb: int = field(default=100, metadata=_limits(1))
 
 
 @dataclass
@@ -175,16 +186,6 @@ class ParamSpec:
         return out
 
 
-SPEED_KEYS = (
-    "loader.num_workers",
-    "loader.pin_memory",
-    "loader.prefetch_factor",
-    "loader.persistent_workers",
-    "loader.cache",
-    "data.decoder",
-)
-
-
 @dataclass
 class SearchConfig:
     # Dotted keys in the YAML section (e.g. `loader.num_workers: {int: [0, 4]}`) form `space`.
@@ -205,12 +206,6 @@ class SearchConfig:
     # they lie in the space), so a study always shows whether tuning beat the starting point.
     enqueue_config: bool = True
 
-    def speed_space(self) -> dict[str, ParamSpec]:
-        return {k: v for k, v in self.space.items() if k in SPEED_KEYS}
-
-    def quality_space(self) -> dict[str, ParamSpec]:
-        return {k: v for k, v in self.space.items() if k not in SPEED_KEYS}
-
 
 @dataclass
 class BenchConfig:
@@ -228,7 +223,7 @@ class BenchConfig:
 
 @dataclass
 class Config:
-    experiment: str = "feedtune-shapes"
+    experiment: str = DEFAULT_EXPERIMENT
     seed: int = 42
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)

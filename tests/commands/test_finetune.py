@@ -6,7 +6,6 @@ process, because that is what it is about.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -23,12 +22,13 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import feedtune
-from feedtune.api import fetch_checkpoint, resolve_run_id
-from feedtune.commands.finetune import add_parser, prepare_model, run_finetune, run_from_args
+from feedtune.cli import main as feedtune_main
+from feedtune.commands.finetune import prepare_model, run_finetune
 from feedtune.commands.train import run_train
 from feedtune.config import load_config
 from feedtune.data.imageio import decode_image
 from feedtune.tracking import mlflow_store as tracking
+from feedtune.tracking.lookup import fetch_checkpoint, resolve_run_id
 from feedtune.training.checkpoint import CheckpointError, load_checkpoint
 from feedtune.training.engine import Callback, build_optimizer, fit
 from feedtune.training.models import head_parameters
@@ -343,9 +343,8 @@ def test_a_checkpoint_that_would_run_code_is_refused(store, colours, tmp_path, c
     assert MlflowClient().get_experiment_by_name("ft-evil") is None  # no run was opened
 
     # The command prints the reason and exits 1.
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["finetune", "--from", "best", "--source-experiment", "evil"])
-    assert run_from_args(args, cfg, progress=False) == 1
+    argv = ["finetune", "--from", "best", "--source-experiment", "evil", "--no-progress"]
+    argv += [f"--set={o}" for o in [*TINY, f"data.path={colours}", "experiment=ft-evil"]]
+    assert feedtune_main(argv) == 1
     assert "refusing" in capsys.readouterr().err
     assert not marker.exists()

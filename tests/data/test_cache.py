@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing  # noqa: F401 - registers torch's shared-memory pickling
 from PIL import Image
 
+from feedtune.config import AugmentConfig, LoaderConfig, load_config
 from feedtune.data import cache as cache_mod
 from feedtune.data.augment import build_transform
 from feedtune.data.cache import (
@@ -23,13 +24,11 @@ from feedtune.data.cache import (
     estimate_cache,
     working_size,
 )
-from feedtune.config import AugmentConfig, LoaderConfig, load_config
 from feedtune.data.dataset import ImageDataset
 from feedtune.data.imageio import BadImageError, decode_image
 from feedtune.data.loader import build_loader
+from feedtune.data.pipeline import build_pipeline, prepare_data
 from feedtune.training.throughput import cache_metrics
-from feedtune.commands.train import build_pipeline, prepare_data
-
 from tests.conftest import write_image_folder
 
 IMAGE_SIZE = 16  # working size 23: JPEGs with a shorter side >= 46 decode reduced

@@ -76,9 +76,8 @@ def test_small_cnn_depth_sets_its_blocks_and_any_image_size_works(side):
 def test_a_checkpoint_from_before_model_depth_still_loads(tmp_path):
     # Checkpoints written while small_cnn always had 4 blocks have no model.depth in their
     # config; they must rebuild as 4 blocks, not as today's default, or load_best breaks.
-    from feedtune.api import model_from_checkpoint
     from feedtune.config import Config
-    from feedtune.training.checkpoint import load_checkpoint, save_checkpoint
+    from feedtune.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
     old = build_model(ModelConfig(depth=4, width=8), num_classes=3).eval()
     config = Config().to_dict()

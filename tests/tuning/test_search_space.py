@@ -2,9 +2,9 @@
 
 import optuna
 
-from feedtune.commands.tune import inert_given
 from feedtune.config import load_config
 from feedtune.tuning import optuna_study as studies
+from feedtune.tuning.space import grid, inert_given, quality_space, speed_space
 from tests.conftest import REPO
 
 
@@ -17,15 +17,15 @@ def _inert(cuda: bool):
 
 
 def test_default_speed_grid_counts_each_distinct_loader_once():
-    space = _space().speed_space()
-    assert len(studies.grid(space)) == 3 * 2 * 2 * 2 * 3 * 2  # every combination
+    space = speed_space(_space())
+    assert len(grid(space)) == 3 * 2 * 2 * 2 * 3 * 2  # every combination
     # On CPU pin_memory does nothing; without workers neither do prefetch nor persistence:
     # 0 workers: cache x decoder = 6; 1 or 2 workers: x prefetch x persistent = 24 each.
-    cells = studies.grid(space, _inert(cuda=False))
+    cells = grid(space, _inert(cuda=False))
     assert len(cells) == 6 + 2 * 24
     assert all("loader.pin_memory" not in c for c in cells)
     assert all("loader.prefetch_factor" not in c for c in cells if c["loader.num_workers"] == 0)
-    assert len(studies.grid(space, _inert(cuda=True))) == 2 * (6 + 2 * 24)
+    assert len(grid(space, _inert(cuda=True))) == 2 * (6 + 2 * 24)
 
 
 def test_trials_do_not_draw_inert_settings():
@@ -35,7 +35,7 @@ def test_trials_do_not_draw_inert_settings():
     for _ in range(40):
         trial = study.ask()
         params = studies.suggest(
-            trial, {**space.speed_space(), **space.quality_space()}, _inert(cuda=False)
+            trial, {**speed_space(space), **quality_space(space)}, _inert(cuda=False)
         )
         study.tell(trial, 0.0)
         drawn.append(params)
@@ -51,7 +51,7 @@ def test_trials_do_not_draw_inert_settings():
 
 
 def test_first_trial_tries_the_configs_own_values():
-    space = _space().quality_space()
+    space = quality_space(_space())
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     own = {"augment.policy": "color", "augment.magnitude": 0.4, "train.lr": 0.002}
     outside = {"loader.batch_size": 1000}  # not a choice of the space: left to the sampler

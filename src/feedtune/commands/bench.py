@@ -13,21 +13,27 @@ settings.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
 from feedtune.config import Config
-
-# torch, MLflow, pandas and the training modules are imported where used, so that building the
-# CLI parser (which imports this module for ``add_parser``) stays fast.
-if TYPE_CHECKING:
-    import pandas as pd
-    import torch
-    from matplotlib.figure import Figure
-
-    from feedtune.data.cache import ImageCache
+from feedtune.data.cache import ImageCache, attach_cache, build_cache
+from feedtune.data.pipeline import build_pipeline, prepare_data
+from feedtune.tracking import mlflow_store
+from feedtune.tracking.plots import samples_per_s_figure
+from feedtune.training.engine import prepare_model, resolve_device
+from feedtune.training.models import build_model
+from feedtune.training.throughput import (
+    Throughput,
+    measure_loader,
+    measure_model,
+    measure_training,
+)
 
 # Grid axis -> the config key it sets (the order of the table's first columns).
 AXES = {
@@ -41,15 +47,6 @@ AXES = {
 RANK_BY = "train_samples_per_s"
 # Settings that change what the model learns (DESIGN: quality settings): check them by score.
 QUALITY_AXES = ("batch_size", "library", "order")
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """The ``bench`` sub-command (the caller adds --config/--set/--no-progress)."""
-    return subparsers.add_parser(
-        "bench",
-        help="loader benchmark grid (num_workers x batch_size x library x order x cache)",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
-    )
 
 
 def grid(cfg: Config) -> list[dict[str, Any]]:
@@ -71,8 +68,6 @@ def _cache_for(
     mode: str, dataset: Any, cfg: Config, caches: dict[str, ImageCache], *, progress: bool
 ) -> ImageCache | None:
     """One cache per mode for the whole grid: its content does not depend on the other axes."""
-    from feedtune.data.cache import build_cache
-
     if mode == "none":
         return None
     if mode not in caches:
@@ -98,15 +93,6 @@ def measure_cell(
     ``caches`` (mode -> cache) and ``appetite`` (batch size -> model samples/s) are filled on
     first use and shared by the cells: neither depends on the other axes of the grid.
     """
-    from feedtune.commands.train import build_pipeline
-    from feedtune.data.cache import attach_cache
-    from feedtune.training.throughput import (
-        Throughput,
-        measure_loader,
-        measure_model,
-        measure_training,
-    )
-
     ccfg = cell_config(cfg, cell)
     # Build without a cache, then attach the grid's shared one (filled once per mode).
     pipeline = build_pipeline(
@@ -119,10 +105,15 @@ def measure_cell(
     if ccfg.loader.batch_size not in appetite:
         batch = next(b for b in pipeline.train_loader if b is not None)
         appetite[ccfg.loader.batch_size] = measure_model(
-            model, batch, device=device, steps=cfg.bench.train_steps
+            model, batch, device=device, steps=cfg.bench.train_steps, train_cfg=cfg.train
         )
     train_rate, wait_frac, train_startup = measure_training(
-        model, pipeline.train_loader, device=device, steps=cfg.bench.train_steps, warmup=1
+        model,
+        pipeline.train_loader,
+        device=device,
+        steps=cfg.bench.train_steps,
+        warmup=1,
+        train_cfg=cfg.train,
     )
     result = Throughput(
         loader_samples_per_s=loader_rate,
@@ -144,39 +135,6 @@ def measure_cell(
 
 def best_row(results: pd.DataFrame) -> pd.Series:
     return results.loc[results[RANK_BY].idxmax()]
-
-
-def samples_per_s_figure(results: pd.DataFrame) -> Figure:
-    """Samples/s against num_workers: loader alone and end to end, one line per setting."""
-    from matplotlib.figure import Figure
-
-    series = [a for a in AXES if a != "num_workers"]
-    groups = list(results.groupby(series, sort=False))
-    legend_rows = -(-len(groups) // 2)
-    fig = Figure(figsize=(11, 4.2 + 0.22 * legend_rows), dpi=100)
-    axes = fig.subplots(1, 2)  # own y scales: on a CPU the model is often 10x slower
-    for key, rows in groups:
-        rows = rows.sort_values("num_workers")
-        for ax, column in zip(axes, ("loader_samples_per_s", RANK_BY), strict=True):
-            ax.plot(rows["num_workers"], rows[column], marker="o", label=" / ".join(map(str, key)))
-    for ax, title in zip(axes, ("loader alone", "end to end (training)"), strict=True):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("num_workers")
-        ax.set_ylabel("samples / s")
-        ax.set_xticks(sorted(results["num_workers"].unique()))
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-    fig.legend(
-        *axes[0].get_legend_handles_labels(),
-        title=" / ".join(series),
-        loc="lower center",
-        ncol=2,
-        fontsize=8,
-        title_fontsize=8,
-        frameon=False,
-    )
-    fig.tight_layout(rect=(0, min(0.5, 0.05 + 0.055 * legend_rows), 1, 1))
-    return fig
 
 
 def recommended_overrides(row: pd.Series) -> str:
@@ -221,16 +179,7 @@ def run_bench(cfg: Config, *, progress: bool = True) -> pd.DataFrame:
     Returns the results table, one row per cell (settings, rates, verdict, cache cost), and
     prints it with the recommended settings.
     """
-    import pandas as pd
-    import torch
-    from tqdm.auto import tqdm
-
-    from feedtune.commands.train import prepare_data
-    from feedtune.tracking import mlflow_store as tracking
-    from feedtune.training.engine import prepare_model, resolve_device
-    from feedtune.training.models import build_model
-
-    tracking.setup(cfg.experiment)
+    mlflow_store.setup(cfg.experiment)
     data = prepare_data(cfg, progress=progress)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
@@ -245,7 +194,7 @@ def run_bench(cfg: Config, *, progress: bool = True) -> pd.DataFrame:
     caches: dict[str, ImageCache] = {}
     appetite: dict[int, float] = {}
     rows = []
-    with tracking.start_run("bench", run_name="bench") as run:
+    with mlflow_store.start_run("bench", run_name="bench") as run:
         bar = tqdm(cells, desc="bench", unit="cell", disable=not progress)
         for cell in bar:
             bar.set_postfix_str(" ".join(str(v) for v in cell.values()))
@@ -256,9 +205,12 @@ def run_bench(cfg: Config, *, progress: bool = True) -> pd.DataFrame:
             )
         results = pd.DataFrame(rows)
         best = best_row(results)
-        tracking.log_config(cell_config(cfg, {a: _plain(best[a]) for a in AXES}))
-        tracking.log_dataframe(results, "bench/results.csv")
-        tracking.log_figure(samples_per_s_figure(results), "bench/samples_per_s.png")
+        mlflow_store.log_config(cell_config(cfg, {a: _plain(best[a]) for a in AXES}))
+        mlflow_store.log_dataframe(results, "bench/results.csv")
+        mlflow_store.log_figure(
+            samples_per_s_figure(results, series=[a for a in AXES if a != "num_workers"]),
+            "bench/samples_per_s.png",
+        )
         metrics = [
             "loader_samples_per_s",
             "model_samples_per_s",
@@ -270,8 +222,8 @@ def run_bench(cfg: Config, *, progress: bool = True) -> pd.DataFrame:
             "cache_fill_s",
             "cache_mb",
         ]
-        tracking.log_metrics({**{m: best[m] for m in metrics}, "bench_cells": len(results)})
-        tracking.set_tags(
+        mlflow_store.log_metrics({**{m: best[m] for m in metrics}, "bench_cells": len(results)})
+        mlflow_store.set_tags(
             {
                 "feedtune.bottleneck": best["bottleneck"],
                 "feedtune.best_cell": recommended_overrides(best),

@@ -11,39 +11,30 @@ and ``feedtune.parent_model_run_id=<source run>``.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
-import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from feedtune.config import PROJECT_ROOT, Config
+import torch
+from torch import nn
 
-if TYPE_CHECKING:
-    from torch import nn
-
-# torch, MLflow and the training modules are imported where used, so that building the CLI
-# parser (add_parser) stays as light as the rest of cli.py.
+from feedtune.config import DEFAULT_EXPERIMENT, Config
+from feedtune.data.pipeline import prepare_data
+from feedtune.tracking import mlflow_store
+from feedtune.tracking.lookup import fetch_checkpoint, resolve_run_id
+from feedtune.tracking.recording import RunRecorder, finish_run
+from feedtune.training.checkpoint import model_args_of, model_from_checkpoint
+from feedtune.training.models import replace_head, set_backbone_trainable
+from feedtune.training.trainer import train_model
 
 log = logging.getLogger(__name__)
-
-DEFAULT_EXPERIMENT = Config().experiment
-DEFAULT_FINETUNE_CONFIG = PROJECT_ROOT / "experiments" / "finetune-shapes-shift.yaml"
-
-FROM_HELP = (
-    "the model to start from: 'best' (the model registered as --source-experiment with alias "
-    "'best', else that experiment's best finished run by best_val_f1_macro), "
-    "models:/NAME@ALIAS, models:/NAME/VERSION, or a RUN_ID (default: best)"
-)
 
 
 @dataclass
 class FinetuneStart:
-    """The model a finetune starts from, ready for ``train.train_model(model=...)``."""
+    """The model a finetune starts from, ready for ``trainer.train_model(model=...)``."""
 
     model: nn.Module
     head_replaced: bool
@@ -51,39 +42,32 @@ class FinetuneStart:
 
 
 def effective_config(cfg: Config, payload: dict[str, Any]) -> Config:
-    """``cfg`` with the source checkpoint's architecture (``model.name``, and ``width`` and
-    ``depth`` for small_cnn): its weights fit no other, and the run's params must say what ran.
+    """``cfg`` with the source checkpoint's architecture (``model_args``): its weights fit no
+    other, and the run's params must say what ran.
 
     ``model.pretrained`` becomes false: the weights come from the parent run (tag
     ``feedtune.parent_model_run_id``), not from torchvision."""
-    from feedtune.api import architecture
-
-    source = architecture(payload)
-    for key in ("name", "width", "depth"):
-        if getattr(cfg.model, key) != source[key]:
+    source = model_args_of(payload)
+    for key, value in source.items():
+        if getattr(cfg.model, key) != value:
             log.warning(
                 "model.%s %r ignored: finetuning keeps the source run's %r",
                 key,
                 getattr(cfg.model, key),
-                source[key],
+                value,
             )
-    return cfg.replace({f"model.{key}": value for key, value in source.items()})
+    overrides = {f"model.{key}": value for key, value in source.items()}
+    return cfg.replace({**overrides, "model.pretrained": False})
 
 
 def prepare_model(payload: dict[str, Any], cfg: Config, classes: list[str]) -> FinetuneStart:
     """Rebuild the checkpoint's model, give it a new head when ``classes`` differ from the
     checkpoint's, and freeze the backbone when ``cfg.model.freeze == 'backbone'``.
 
-    The architecture is the checkpoint's (name, width, depth); the other model settings (dropout)
-    are ``cfg``'s. The new head's initial weights depend only on ``cfg.seed``."""
-    import torch
-
-    from feedtune.api import architecture, load_weights
-    from feedtune.training.models import build_model, replace_head, set_backbone_trainable
-
-    model_cfg = dataclasses.replace(cfg.model, **architecture(payload), freeze="none")
+    The architecture is the checkpoint's; the other model settings (dropout) are ``cfg``'s. The
+    new head's initial weights depend only on ``cfg.seed``."""
+    model, _ = model_from_checkpoint(payload, dropout=cfg.model.dropout, freeze="none")
     source_classes = list(payload["classes"])
-    model = load_weights(build_model(model_cfg, num_classes=len(source_classes)), payload)
     replaced = source_classes != list(classes)
     if replaced:
         torch.manual_seed(cfg.seed)
@@ -100,20 +84,16 @@ def run_finetune(
     source_experiment: str = DEFAULT_EXPERIMENT,
     progress: bool = True,
 ) -> str:
-    """``feedtune finetune``: one tracked run in ``cfg.experiment``. Returns its run id.
+    """One tracked run in ``cfg.experiment``; returns its run id.
 
     The source is resolved and its checkpoint loaded before any run opens, so a missing or
     refused checkpoint leaves no failed run behind."""
-    from feedtune.api import fetch_checkpoint, resolve_run_id
-    from feedtune.commands.train import _after_training, log_run_results, prepare_data, train_model
-    from feedtune.tracking import mlflow_store as tracking
-
     with tempfile.TemporaryDirectory() as tmp:
-        with tracking.use_store():
+        with mlflow_store.use_store():
             parent_id = resolve_run_id(source, experiment=source_experiment)
             payload = fetch_checkpoint(parent_id, Path(tmp) / "source")
         cfg = effective_config(cfg, payload)
-        tracking.setup(cfg.experiment)
+        mlflow_store.setup(cfg.experiment)
         data = prepare_data(cfg, progress=progress)
         start = prepare_model(payload, cfg, data.classes)
         tags = {
@@ -122,73 +102,16 @@ def run_finetune(
             "feedtune.parent_source": source,
             "feedtune.head_replaced": str(start.head_replaced).lower(),
         }
-        with tracking.start_run("finetune", tags=tags) as run:
+        folder = Path(tmp) / "checkpoints"
+        with mlflow_store.start_run("finetune", tags=tags) as run:
             outcome = train_model(
                 cfg,
                 data,
-                folder=Path(tmp) / "checkpoints",
+                folder=folder,
                 model=start.model,
                 finetune=True,
                 progress=progress,
+                callbacks=[RunRecorder(cfg, data, folder)],
             )
-            log_run_results(cfg, outcome, data.classes)
-            _after_training(cfg, outcome, data)
+            finish_run(cfg, outcome, data.classes)
             return run.info.run_id
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_parser(
-    subparsers: Any, common: Callable[[argparse.ArgumentParser], None] | None = None
-) -> argparse.ArgumentParser:
-    """Add ``feedtune finetune``; ``common`` adds the shared --config/--set/--no-progress."""
-    p = subparsers.add_parser(
-        "finetune",
-        help="transfer learning from a logged checkpoint to a new dataset",
-        description=__doc__.split("\n\n")[1].replace("``", "'"),
-    )
-    p.add_argument("--from", dest="source", default="best", metavar="SOURCE", help=FROM_HELP)
-    p.add_argument(
-        "--source-experiment",
-        default=DEFAULT_EXPERIMENT,
-        metavar="NAME",
-        help=f"experiment (and registered model name) that --from best reads "
-        f"(default: {DEFAULT_EXPERIMENT}); the new run goes to the config's own experiment",
-    )
-    if common is not None:
-        common(p)
-    if DEFAULT_FINETUNE_CONFIG.is_file():
-        p.set_defaults(config=str(DEFAULT_FINETUNE_CONFIG))
-        for action in p._actions:
-            if action.dest == "config":
-                action.help = "YAML config (default: experiments/finetune-shapes-shift.yaml)"
-    return p
-
-
-def run_from_args(args: argparse.Namespace, cfg: Config, *, progress: bool = True) -> int:
-    """The CLI action: run, print the run id, and turn a refused checkpoint into exit code 1."""
-    from feedtune.training.checkpoint import CheckpointError
-
-    try:
-        run_id = run_finetune(
-            cfg,
-            source=args.source or "best",
-            source_experiment=args.source_experiment or DEFAULT_EXPERIMENT,
-            progress=progress,
-        )
-    except CheckpointError as exc:
-        print(f"feedtune: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"finetune run {run_id} finished (experiment '{cfg.experiment}', from {args.source})")
-    return 0
-
-
-__all__ = [
-    "FinetuneStart",
-    "add_parser",
-    "effective_config",
-    "prepare_model",
-    "run_finetune",
-    "run_from_args",
-]

@@ -28,8 +28,8 @@ import torchvision
 import yaml
 from torchvision.transforms import v2
 
-from feedtune.data.augment_policies import AlbumentationsOps, TorchvisionOps, build_stages
 from feedtune.config import AugmentConfig
+from feedtune.data.augment_policies import AlbumentationsOps, TorchvisionOps, build_stages
 
 Step = Callable[[Any], Any]
 
@@ -209,14 +209,6 @@ class Transform:
             f"magnitude={self.magnitude}, order={self.order!r}, image_size={self.image_size}, "
             f"train={self.train}, steps=[{names}])"
         )
-
-
-def inert_settings(values: dict[str, Any]) -> set[str]:
-    """Dotted augment keys with no effect given ``values``: policy ``none`` trains on the eval
-    pipeline, which has no strength and no order."""
-    return (
-        {"augment.magnitude", "augment.order"} if values.get("augment.policy") == "none" else set()
-    )
 
 
 def build_transform(cfg: AugmentConfig, *, train: bool) -> Transform:

@@ -247,12 +247,17 @@ def _fill(
 ) -> ImageCache:
     decoder = getattr(dataset, "decoder", "pil")
     min_decode = _decode_min_size(dataset, mode=mode, target=target)
+    # The dataset's own size limits: the cache must refuse exactly what the dataset refuses.
+    limits = {
+        "max_pixels": getattr(dataset, "max_pixels", None),
+        "max_bytes": getattr(dataset, "max_bytes", None),
+    }
 
     def load(i: int) -> np.ndarray | str:
         if i in estimate.bad:
             return estimate.bad[i]
         try:
-            image = decode_image(paths[i], backend=decoder, min_size=min_decode)
+            image = decode_image(paths[i], backend=decoder, min_size=min_decode, **limits)
         except BadImageError as exc:
             return exc.reason
         if mode == "resized":

@@ -55,17 +55,6 @@ def loader_kwargs(cfg: LoaderConfig, *, cuda: bool) -> dict[str, Any]:
     return kwargs
 
 
-def inert_settings(values: dict[str, Any], *, cuda: bool) -> set[str]:
-    """Dotted loader keys that have no effect given the other ``values`` (as ``loader_kwargs``
-    drops them), so a search need not spend trials on them."""
-    inert = set()
-    if values.get("loader.num_workers", 1) == 0:
-        inert |= {"loader.prefetch_factor", "loader.persistent_workers", "loader.timeout"}
-    if not cuda:
-        inert.add("loader.pin_memory")
-    return inert
-
-
 def build_loader(
     dataset: Dataset,
     cfg: LoaderConfig,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -11,13 +10,6 @@ import torch
 from torch.utils.data import RandomSampler, Sampler, SequentialSampler, WeightedRandomSampler
 
 from feedtune.config import SamplerConfig
-
-
-def inert_settings(values: dict[str, Any]) -> set[str]:
-    """Dotted sampler keys with no effect given ``values``: the weights need ``weighted``."""
-    if values.get("sampler.kind") == "weighted":
-        return set()
-    return {"sampler.weight_power", "sampler.num_samples", "sampler.replacement"}
 
 
 def class_weights(targets: np.ndarray, power: float) -> np.ndarray:

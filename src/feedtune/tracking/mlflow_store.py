@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit, urlunsplit
 
 import mlflow
 import numpy as np
@@ -27,10 +27,35 @@ from feedtune.config import PROJECT_ROOT, Config
 from feedtune.tracking.liveness import is_alive, worker_info
 from feedtune.tracking.plots import close
 
+# The feedtune package, shipped with a logged model so that it loads where feedtune is absent.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 KIND_TAG = "feedtune.kind"
 WORKER_TAG = "feedtune.worker"
 # MLflow caps a param value at 6000 characters; ours are short, but never fail a run on it.
 _PARAM_LIMIT = 6000
+
+
+# Query parameters that carry credentials in database and server URLs.
+_SECRET_QUERY_KEYS = {"password", "passwd", "pwd", "secret", "token", "access_token", "sslpassword"}
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (in the user-info part or a query parameter), safe to
+    print, log and show in the UI."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*/:"
+        )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # urlunsplit would drop the empty host of sqlite:///...
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def default_tracking_uri() -> str:
@@ -214,8 +239,6 @@ def log_model(model: Any, input_example: np.ndarray) -> None:
     with torch.no_grad():
         output = model(torch.from_numpy(input_example)).numpy()
     signature = infer_signature(input_example, output)
-    import feedtune
-
     # Pickle (not MLflow's default torch.export) so load_model returns a normal nn.Module that
     # supports .eval()/.train() and finetuning; feedtune's code travels with the model, and the
     # requirements are given so MLflow need not re-load the model in a subprocess to infer them.
@@ -225,7 +248,7 @@ def log_model(model: Any, input_example: np.ndarray) -> None:
         signature=signature,
         input_example=input_example,
         serialization_format="pickle",
-        code_paths=[str(Path(feedtune.__file__).parent)],
+        code_paths=[str(PACKAGE_DIR)],
         pip_requirements=_model_requirements(),
     )
 
@@ -323,9 +346,6 @@ def set_tags_by_id(run_id: str, tags: dict[str, Any]) -> None:
         client.set_tag(run_id, key, str(value))
 
 
-# --------------------------------------------------------------------------- reuse (issue 6)
-
-
 @contextlib.contextmanager
 def use_store(tracking_uri: str | None = None) -> Iterator[str]:
     """Read from the store ``tracking_uri`` (default: ``default_tracking_uri()``) and restore the
@@ -339,6 +359,12 @@ def use_store(tracking_uri: str | None = None) -> Iterator[str]:
         mlflow.set_tracking_uri(previous)
 
 
+def experiment_id(name: str) -> str | None:
+    """The id of the live experiment ``name``, or None; creates nothing."""
+    found = MlflowClient().get_experiment_by_name(name)
+    return None if found is None or found.lifecycle_stage == "deleted" else found.experiment_id
+
+
 def current_store() -> str:
     """The tracking URI MLflow uses now."""
     return mlflow.get_tracking_uri()
@@ -350,21 +376,6 @@ def model_version_run_id(name: str, version: str) -> str | None:
         return MlflowClient().get_model_version(name, str(version)).run_id
     except mlflow.exceptions.MlflowException:
         return None
-
-
-def best_checkpoint_run(experiment: str, *, metric: str = "best_val_f1_macro") -> Any | None:
-    """The finished run with the highest ``metric`` among runs that train (not study parents,
-    which repeat their best trial's metric but hold no checkpoint), or None."""
-    runs = search_runs(
-        experiment,
-        filter_string=(
-            f"metrics.{metric} > -1 and attributes.status = 'FINISHED' "
-            "and tags.`feedtune.kind` != 'study'"
-        ),
-        order_by=[f"metrics.{metric} DESC", "attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
 
 
 def close_dead_runs(experiment: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -10,6 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def confusion_matrix_figure(cm: np.ndarray, classes: Sequence[str], *, title: str = "") -> Figure:
@@ -79,4 +83,36 @@ def pareto_figure(
     ax.set_title(f"{ylabel} vs {xlabel} (numbers: trials)", fontsize=10)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def samples_per_s_figure(results: pd.DataFrame, *, series: Sequence[str]) -> Figure:
+    """Samples/s against num_workers: loader alone and end to end, one line per combination
+    of the ``series`` columns (the benchmark grid's other axes)."""
+    series = list(series)
+    groups = list(results.groupby(series, sort=False))
+    legend_rows = -(-len(groups) // 2)
+    fig = Figure(figsize=(11, 4.2 + 0.22 * legend_rows), dpi=100)
+    axes = fig.subplots(1, 2)  # own y scales: on a CPU the model is often 10x slower
+    for key, rows in groups:
+        rows = rows.sort_values("num_workers")
+        for ax, column in zip(axes, ("loader_samples_per_s", "train_samples_per_s"), strict=True):
+            ax.plot(rows["num_workers"], rows[column], marker="o", label=" / ".join(map(str, key)))
+    for ax, title in zip(axes, ("loader alone", "end to end (training)"), strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("num_workers")
+        ax.set_ylabel("samples / s")
+        ax.set_xticks(sorted(results["num_workers"].unique()))
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    fig.legend(
+        *axes[0].get_legend_handles_labels(),
+        title=" / ".join(series),
+        loc="lower center",
+        ncol=2,
+        fontsize=8,
+        title_fontsize=8,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, min(0.5, 0.05 + 0.055 * legend_rows), 1, 1))
     return fig

@@ -6,6 +6,7 @@ metrics) and what a killed run needs to resume (optimizer, training state, RNG s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import random
@@ -15,8 +16,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from feedtune.config import Config, config_from_dict
+from feedtune.training.models import ARCHITECTURE_KEYS, build_model
 
 FORMAT_VERSION = 1
+# small_cnn had 4 blocks before `model.depth` existed; checkpoints of that time do not say so.
+_DEPTH_BEFORE_THE_KEY = 4
 
 
 class CheckpointError(RuntimeError):
@@ -112,3 +119,47 @@ def load_checkpoint(
     if not isinstance(payload, dict) or "model_state" not in payload:
         raise CheckpointError(f"{path} is not a feedtune checkpoint (no model_state)")
     return payload
+
+
+def model_args_of(payload: dict[str, Any]) -> dict[str, Any]:
+    """The architecture-deciding model settings of a checkpoint (``ARCHITECTURE_KEYS``).
+
+    Checkpoints carry them as ``model_args``; older ones are read from their config, with the
+    depth small_cnn had before it was a setting."""
+    if "model_args" in payload:
+        return {key: payload["model_args"][key] for key in ARCHITECTURE_KEYS}
+    saved = payload["config"].get("model", {})
+    model = config_from_dict(payload["config"]).model
+    return {
+        "name": model.name,
+        "width": model.width,
+        "depth": saved.get("depth", _DEPTH_BEFORE_THE_KEY),
+    }
+
+
+def load_weights(model: nn.Module, payload: dict[str, Any]) -> nn.Module:
+    """``payload["model_state"]`` into ``model``; a mismatch is a ``CheckpointError``."""
+    try:
+        model.load_state_dict(payload["model_state"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"the checkpoint's weights do not fit a {type(model).__name__}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    return model
+
+
+def model_from_checkpoint(
+    payload: dict[str, Any], *, num_classes: int | None = None, **model_overrides: Any
+) -> tuple[nn.Module, Config]:
+    """The checkpoint's model with its weights, and its config.
+
+    The architecture comes from ``model_args_of(payload)`` alone; ``pretrained`` is off because
+    the weights come from the checkpoint (no torchvision weight file is needed).
+    ``model_overrides`` set other model settings (e.g. ``dropout``, ``freeze``)."""
+    cfg = config_from_dict(payload["config"])
+    model_cfg = dataclasses.replace(
+        cfg.model, **model_overrides, **model_args_of(payload), pretrained=False
+    )
+    model = build_model(model_cfg, num_classes=num_classes or len(payload["classes"]))
+    return load_weights(model, payload), cfg

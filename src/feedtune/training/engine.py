@@ -76,7 +76,11 @@ class TrainState:
 
 
 class Callback:
-    """Hooks called by ``fit``; override what you need."""
+    """Hooks called by ``fit`` (and ``on_fit_start`` by ``trainer.train_model``); override
+    what you need."""
+
+    def on_fit_start(self, pipeline: Any, *, resumed: bool) -> None:
+        """The data pipeline is built and training is about to start (or resume)."""
 
     def on_epoch_start(self, epoch: int) -> None: ...
 
@@ -163,6 +167,34 @@ class LrSchedule:
             group["lr"] = group["base_lr"] * factor
 
 
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    amp: bool = False,
+) -> torch.Tensor:
+    """One optimizer step on a batch already on the device; returns the (detached) loss.
+
+    The one training step of feedtune: epochs and throughput probes both call it, so a probe
+    measures exactly what training does."""
+    device = images.device
+    with _autocast(device, amp):
+        loss = loss_fn(model(images), targets)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[Any],
@@ -197,18 +229,9 @@ def train_one_epoch(
         if batch is None:  # every sample of the batch was a bad image
             continue
         images, targets = to_device(batch, device, channels_last)
-        with _autocast(device, amp):
-            loss = loss_fn(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
         if set_lr is not None:
             set_lr(steps)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        loss = train_step(model, optimizer, loss_fn, images, targets, scaler=scaler, amp=amp)
         n = targets.shape[0]
         total_loss += loss.item() * n
         samples += n

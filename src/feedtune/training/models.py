@@ -9,6 +9,15 @@ from torch import nn
 
 from feedtune.config import ModelConfig
 
+# The ModelConfig fields that decide the shape of the weights: a checkpoint records exactly
+# these (``model_args``) and a model is rebuilt from them alone.
+ARCHITECTURE_KEYS = ("name", "width", "depth")
+
+
+def model_args(cfg: ModelConfig) -> dict[str, object]:
+    """``cfg``'s architecture-deciding fields, as a checkpoint stores them."""
+    return {key: getattr(cfg, key) for key in ARCHITECTURE_KEYS}
+
 
 class SmallCNN(nn.Module):
     """``depth`` conv blocks (conv, BN, ReLU, 2x max-pool) and a linear head; fast on 2 cores.

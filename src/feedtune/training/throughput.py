@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from feedtune.data.dataset import single_torch_thread
-from feedtune.training.engine import is_channels_last, to_device
+from feedtune.config import TrainConfig
+from feedtune.training.engine import build_optimizer, is_channels_last, to_device, train_step
 
 # Above this share of end-to-end time spent waiting for batches, the loader is the bottleneck.
 LOADER_BOUND_WAIT_FRAC = 0.15
@@ -84,16 +84,15 @@ def measure_loader(loader: DataLoader, *, batches: int, warmup: int = 2) -> tupl
     return samples / elapsed, startup
 
 
-def _train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    loss_fn: nn.Module,
-) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss_fn(model(images), targets).backward()
-    optimizer.step()
+def _probe_parts(
+    model: nn.Module, device: torch.device, train_cfg: TrainConfig | None
+) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module, bool]:
+    """A copy of ``model`` with the run's own optimizer and loss, so a probe's step costs what
+    a training step costs (the model being measured is not changed)."""
+    cfg = train_cfg or TrainConfig()
+    model = copy.deepcopy(model).to(device).train()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    return model, build_optimizer(model, cfg), loss_fn, cfg.amp and device.type == "cuda"
 
 
 def _sync(device: torch.device) -> None:
@@ -102,37 +101,49 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_model(
-    model: nn.Module, batch: Any, *, device: torch.device, steps: int, warmup: int = 2
+    model: nn.Module,
+    batch: Any,
+    *,
+    device: torch.device,
+    steps: int,
+    warmup: int = 2,
+    train_cfg: TrainConfig | None = None,
 ) -> float:
     """Samples/s of train steps on one batch already on the device (the model's appetite)."""
-    model = copy.deepcopy(model).to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    model, optimizer, loss_fn, amp = _probe_parts(model, device, train_cfg)
     images, targets = to_device(batch, device, is_channels_last(model))
-    loss_fn = nn.CrossEntropyLoss()
     for _ in range(warmup):
-        _train_step(model, optimizer, images, targets, loss_fn)
+        train_step(model, optimizer, loss_fn, images, targets, amp=amp)
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        _train_step(model, optimizer, images, targets, loss_fn)
+        train_step(model, optimizer, loss_fn, images, targets, amp=amp)
     _sync(device)
     return steps * len(targets) / (time.perf_counter() - start)
 
 
 def measure_training(
-    model: nn.Module, loader: DataLoader, *, device: torch.device, steps: int, warmup: int = 2
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    steps: int,
+    warmup: int = 2,
+    train_cfg: TrainConfig | None = None,
 ) -> tuple[float, float, float]:
     """(samples/s end to end, share of time waiting for batches, start-up seconds)."""
-    model = copy.deepcopy(model).to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    loss_fn = nn.CrossEntropyLoss()
+    model, optimizer, loss_fn, amp = _probe_parts(model, device, train_cfg)
     channels_last = is_channels_last(model)
+
+    def step(batch: Any) -> None:
+        train_step(model, optimizer, loss_fn, *to_device(batch, device, channels_last), amp=amp)
+
     t0 = time.perf_counter()
     it = _batches(loader)
     batch = next(it)
     startup = time.perf_counter() - t0
     for _ in range(warmup):
-        _train_step(model, optimizer, *to_device(batch, device, channels_last), loss_fn)
+        step(batch)
         batch = next(it)
     _sync(device)
     wait, samples = 0.0, 0
@@ -141,7 +152,7 @@ def measure_training(
         t = time.perf_counter()
         batch = next(it)
         wait += time.perf_counter() - t
-        _train_step(model, optimizer, *to_device(batch, device, channels_last), loss_fn)
+        step(batch)
         samples += len(batch[1])
     _sync(device)
     elapsed = time.perf_counter() - start
@@ -150,14 +161,19 @@ def measure_training(
 
 
 def measure(
-    model: nn.Module, loader: DataLoader, *, device: torch.device, batches: int
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    batches: int,
+    train_cfg: TrainConfig | None = None,
 ) -> Throughput:
     """All rates for one (model, loader) pair; ``batches`` timed batches per measurement."""
     loader_rate, loader_startup = measure_loader(loader, batches=batches)
     batch = next(b for b in loader if b is not None)
-    model_rate = measure_model(model, batch, device=device, steps=batches)
+    model_rate = measure_model(model, batch, device=device, steps=batches, train_cfg=train_cfg)
     train_rate, wait_frac, train_startup = measure_training(
-        model, loader, device=device, steps=batches
+        model, loader, device=device, steps=batches, train_cfg=train_cfg
     )
     return Throughput(
         loader_samples_per_s=loader_rate,
@@ -210,33 +226,3 @@ def cache_metrics(pipeline: Any) -> dict[str, float]:
         "cache_fill_s": sum(c.fill_seconds for c in caches),
         "cache_mb": sum(c.nbytes for c in caches) / 2**20,
     }
-
-
-def measure_and_log(
-    cfg: Any, pipeline: Any, model: nn.Module, *, progress: bool = False
-) -> Throughput | None:
-    """Measure a trained configuration and log the speed metrics, verdict and step costs."""
-    from feedtune.tracking import mlflow_store as tracking
-    from feedtune.tracking.plots import bar_figure
-    from feedtune.training.engine import resolve_device
-
-    if cfg.train.measure_batches <= 0:
-        return None
-    device = resolve_device(cfg.train.device)
-    result = measure(model, pipeline.train_loader, device=device, batches=cfg.train.measure_batches)
-    tracking.log_metrics({**result.metrics(), **cache_metrics(pipeline)})
-    tracking.set_tags({"feedtune.bottleneck": result.bottleneck})
-    with single_torch_thread():  # as the loader runs them (see ImageDataset.__getitems__)
-        costs = transform_costs(pipeline.train_set, batch_size=cfg.loader.batch_size, seed=cfg.seed)
-    tracking.log_dataframe(costs, "throughput/transform_costs.csv")
-    tracking.log_figure(
-        bar_figure(
-            costs["step"],
-            costs["ms_per_sample"],
-            xlabel="ms per sample (one process)",
-            title=f"train pipeline cost per step ({cfg.augment.library}, {cfg.augment.policy}, "
-            f"{cfg.augment.order})",
-        ),
-        "throughput/transform_costs.png",
-    )
-    return result

@@ -3,12 +3,14 @@ suggestions from the config's search space, and the study's plots and table."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,37 +22,43 @@ from optuna.trial import FrozenTrial, TrialState
 
 from feedtune.config import ParamSpec
 from feedtune.tracking.liveness import is_alive
+from feedtune.tracking.mlflow_store import redact
+from feedtune.tracking.plots import pareto_figure
+from feedtune.tuning.space import Inert, inside, ordered
 
 log = logging.getLogger(__name__)
-# Optuna flags its matplotlib plots and retry callback as experimental; they are what we want.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 TrialPruned = optuna.TrialPruned
 # An RDB worker that misses heartbeats this long is considered dead and its trial failed.
 HEARTBEAT_S = 10
 GRACE_S = 30
+# A trial whose worker died is run again at most this often: one that kills its worker every
+# time (out of memory, say) must not take every restart down with it.
+MAX_RETRIES = 2
+# Called with a trial whose worker died, before it is failed (e.g. to end its MLflow run).
+DeadTrialHook = Callable[[FrozenTrial], None]
 
 
-def redact(url: str) -> str:
-    """Storage URL without its password, safe to print and to show in the UI."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        return urlunsplit(
-            parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
-        )
-    return url
+@contextlib.contextmanager
+def _experimental_ok() -> Iterator[None]:
+    """Optuna flags its matplotlib plots and retry callback as experimental; they are what
+    feedtune wants, so the warning is silenced where they are used, and nowhere else."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def storage_url_for(path: str | Path) -> str:
     return f"journal:{Path(path).resolve()}"
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+def open_storage(
+    url: str, *, on_dead_trial: DeadTrialHook | None = None
+) -> optuna.storages.BaseStorage:
     """``journal:PATH`` (default: a file several processes on one machine share through a file
     lock) or any SQLAlchemy URL (``postgresql://...``, ``sqlite:///...``) for an RDB storage
-    with heartbeats, so a trial whose worker died is failed and retried."""
+    with heartbeats, so a trial whose worker died is failed and retried (``on_dead_trial``
+    first sees it)."""
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +73,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 url,
                 heartbeat_interval=HEARTBEAT_S,
                 grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=_retry_dead_trial,
+                heartbeat_stale_trial_callback=_retry_dead_trial(on_dead_trial),
                 engine_kwargs={"pool_pre_ping": True},
             )
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
@@ -83,42 +91,71 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     raise AssertionError("unreachable")
 
 
-# Called for a trial whose worker died; feedtune.tune sets it to end the trial's MLflow run.
-on_dead_trial: Callable[[FrozenTrial], None] | None = None
-_retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+def _retry_dead_trial(
+    on_dead_trial: DeadTrialHook | None,
+) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """The RDB heartbeat callback: ``on_dead_trial``, then Optuna's retry with the same
+    parameters and user attributes (so the retry finds the old run's checkpoint), at most
+    ``MAX_RETRIES`` times."""
+    with _experimental_ok():
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        if on_dead_trial is not None:
+            on_dead_trial(trial)
+        retry(study, trial)
+
+    return callback
 
 
-def _retry_dead_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-    """RDB heartbeat expired: close the trial's run, then retry it with the same parameters
-    (Optuna copies params and user attributes, so the retry finds the old run's checkpoint)."""
-    if on_dead_trial is not None:
-        on_dead_trial(trial)
-    _retry(study, trial)
+def _is_dead(trial: FrozenTrial) -> bool:
+    info = trial.user_attrs.get("worker")
+    if info:
+        return not is_alive(info)
+    # Not yet claimed by a worker: dead if it stayed so longer than a live one takes to claim.
+    started = trial.datetime_start
+    return started is not None and (datetime.now() - started).total_seconds() > GRACE_S
 
 
-def reap_dead_trials(study: optuna.Study) -> list[FrozenTrial]:
+def reap_dead_trials(
+    study: optuna.Study, *, on_dead_trial: DeadTrialHook | None = None
+) -> list[FrozenTrial]:
     """File storages have no heartbeat: fail RUNNING trials whose worker process on this
-    machine is gone, and queue each again with the same parameters (and its user attributes,
-    among them the MLflow run whose checkpoint the retry resumes from)."""
+    machine is gone (or that no worker claimed in ``GRACE_S``), and queue each again with the
+    same parameters and user attributes (among them the MLflow run whose checkpoint the retry
+    resumes from), unless it was already retried ``MAX_RETRIES`` times."""
     reaped = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        info = trial.user_attrs.get("worker")
-        if not info or is_alive(info):
+        if not _is_dead(trial):
             continue
         try:
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            study.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
             continue  # another process reaped it first
         if on_dead_trial is not None:
             on_dead_trial(trial)
-        attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
-        study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": trial.number})
-        log.warning(
-            "trial %d of %s: worker %s is gone; failed and queued again",
-            trial.number,
-            study.study_name,
-            info,
-        )
+        retries = int(trial.user_attrs.get("retries", 0))
+        worker = trial.user_attrs.get("worker", "never claimed")
+        if retries >= MAX_RETRIES:
+            log.warning(
+                "trial %d of %s: worker %s is gone; failed, not retried (its worker died %d times)",
+                trial.number,
+                study.study_name,
+                worker,
+                retries + 1,
+            )
+        else:
+            attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
+            attrs.update(retry_of=trial.number, retries=retries + 1, retry_reason="worker died")
+            study.enqueue_trial(trial.params, user_attrs=attrs)
+            log.warning(
+                "trial %d of %s: worker %s is gone; failed and queued again (retry %d of %d)",
+                trial.number,
+                study.study_name,
+                worker,
+                retries + 1,
+                MAX_RETRIES,
+            )
         reaped.append(trial)
     return reaped
 
@@ -135,7 +172,7 @@ def build_pruner(
     return optuna.pruners.NopPruner()
 
 
-def make_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
+def build_trial_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
     """Seeded multivariate TPE; ``group`` because the space is conditional (see ``suggest``)."""
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True, group=True)
 
@@ -150,7 +187,7 @@ def create_study(
     warmup_epochs: int = 2,
 ) -> optuna.Study:
     """Create or load (resume) the study ``name``; seeded TPE so runs repeat."""
-    sampler = make_sampler(seed)
+    sampler = build_trial_sampler(seed)
     return optuna.create_study(
         study_name=name,
         storage=storage,
@@ -161,17 +198,6 @@ def create_study(
     )
 
 
-Inert = Callable[[dict[str, Any]], set[str]]
-
-
-# Keys on which other keys' relevance depends (see tune.inert_settings): drawn first.
-DECIDING_KEYS = ("loader.num_workers", "sampler.kind", "augment.policy")
-
-
-def _ordered(space: dict[str, ParamSpec]) -> list[tuple[str, ParamSpec]]:
-    return sorted(space.items(), key=lambda item: item[0] not in DECIDING_KEYS)
-
-
 def enqueue_values(
     study: optuna.Study, space: dict[str, ParamSpec], values: dict[str, Any]
 ) -> bool:
@@ -179,17 +205,11 @@ def enqueue_values(
     the study already has trials; returns whether one was queued."""
     if study.get_trials(deepcopy=False):
         return False
-    fixed = {k: values[k] for k, spec in space.items() if k in values and _inside(spec, values[k])}
+    fixed = {k: values[k] for k, spec in space.items() if k in values and inside(spec, values[k])}
     if not fixed:
         return False
     study.enqueue_trial(fixed, skip_if_exists=True)
     return True
-
-
-def _inside(spec: ParamSpec, value: Any) -> bool:
-    if spec.kind == "choice":
-        return value in (spec.choices or [])
-    return float(spec.low) <= float(value) <= float(spec.high)
 
 
 def suggest(
@@ -201,7 +221,7 @@ def suggest(
     prefetch factor without workers): they are not suggested, a conditional space in Optuna's
     define-by-run style, so trials are not spent on settings that change nothing."""
     out: dict[str, Any] = {}
-    for key, spec in _ordered(space):
+    for key, spec in ordered(space):
         if inert is not None and key in inert(out):
             continue
         if spec.kind == "choice":
@@ -215,29 +235,6 @@ def suggest(
                 key, float(spec.low), float(spec.high), log=spec.log, step=spec.step
             )
     return out
-
-
-def grid(space: dict[str, ParamSpec], inert: Inert | None = None) -> list[dict[str, Any]]:
-    """Every combination of a discrete space (ints expanded), for exhaustive comparisons;
-    with ``inert``, combinations that differ only in inert keys count once."""
-    import itertools
-
-    axes = []
-    for key, spec in space.items():
-        if spec.kind == "choice":
-            values = list(spec.choices or [])
-        elif spec.kind == "int":
-            values = list(range(int(spec.low), int(spec.high) + 1, int(spec.step or 1)))
-        else:
-            raise ValueError(f"search.{key}: a float range has no finite grid")
-        axes.append([(key, v) for v in values])
-    cells: dict[tuple, dict[str, Any]] = {}
-    for combo in itertools.product(*axes):
-        cell = dict(combo)
-        if inert is not None:
-            cell = {k: v for k, v in cell.items() if k not in inert(cell)}
-        cells.setdefault(tuple(sorted(cell.items())), cell)
-    return list(cells.values())
 
 
 def report(trial: optuna.Trial, value: float, step: int) -> None:
@@ -284,22 +281,22 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
 def figures(study: optuna.Study, *, pareto_x: str, pareto_y: str) -> dict[str, Any]:
     """Optimization history, parameter importances (with >= 2 complete trials) and the
     accuracy/throughput Pareto front from trial user attributes."""
-    from feedtune.tracking.plots import pareto_figure
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     out: dict[str, Any] = {}
     done = complete_trials(study)
     if not done:
         return out
-    out["history"] = optuna.visualization.matplotlib.plot_optimization_history(study).figure
-    varied = {k for t in done for k in t.params if len({str(u.params.get(k)) for u in done}) > 1}
-    if len(done) >= 2 and varied:
-        try:
-            out["importances"] = optuna.visualization.matplotlib.plot_param_importances(
-                study
-            ).figure
-        except (RuntimeError, ValueError) as exc:  # too few distinct values for the evaluator
-            log.info("no parameter importances: %s", exc)
+    with _experimental_ok():
+        out["history"] = optuna.visualization.matplotlib.plot_optimization_history(study).figure
+        varied = {
+            k for t in done for k in t.params if len({str(u.params.get(k)) for u in done}) > 1
+        }
+        if len(done) >= 2 and varied:
+            try:
+                out["importances"] = optuna.visualization.matplotlib.plot_param_importances(
+                    study
+                ).figure
+            except (RuntimeError, ValueError) as exc:  # too few distinct values to rank
+                log.info("no parameter importances: %s", exc)
     points = [(t.user_attrs.get(pareto_x), t.user_attrs.get(pareto_y), t.number) for t in done]
     points = [p for p in points if p[0] is not None and p[1] is not None and not math.isnan(p[0])]
     if points:

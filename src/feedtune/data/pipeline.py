@@ -1,0 +1,105 @@
+"""The data side of a run, assembled: source -> table -> bad-file scan -> split (``prepare_data``,
+once per command) and datasets -> cache -> sampler -> loaders (``build_pipeline``, once per
+configuration)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from feedtune.config import PROJECT_ROOT, Config
+from feedtune.data.augment import build_transform
+from feedtune.data.cache import cache_datasets, working_size
+from feedtune.data.dataset import ImageDataset, scan_images
+from feedtune.data.embedded import dataset_root, ensure_dataset
+from feedtune.data.loader import build_loader
+from feedtune.data.sampling import build_sampler
+from feedtune.data.sources import class_names, load_table
+from feedtune.data.split import Split, make_split
+
+
+@dataclass
+class PreparedData:
+    """The table, its bad files and the split: computed once, shared by a study's trials."""
+
+    source: Path
+    classes: list[str]
+    split: Split
+    bad: pd.DataFrame
+
+
+def resolve_source(cfg: Config, *, progress: bool = True) -> Path:
+    """``data.path`` if set, else the embedded dataset (written on first use)."""
+    if cfg.data.path:
+        path = Path(cfg.data.path).expanduser()
+        return path if path.is_absolute() else (Path.cwd() / path)
+    root = dataset_root(cfg.data.name, PROJECT_ROOT)
+    ensure_dataset(cfg.data.name, root, seed=cfg.data.generator_seed, progress=progress)
+    return root
+
+
+def size_limits(cfg: Config) -> dict[str, int]:
+    """The file-size and pixel limits every image check and decode applies."""
+    return {"max_pixels": cfg.data.max_pixels, "max_bytes": cfg.data.max_file_mb * 2**20}
+
+
+def prepare_data(cfg: Config, *, progress: bool = True) -> PreparedData:
+    source = resolve_source(cfg, progress=progress)
+    table = load_table(source)
+    scan = scan_images(
+        table, on_bad_image=cfg.data.on_bad_image, progress=progress, **size_limits(cfg)
+    )
+    split = make_split(scan.good, cfg.split, seed=cfg.seed)
+    return PreparedData(source=source, classes=class_names(table), split=split, bad=scan.bad)
+
+
+@dataclass
+class Pipeline:
+    """Datasets and loaders of one configuration."""
+
+    train_set: ImageDataset
+    val_set: ImageDataset
+    train_loader: DataLoader
+    val_loader: DataLoader
+    sampler: Any
+    generators: list[torch.Generator] = field(default_factory=list)
+
+
+def build_pipeline(
+    cfg: Config, data: PreparedData, *, cuda: bool, progress: bool = False
+) -> Pipeline:
+    common = {
+        "decoder": cfg.data.decoder,
+        "on_bad_image": cfg.data.on_bad_image,
+        # JPEGs >= 2x the working size are decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT
+        # scaling); the transform resizes anyway, so output shapes do not change.
+        "min_decode_size": working_size(cfg.augment.image_size),
+        **size_limits(cfg),
+    }
+    train_set = ImageDataset(
+        data.split.train, data.classes, build_transform(cfg.augment, train=True), **common
+    )
+    val_set = ImageDataset(
+        data.split.val, data.classes, build_transform(cfg.augment, train=False), **common
+    )
+    # Both sets: val is read every epoch, and sees the same preprocessing as train.
+    cache_datasets(
+        [train_set, val_set], cfg.loader, image_size=cfg.augment.image_size, progress=progress
+    )
+    sampler_gen = torch.Generator().manual_seed(cfg.seed)
+    sampler = build_sampler(cfg.sampler, targets=train_set.targets, generator=sampler_gen)
+    train_loader = build_loader(train_set, cfg.loader, sampler=sampler, seed=cfg.seed, cuda=cuda)
+    val_loader = build_loader(val_set, cfg.loader, seed=cfg.seed, cuda=cuda)
+    return Pipeline(
+        train_set=train_set,
+        val_set=val_set,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        sampler=sampler,
+        generators=[sampler_gen, train_loader.generator],
+    )

@@ -1,0 +1,163 @@
+"""Recording a training run in MLflow: a callback for the trainer, and what a run logs before
+its first epoch and after its last. Every MLflow call goes through ``mlflow_store``."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from feedtune.config import Config
+from feedtune.data.augment import save_sample_grid
+from feedtune.data.dataset import single_torch_thread
+from feedtune.data.imageio import decode_image
+from feedtune.data.pipeline import Pipeline, PreparedData
+from feedtune.data.sampling import epoch_class_counts
+from feedtune.tracking import mlflow_store
+from feedtune.tracking.plots import bar_figure, confusion_matrix_figure
+from feedtune.training.checkpoint import load_checkpoint
+from feedtune.training.engine import Callback, resolve_device
+from feedtune.training.throughput import Throughput, cache_metrics, measure, transform_costs
+from feedtune.training.trainer import BEST, LAST, TrainOutcome
+
+EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "val_f1_macro", "lr")
+
+
+class RunRecorder(Callback):
+    """Records a training run in the active MLflow run: its inputs when training starts, then
+    each epoch the checkpoints the trainer just wrote into ``folder`` and the epoch's metrics.
+    Checkpoints go first: a resumed run re-logs only the epochs whose metrics were lost."""
+
+    def __init__(self, cfg: Config, data: PreparedData, folder: Path) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.folder = folder
+
+    def on_fit_start(self, pipeline: Any, *, resumed: bool) -> None:
+        if not resumed:
+            log_run_inputs(self.cfg, self.data, pipeline)
+
+    def on_epoch_end(self, epoch, metrics, *, state, model, optimizer, evaluation, improved):
+        if improved:
+            mlflow_store.log_file(self.folder / BEST, "checkpoints")
+        mlflow_store.log_file(self.folder / LAST, "checkpoints")
+        mlflow_store.log_metrics({k: metrics[k] for k in EPOCH_METRICS}, step=epoch)
+        mlflow_store.log_metrics(_best_so_far(state.history))
+
+
+def _best_so_far(history: list[dict[str, float]]) -> dict[str, float]:
+    return {
+        "best_val_f1_macro": max(h["val_f1_macro"] for h in history),
+        "best_val_acc": max(h["val_acc"] for h in history),
+    }
+
+
+def log_run_inputs(cfg: Config, data: PreparedData, pipeline: Pipeline) -> None:
+    """Artifacts that describe what a run trains on: config, split, augmentation, sampler."""
+    mlflow_store.log_config(cfg)
+    mlflow_store.log_split(data.split)
+    mlflow_store.log_bad_images(data.bad)
+    transform = pipeline.train_set.transform
+    mlflow_store.log_json(transform.to_dict(), "augment/train.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        transform.save(Path(tmp) / "train.yaml")
+        mlflow_store.log_file(Path(tmp) / "train.yaml", "augment")
+        picks = np.linspace(
+            0, len(pipeline.train_set) - 1, num=min(4, len(pipeline.train_set)), dtype=int
+        )
+        images = [
+            decode_image(pipeline.train_set.paths[i], backend=cfg.data.decoder) for i in picks
+        ]
+        grid = save_sample_grid(
+            images, transform, Path(tmp) / "samples.png", mean=cfg.augment.mean, std=cfg.augment.std
+        )
+        mlflow_store.log_file(grid, "augment")
+    counts = epoch_class_counts(pipeline.sampler, pipeline.train_set.targets, data.classes)
+    mlflow_store.log_dataframe(counts, "sampler/epoch_class_counts.csv")
+
+
+def log_run_results(cfg: Config, outcome: TrainOutcome, classes: list[str]) -> None:
+    """The best epoch's metrics, per-class recall, confusion matrix and the model."""
+    best = outcome.best
+    mlflow_store.log_metrics(
+        {
+            **_best_so_far(outcome.state.history),
+            "best_epoch": outcome.state.best_epoch,
+            "epochs_run": outcome.state.epoch,
+        }
+    )
+    mlflow_store.log_dataframe(
+        pd.DataFrame({"class": classes, "recall": best.per_class_recall}),
+        "metrics/per_class_recall.csv",
+    )
+    mlflow_store.log_figure(
+        confusion_matrix_figure(
+            best.confusion,
+            classes,
+            title=f"best epoch {outcome.state.best_epoch + 1}: val_f1_macro {best.f1_macro:.3f}",
+        ),
+        "plots/confusion_matrix.png",
+    )
+    example = next(b for b in outcome.pipeline.val_loader if b is not None)[0][:2].numpy()
+    mlflow_store.log_model(outcome.model.cpu(), example)
+
+
+def log_throughput(cfg: Config, pipeline: Pipeline, model: Any) -> Throughput | None:
+    """Measure a trained configuration; log the speed metrics, the verdict and step costs."""
+    if cfg.train.measure_batches <= 0:
+        return None
+    device = resolve_device(cfg.train.device)
+    result = measure(
+        model,
+        pipeline.train_loader,
+        device=device,
+        batches=cfg.train.measure_batches,
+        train_cfg=cfg.train,
+    )
+    mlflow_store.log_metrics({**result.metrics(), **cache_metrics(pipeline)})
+    mlflow_store.set_tags({"feedtune.bottleneck": result.bottleneck})
+    with single_torch_thread():  # as the loader runs them (see ImageDataset.__getitems__)
+        costs = transform_costs(pipeline.train_set, batch_size=cfg.loader.batch_size, seed=cfg.seed)
+    mlflow_store.log_dataframe(costs, "throughput/transform_costs.csv")
+    mlflow_store.log_figure(
+        bar_figure(
+            costs["step"],
+            costs["ms_per_sample"],
+            xlabel="ms per sample (one process)",
+            title=f"train pipeline cost per step ({cfg.augment.library}, {cfg.augment.policy}, "
+            f"{cfg.augment.order})",
+        ),
+        "throughput/transform_costs.png",
+    )
+    return result
+
+
+def finish_run(cfg: Config, outcome: TrainOutcome, classes: list[str]) -> Throughput | None:
+    """What every run that trained to the end logs: results, model, then its throughput."""
+    log_run_results(cfg, outcome, classes)
+    return log_throughput(cfg, outcome.pipeline, outcome.model)
+
+
+def download_resume(run_id: str, folder: Path) -> dict[str, Any] | None:
+    """Fetch ``last.pt`` and ``best.pt`` of ``run_id`` into ``folder``; the ``last`` payload, or
+    None when the run never finished an epoch."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        # MLflow downloads a single file into dst_path itself (no sub-folders).
+        for name in (LAST, BEST):
+            mlflow_store.download_artifact(run_id, f"checkpoints/{name}", folder)
+    except Exception:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
+        return None
+    return load_checkpoint(folder / LAST)
+
+
+def relog_missing_epochs(run_id: str, payload: dict[str, Any]) -> None:
+    """Log epochs that were checkpointed but whose metrics did not reach MLflow before a kill."""
+    done = mlflow_store.logged_steps(run_id, "val_f1_macro")
+    for row in payload["train_state"]["history"]:
+        if int(row["epoch"]) not in done:
+            logged = {k: row[k] for k in EPOCH_METRICS if k in row}  # older checkpoints lack lr
+            mlflow_store.log_metrics(logged, step=int(row["epoch"]))

@@ -1,0 +1,179 @@
+"""The trainer: one configuration trained on prepared data, checkpointed every epoch.
+
+It knows nothing of MLflow or Optuna: recording and pruning reach it as callbacks (see
+``engine.Callback``), run after the checkpoint of each epoch is on disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from feedtune.config import Config
+from feedtune.data.pipeline import Pipeline, PreparedData, build_pipeline
+from feedtune.training.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from feedtune.training.engine import (
+    Callback,
+    EvalResult,
+    TrainState,
+    build_optimizer,
+    evaluate,
+    fit,
+    resolve_device,
+)
+from feedtune.training.models import build_model, model_args, num_outputs
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+class EpochSeeding(Callback):
+    """Reseed the sampler and worker seeds from (seed, epoch): an epoch draws the same
+    samples and augmentations whether or not the run was resumed before it."""
+
+    def __init__(self, generators: Sequence[torch.Generator], seed: int) -> None:
+        self.generators = generators
+        self.seed = seed
+
+    def on_epoch_start(self, epoch: int) -> None:
+        for i, gen in enumerate(self.generators):
+            gen.manual_seed(self.seed * 1_000_003 + epoch * 97 + i)
+
+
+class Checkpointing(Callback):
+    """Each epoch: write ``last.pt``, and ``best.pt`` when the epoch improved, into ``folder``.
+
+    A checkpoint holds what reuse needs (weights, ``model_args``, classes, config, metrics) and
+    what resuming needs (optimizer, training state, RNG states)."""
+
+    def __init__(self, cfg: Config, classes: list[str], folder: Path) -> None:
+        self.cfg = cfg
+        self.classes = classes
+        self.folder = folder
+
+    def payload(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: TrainState,
+        metrics: dict[str, float],
+    ) -> dict[str, Any]:
+        return {
+            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model_args": model_args(self.cfg.model),
+            "classes": self.classes,
+            "config": self.cfg.to_dict(),
+            "epoch": state.epoch,
+            "metrics": metrics,
+            "optimizer_state": optimizer.state_dict(),
+            "train_state": {
+                "epoch": state.epoch,
+                "history": state.history,
+                "best_metric": state.best_metric,
+                "best_epoch": state.best_epoch,
+                "stale_epochs": state.stale_epochs,
+            },
+            "rng": rng_state(),
+        }
+
+    def on_epoch_end(self, epoch, metrics, *, state, model, optimizer, evaluation, improved):
+        payload = self.payload(model, optimizer, state, metrics)
+        save_checkpoint(payload, self.folder / LAST)
+        if improved:
+            save_checkpoint(payload, self.folder / BEST)
+
+
+def train_state_from(payload: dict[str, Any]) -> TrainState:
+    return TrainState(**payload["train_state"])
+
+
+@dataclass
+class TrainOutcome:
+    state: TrainState
+    best: EvalResult
+    model: nn.Module
+    checkpoint: Path
+    pipeline: Pipeline
+
+
+def train_model(
+    cfg: Config,
+    data: PreparedData,
+    *,
+    folder: Path,
+    resume: dict[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+    model: nn.Module | None = None,
+    finetune: bool = False,
+) -> TrainOutcome:
+    """Train ``cfg`` on ``data``, checkpointing into ``folder``; ``resume`` is a checkpoint
+    payload to continue from. Returns the best model (weights of the best epoch).
+
+    ``callbacks`` run after each epoch's checkpoint is written (``on_fit_start`` once the data
+    pipeline is built). ``model``: start from this model (already sized to ``data.classes``
+    and frozen as wanted) instead of a fresh ``build_model(cfg.model)``; ``finetune``: the
+    backbone learns at ``train.lr * train.backbone_lr_scale``."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    device = resolve_device(cfg.train.device)
+    pipeline = build_pipeline(cfg, data, cuda=device.type == "cuda")
+    if model is None:
+        model = build_model(cfg.model, num_classes=len(data.classes))
+    elif num_outputs(model) != len(data.classes):
+        raise ValueError(
+            f"the model has {num_outputs(model)} outputs but the data has "
+            f"{len(data.classes)} classes; replace its head first (models.replace_head)"
+        )
+    optimizer = build_optimizer(model, cfg.train, finetune=finetune)
+    state = None
+    if resume is not None:
+        model.load_state_dict(resume["model_state"])
+        optimizer.load_state_dict(resume["optimizer_state"])
+        state = train_state_from(resume)
+        set_rng_state(resume["rng"])
+    for cb in callbacks:
+        cb.on_fit_start(pipeline, resumed=resume is not None)
+    own = [
+        EpochSeeding(pipeline.generators, cfg.seed),
+        Checkpointing(cfg, data.classes, folder),
+    ]
+    state = fit(
+        model,
+        pipeline.train_loader,
+        pipeline.val_loader,
+        cfg.train,
+        num_classes=len(data.classes),
+        optimizer=optimizer,
+        device=device,
+        state=state,
+        callbacks=[*own, *callbacks],
+        progress=progress,
+    )
+    best_path = folder / BEST
+    model.load_state_dict(load_checkpoint(best_path)["model_state"])
+    best = evaluate(
+        model,
+        pipeline.val_loader,
+        nn.CrossEntropyLoss(),
+        device=device,
+        num_classes=len(data.classes),
+        progress=False,
+    )
+    return TrainOutcome(
+        state=state,
+        best=best,
+        model=model,
+        checkpoint=best_path,
+        pipeline=pipeline,
+    )

@@ -1,0 +1,89 @@
+"""Every rule about the search space in one place: which keys are speed settings, which keys
+decide whether others matter, and which settings are inert given the rest.
+
+Speed settings change how fast data arrives, not what the model learns; they are tuned by short
+throughput trials. Everything else in ``search`` is a quality setting, tuned by validation score.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+from feedtune.config import ParamSpec, SearchConfig
+
+SPEED_KEYS = (
+    "loader.num_workers",
+    "loader.pin_memory",
+    "loader.prefetch_factor",
+    "loader.persistent_workers",
+    "loader.cache",
+    "data.decoder",
+)
+# Keys on which other keys' relevance depends (see ``inert_settings``): drawn first.
+DECIDING_KEYS = ("loader.num_workers", "sampler.kind", "augment.policy")
+
+Inert = Callable[[dict[str, Any]], set[str]]
+
+
+def speed_space(search: SearchConfig) -> dict[str, ParamSpec]:
+    return {k: v for k, v in search.space.items() if k in SPEED_KEYS}
+
+
+def quality_space(search: SearchConfig) -> dict[str, ParamSpec]:
+    return {k: v for k, v in search.space.items() if k not in SPEED_KEYS}
+
+
+def inert_settings(values: dict[str, Any], *, cuda: bool) -> set[str]:
+    """Dotted keys that cannot change a trial given the other ``values`` (all settings)."""
+    inert = set()
+    if values.get("loader.num_workers", 1) == 0:
+        # The loader drops these without workers (``loader.loader_kwargs``).
+        inert |= {"loader.prefetch_factor", "loader.persistent_workers", "loader.timeout"}
+    if not cuda:
+        inert.add("loader.pin_memory")
+    if values.get("sampler.kind") != "weighted":
+        inert |= {"sampler.weight_power", "sampler.num_samples", "sampler.replacement"}
+    if values.get("augment.policy") == "none":
+        # Policy none trains on the eval pipeline, which has no strength and no order.
+        inert |= {"augment.magnitude", "augment.order"}
+    return inert
+
+
+def inert_given(settings: dict[str, Any], *, cuda: bool) -> Inert:
+    """The ``inert`` callback for a trial whose settings, apart from the values drawn, are
+    ``settings`` (a config's ``flat()``)."""
+    return lambda values: inert_settings({**settings, **values}, cuda=cuda)
+
+
+def ordered(space: dict[str, ParamSpec]) -> list[tuple[str, ParamSpec]]:
+    """The space's keys, deciding keys first, so that a key's relevance is known when drawn."""
+    return sorted(space.items(), key=lambda item: item[0] not in DECIDING_KEYS)
+
+
+def inside(spec: ParamSpec, value: Any) -> bool:
+    if spec.kind == "choice":
+        return value in (spec.choices or [])
+    return float(spec.low) <= float(value) <= float(spec.high)
+
+
+def grid(space: dict[str, ParamSpec], inert: Inert | None = None) -> list[dict[str, Any]]:
+    """Every combination of a discrete space (ints expanded), for exhaustive comparisons;
+    with ``inert``, combinations that differ only in inert keys count once."""
+    axes = []
+    for key, spec in space.items():
+        if spec.kind == "choice":
+            values = list(spec.choices or [])
+        elif spec.kind == "int":
+            values = list(range(int(spec.low), int(spec.high) + 1, int(spec.step or 1)))
+        else:
+            raise ValueError(f"search.{key}: a float range has no finite grid")
+        axes.append([(key, v) for v in values])
+    cells: dict[tuple, dict[str, Any]] = {}
+    for combo in itertools.product(*axes):
+        cell = dict(combo)
+        if inert is not None:
+            cell = {k: v for k, v in cell.items() if k not in inert(cell)}
+        cells.setdefault(tuple(sorted(cell.items())), cell)
+    return list(cells.values())
