@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image, ImageOps
 
+from feedtune.config import ConfigError, DataConfig, load_config
+from feedtune.data.dataset import ImageDataset, scan_images
 from feedtune.data.imageio import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
     EMPTY,
+    MIB,
     NOT_AN_IMAGE,
+    NOT_REGULAR,
     TRUNCATED_JPEG,
     TRUNCATED_PNG,
     BadImageError,
@@ -383,3 +393,132 @@ def test_opencv_backend_decodes_plain_jpeg_only(tmp_path, monkeypatch):
     decode_image(plain, backend="opencv")
     decode_image(plain, backend="pil")
     assert len(calls) == 1
+
+
+# --- hostile files: FIFOs, huge headers, huge files ------------------------------------------
+
+
+def _flat_png(path: Path, w: int, h: int) -> Path:
+    """A valid, fully decodable 1-bit black PNG of any size, streamed row by row: a few KiB on
+    disk and in memory even at 9000x9000 (Pillow would build the whole image first)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    packer = zlib.compressobj(9)
+    row = bytes(1 + (w + 7) // 8)  # filter byte 0, then w bits of black
+    idat = b"".join(packer.compress(row) for _ in range(h)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.mark.timeout(20)
+def test_fifo_is_not_a_regular_file(tmp_path):
+    path = tmp_path / "x.jpg"
+    os.mkfifo(path)  # nobody writes: opening it for reading would block forever
+    assert check_image(path) == NOT_REGULAR
+    for backend in BACKENDS:
+        with pytest.raises(BadImageError, match="x.jpg: not a regular file"):
+            decode_image(path, backend=backend)
+    with pytest.raises(BadImageError, match="x.jpg: not a regular file"):
+        image_size(path)
+    table = pd.DataFrame({"path": [str(path)], "label": ["a"]})
+    scan = scan_images(table, progress=False)
+    assert scan.good.empty and scan.bad["reason"].tolist() == [NOT_REGULAR]
+
+
+@pytest.mark.timeout(60)
+def test_image_over_default_max_pixels_is_refused_from_its_header(tmp_path):
+    # 81 MP: under Pillow's own warning limit (~89 MP), over data.max_pixels (64 MP).
+    path = _flat_png(tmp_path / "huge.png", 9000, 9000)
+    assert path.stat().st_size < 100_000
+    reason = "9000x9000 = 81.0 MP, above data.max_pixels = 64 MP"
+    assert check_image(path) == reason
+    for backend in BACKENDS:
+        with pytest.raises(BadImageError) as info:
+            decode_image(path, backend=backend, min_size=64)
+        assert info.value.reason == reason
+        assert str(path) in str(info.value) and "data.max_pixels = 64 MP" in str(info.value)
+    # The file itself is sound: at a limit it does not exceed, the header check passes.
+    assert check_image(path, max_pixels=81_000_000) is None
+    assert image_size(path) == (9000, 9000)
+
+
+def test_max_pixels_threads_through_scan_and_dataset(tmp_path):
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    Image.fromarray(_photo(300, 200)).save(big)
+    Image.fromarray(_photo(100, 100)).save(small)
+    table = pd.DataFrame({"path": [str(big), str(small)], "label": ["a", "a"]})
+    reason = "300x200 = 0.1 MP, above data.max_pixels = 0.05 MP"
+
+    scan = scan_images(table, max_pixels=50_000, progress=False)
+    assert scan.good["path"].tolist() == [str(small)]
+    assert scan.bad[["path", "reason"]].values.tolist() == [[str(big), reason]]
+    with pytest.raises(BadImageError, match="big.png: 300x200 = 0.1 MP, above data.max_pixels"):
+        scan_images(table, on_bad_image="raise", max_pixels=50_000, progress=False)
+    assert scan_images(table, progress=False).bad.empty  # the default limit is far above
+
+    skipping = ImageDataset(table, ["a"], None, max_pixels=50_000)
+    assert skipping[0] is None and skipping[1][0].shape == (100, 100, 3)
+    raising = ImageDataset(table, ["a"], None, on_bad_image="raise", max_pixels=50_000)
+    with pytest.raises(BadImageError, match="big.png") as info:
+        raising[0]
+    assert info.value.reason == reason
+
+
+@pytest.mark.timeout(20)
+def test_file_over_max_bytes_is_refused_before_reading(tmp_path):
+    # 1 TiB on paper, a few bytes on disk: reading it would exhaust memory, not finish in time.
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")
+        f.truncate(1 << 40)
+    reason = "file is 1048576 MiB, above data.max_file_mb = 100 MiB"
+    assert check_image(huge) == reason
+    for backend in BACKENDS:
+        with pytest.raises(BadImageError, match="huge.png") as info:
+            decode_image(huge, backend=backend)
+        assert info.value.reason == reason
+
+    small = tmp_path / "small.png"
+    Image.fromarray(_photo(120, 90)).save(small)
+    size = small.stat().st_size
+    reason = f"file is {size} bytes, above data.max_file_mb = 1000 bytes"
+    assert size > 1000 and check_image(small, max_bytes=1000) == reason
+    with pytest.raises(BadImageError, match="small.png") as info:
+        decode_image(small, max_bytes=1000)
+    assert info.value.reason == reason
+    table = pd.DataFrame({"path": [str(small)], "label": ["a"]})
+    assert scan_images(table, max_bytes=1000, progress=False).bad["reason"].tolist() == [reason]
+    assert check_image(small, max_bytes=size) is None
+    _check_rgb(decode_image(small, max_bytes=size), 90, 120)
+
+
+def test_limits_must_be_positive(tmp_path):
+    path, _ = gray_jpeg(tmp_path)
+    for kwargs in ({"max_pixels": 0}, {"max_bytes": -1}, {"max_pixels": True}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            decode_image(path, **kwargs)
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            check_image(path, **kwargs)
+
+
+def test_limit_config_keys(tmp_path):
+    defaults = load_config(None).data
+    assert defaults.max_pixels == 64_000_000 and defaults.max_file_mb == 100
+    assert (DEFAULT_MAX_PIXELS, DEFAULT_MAX_BYTES) == (64_000_000, 100 * MIB)
+    assert DataConfig().max_file_mb * MIB == DEFAULT_MAX_BYTES
+    cfg = load_config(None, ["data.max_pixels=1000000", "data.max_file_mb=5"])
+    assert (cfg.data.max_pixels, cfg.data.max_file_mb) == (1_000_000, 5)
+    for override, expected in [
+        ("data.max_pixels=0", r"data.max_pixels: got 0, allowed range \[1, inf\]"),
+        ("data.max_file_mb=lots", "data.max_file_mb: got 'lots', expected an integer"),
+        ("data.max_file_mb=1.5", "data.max_file_mb"),
+    ]:
+        with pytest.raises(ConfigError, match=expected):
+            load_config(None, [override])

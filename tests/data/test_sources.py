@@ -191,5 +191,112 @@ def test_csv_without_rows(tmp_path):
 def test_csv_duplicate_paths(tmp_path):
     touch(tmp_path / "a.jpg")
     csv = write_csv(tmp_path / "m.csv", "path,label\na.jpg,cat\n./a.jpg,dog\n")
-    with pytest.raises(DataSourceError, match="1 file.* listed more than once: .*a.jpg"):
+    with pytest.raises(DataSourceError, match=r"data row 1 \(a.jpg\) and data row 2 \(./a.jpg\)"):
+        load_table(csv)
+    same = write_csv(tmp_path / "same.csv", "path,label\na.jpg,cat\n./a.jpg,cat\n")
+    assert load_table(same)["path"].tolist() == [str(tmp_path / "a.jpg")]
+
+
+# --- hostile trees: links, loops, FIFOs ------------------------------------------------------
+
+
+def _rows(table) -> list[tuple[str, str]]:
+    return list(zip(table["path"], table["label"], strict=True))
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("where", ["root", "class"])
+def test_loop_link_gives_each_image_once(tmp_path, where):
+    root = tmp_path / "imgs"
+    a, b = touch(root / "cat" / "a.jpg"), touch(root / "dog" / "b.jpg")
+    link = root / "loop" if where == "root" else root / "cat" / "loop"
+    link.symlink_to(".", target_is_directory=True)  # the folder holding the link
+    assert _rows(load_table(root)) == [(str(a), "cat"), (str(b), "dog")]
+
+
+@pytest.mark.timeout(20)
+def test_two_loop_links_do_not_hang(tmp_path):
+    root = tmp_path / "imgs"
+    a, b = touch(root / "cat" / "a.jpg"), touch(root / "dog" / "b.jpg")
+    # Each level doubles the paths an unchecked walk sees: 2 ** 40 before ELOOP stops it.
+    (root / "cat" / "self").symlink_to(".", target_is_directory=True)
+    (root / "cat" / "up").symlink_to("..", target_is_directory=True)
+    (root / "dog" / "up").symlink_to("..", target_is_directory=True)
+    assert _rows(load_table(root)) == [(str(a), "cat"), (str(b), "dog")]
+
+
+@pytest.mark.timeout(20)
+def test_symlinked_class_folder_is_followed_once(tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "cats"
+    touch(elsewhere / "a.jpg")
+    touch(elsewhere / "sub" / "b.jpg")
+    (elsewhere / "again").symlink_to("sub", target_is_directory=True)  # a second way to sub/
+    root = tmp_path / "imgs"
+    c = touch(root / "dog" / "c.jpg")
+    (root / "cat").symlink_to(elsewhere, target_is_directory=True)
+    # Paths stay as reached through the class link; sub/ is read once, by its own name.
+    assert _rows(load_table(root)) == [
+        (str(root / "cat" / "a.jpg"), "cat"),
+        (str(root / "cat" / "sub" / "b.jpg"), "cat"),
+        (str(c), "dog"),
+    ]
+
+
+@pytest.mark.timeout(20)
+def test_fifo_with_an_image_name_is_skipped_and_counted(tmp_path, caplog):
+    root = tmp_path / "imgs"
+    a, b = touch(root / "cat" / "a.jpg"), touch(root / "dog" / "b.jpg")
+    os.mkfifo(root / "cat" / "x.jpg")
+    with caplog.at_level("WARNING", logger="feedtune.data.sources"):
+        table = load_table(root)
+    assert _rows(table) == [(str(a), "cat"), (str(b), "dog")]
+    assert "skipped 1 file(s)" in caplog.text and "not regular files" in caplog.text
+    assert str(root / "cat" / "x.jpg") in caplog.text
+
+
+def test_same_file_in_two_class_folders_names_both(tmp_path):
+    root = tmp_path / "imgs"
+    a = touch(root / "cat" / "a.jpg")
+    (root / "dog").mkdir()
+    (root / "dog" / "alias.jpg").symlink_to(a)
+    with pytest.raises(DataSourceError) as info:
+        load_table(root)
+    message = str(info.value)
+    assert str(a) in message and str(root / "dog" / "alias.jpg") in message
+    assert "'cat'" in message and "'dog'" in message
+
+
+def test_csv_same_file_via_symlink_keeps_one_row(tmp_path, caplog):
+    a, b = touch(tmp_path / "a.jpg"), touch(tmp_path / "b.jpg")
+    (tmp_path / "link.jpg").symlink_to(a)
+    (tmp_path / "alias").symlink_to(".", target_is_directory=True)
+    csv = write_csv(
+        tmp_path / "m.csv", "path,label\na.jpg,cat\nlink.jpg,cat\nb.jpg,dog\nalias/a.jpg,cat\n"
+    )
+    with caplog.at_level("WARNING", logger="feedtune.data.sources"):
+        table = load_table(csv)
+    assert _rows(table) == [(str(a), "cat"), (str(b), "dog")]  # the first listed row is kept
+    assert "2 repeated row(s)" in caplog.text and "data row 2 (link.jpg)" in caplog.text
+
+
+def test_csv_same_file_with_two_labels_names_both_rows(tmp_path):
+    a = touch(tmp_path / "a.jpg")
+    (tmp_path / "link.jpg").symlink_to(a)
+    csv = write_csv(tmp_path / "m.csv", "path,label\na.jpg,cat\nlink.jpg,dog\n")
+    with pytest.raises(DataSourceError) as info:
+        load_table(csv)
+    message = str(info.value)
+    assert "data row 1 (a.jpg)" in message and "data row 2 (link.jpg)" in message
+    assert "different labels 'cat' and 'dog'" in message
+    grouped = write_csv(tmp_path / "g.csv", "path,label,group\na.jpg,cat,p1\nlink.jpg,cat,p2\n")
+    with pytest.raises(DataSourceError, match="different groups 'p1' and 'p2'"):
+        load_table(grouped)
+
+
+@pytest.mark.timeout(20)
+def test_csv_listing_a_fifo_is_refused(tmp_path):
+    touch(tmp_path / "a.jpg")
+    os.mkfifo(tmp_path / "x.jpg")
+    csv = write_csv(tmp_path / "m.csv", "path,label\na.jpg,cat\nx.jpg,cat\n")
+    with pytest.raises(DataSourceError, match=r"1 listed path\(s\) are not regular files.*x.jpg"):
         load_table(csv)

@@ -40,6 +40,8 @@ class ImageDataset(Dataset):
 
     With ``on_bad_image='skip'`` a file that fails to decode at run time yields ``None``,
     which ``loader.collate_skipping_none`` drops; with ``'raise'`` the error names the file.
+    ``max_pixels`` and ``max_bytes`` are ``decode_image``'s limits (None: its defaults), so a
+    file that grew or changed after ``scan_images`` is still refused before it is decoded.
     """
 
     def __init__(
@@ -51,6 +53,8 @@ class ImageDataset(Dataset):
         decoder: str = "pil",
         on_bad_image: str = "skip",
         min_decode_size: int | None = None,
+        max_pixels: int | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self.paths: list[str] = [str(p) for p in table["path"]]
         index = {name: i for i, name in enumerate(classes)}
@@ -64,6 +68,8 @@ class ImageDataset(Dataset):
         self.decoder = decoder
         self.on_bad_image = on_bad_image
         self.min_decode_size = min_decode_size
+        self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
         self.cache = None  # set by cache.attach_cache for the decoded-image cache
 
     def __len__(self) -> int:
@@ -72,7 +78,13 @@ class ImageDataset(Dataset):
     def load_image(self, index: int) -> np.ndarray:
         if self.cache is not None:
             return self.cache.get(index)
-        return decode_image(self.paths[index], backend=self.decoder, min_size=self.min_decode_size)
+        return decode_image(
+            self.paths[index],
+            backend=self.decoder,
+            min_size=self.min_decode_size,
+            max_pixels=self.max_pixels,
+            max_bytes=self.max_bytes,
+        )
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         try:
@@ -101,17 +113,24 @@ class ScanResult:
 
 
 def scan_images(
-    table: pd.DataFrame, *, on_bad_image: str = "skip", progress: bool = True
+    table: pd.DataFrame,
+    *,
+    on_bad_image: str = "skip",
+    progress: bool = True,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
 ) -> ScanResult:
     """Cheap structural check of every file (header + end marker, no decoding).
 
     ``skip`` drops and reports bad files; ``raise`` raises ``BadImageError`` for the first.
+    Files that are not regular, larger than ``max_bytes`` or with more than ``max_pixels``
+    pixels are bad files too (None: ``check_image``'s defaults, those of the config).
     """
     reasons: list[str | None] = []
     for path in tqdm(
         table["path"], desc="checking images", unit="img", disable=not progress, leave=False
     ):
-        reason = check_image(path)
+        reason = check_image(path, max_pixels=max_pixels, max_bytes=max_bytes)
         if reason is not None and on_bad_image == "raise":
             raise BadImageError(path, reason)
         reasons.append(reason)

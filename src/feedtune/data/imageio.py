@@ -20,6 +20,12 @@ A file that cannot be decoded raises ``BadImageError`` naming the file and the r
 PNG files are checked for their end marker first, because OpenCV decodes a truncated JPEG
 "successfully" (grey fill, a warning on stderr) and Pillow accepts a PNG with no IEND chunk.
 
+Hostile files are refused cheaply, in this order: anything that is not a regular file (FIFO,
+socket, device) from ``os.stat`` without being opened, since reading a FIFO blocks forever; a
+file larger than ``max_bytes`` from its size, before it is read; an image with more than
+``max_pixels`` pixels from its header, before its pixels are decoded. The default limits are
+those of the ``data.max_file_mb`` and ``data.max_pixels`` config keys.
+
 Global Pillow state (``LOAD_TRUNCATED_IMAGES``, ``MAX_IMAGE_PIXELS``) is left at its defaults.
 """
 
@@ -28,6 +34,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +42,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from feedtune.config import DataConfig
 
 BACKENDS = ("pil", "opencv")
 
@@ -46,6 +55,14 @@ TRUNCATED_JPEG = "truncated JPEG (no end-of-image marker)"
 TRUNCATED_PNG = "truncated PNG (no IEND chunk)"
 TRUNCATED_WEBP = "truncated WebP (file shorter than its RIFF header says)"
 TRUNCATED_BMP = "truncated BMP (pixel data shorter than its header says)"
+NOT_REGULAR = "not a regular file"
+
+MIB = 1 << 20
+# Limits used when a caller passes none: the defaults of data.max_pixels and data.max_file_mb.
+DEFAULT_MAX_PIXELS: int = DataConfig.max_pixels
+DEFAULT_MAX_BYTES: int = DataConfig.max_file_mb * MIB
+# A FIFO swapped in between os.stat and open must not block the open (no-op for real files).
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -85,7 +102,12 @@ class BadImageError(ValueError):
 
 
 def decode_image(
-    path: str | Path, *, backend: str = "pil", min_size: int | None = None
+    path: str | Path,
+    *,
+    backend: str = "pil",
+    min_size: int | None = None,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
 ) -> np.ndarray:
     """Decode ``path`` to a C-contiguous, writable ``(H, W, 3) uint8`` RGB array.
 
@@ -97,21 +119,36 @@ def decode_image(
             ``2 * min_size``, decode at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling, much
             cheaper than decode-then-resize), the smallest that keeps the shorter side
             ``>= min_size``. Other formats are decoded at full size.
+        max_pixels: refuse an image whose header gives more pixels (width * height) than
+            this, before decoding it; None means ``DEFAULT_MAX_PIXELS`` (data.max_pixels).
+        max_bytes: refuse a file larger than this, before reading it; None means
+            ``DEFAULT_MAX_BYTES`` (data.max_file_mb).
 
     Raises:
-        BadImageError: empty, missing, unreadable, truncated, or not an image.
-        ValueError: unknown ``backend`` or a ``min_size`` below 1.
+        BadImageError: empty, missing, unreadable, not a regular file, over a limit,
+            truncated, or not an image.
+        ValueError: unknown ``backend``, or a ``min_size`` or limit below 1.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown image backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if min_size is not None and (isinstance(min_size, bool) or min_size < 1):
         raise ValueError(f"min_size must be a positive integer or None, got {min_size!r}")
+    max_pixels, max_bytes = _resolve_limits(max_pixels, max_bytes)
+    problem = _stat_problem(path, max_bytes)
+    if problem:
+        raise BadImageError(path, problem)
     try:
-        data = Path(path).read_bytes()
+        with _open(path) as f:
+            st = os.fstat(f.fileno())
+            problem = _file_problem(st, max_bytes)
+            if problem:
+                raise BadImageError(path, problem)
+            # The size just checked, even if the file grows meanwhile (read(n) allocates n).
+            data = f.read(st.st_size)
     except FileNotFoundError:
         raise BadImageError(path, NOT_FOUND) from None
     except OSError as exc:
-        raise BadImageError(path, f"unreadable ({exc.strerror or exc})") from None
+        raise BadImageError(path, _unreadable(exc)) from None
     if not data:
         raise BadImageError(path, EMPTY)
     problem = _structure_problem(data[:_HEAD], data[-_TAIL:], len(data), lambda: data)
@@ -123,6 +160,9 @@ def decode_image(
         raise BadImageError(path, NOT_AN_IMAGE) from None
     except Exception as exc:  # Pillow raises many types (SyntaxError, struct.error, ...)
         raise BadImageError(path, f"bad header ({type(exc).__name__}: {exc})") from None
+    problem = _pixels_problem(im.size, max_pixels)
+    if problem:
+        raise BadImageError(path, problem)
     try:
         orientation = _orientation(im)
         scale = _jpeg_scale(im.size, min_size) if data.startswith(_JPEG_MAGIC) else 1
@@ -144,8 +184,15 @@ def decode_image(
     return _orient(rgb, orientation)
 
 
-def check_image(path: str | Path) -> str | None:
+def check_image(
+    path: str | Path, *, max_pixels: int | None = None, max_bytes: int | None = None
+) -> str | None:
     """Cheap structural check without decoding pixels: None if OK, else a short reason.
+
+    ``os.stat`` comes first: a non-regular file is never opened (a FIFO would block the read)
+    and a file over ``max_bytes`` is never read; an image over ``max_pixels`` is refused from
+    its header. Both limits default (None) to those of ``decode_image``, so a file that passes
+    here is not refused by ``decode_image`` for its size.
 
     Reads the header (Pillow identifies the format lazily) and the last few KiB (JPEG
     end-of-image marker, PNG IEND chunk; WebP and uncompressed BMP sizes from the header).
@@ -154,11 +201,17 @@ def check_image(path: str | Path) -> str | None:
     TIFF files, and files whose pixel data is corrupt inside, pass here and fail in
     ``decode_image``.
     """
+    max_pixels, max_bytes = _resolve_limits(max_pixels, max_bytes)
+    problem = _stat_problem(path, max_bytes)
+    if problem:
+        return problem
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                return EMPTY
+        with _open(path) as f:
+            st = os.fstat(f.fileno())
+            problem = _file_problem(st, max_bytes)
+            if problem:
+                return problem
+            size = st.st_size
             head = f.read(_HEAD)
             f.seek(max(0, size - _TAIL))
             tail = f.read()
@@ -172,7 +225,9 @@ def check_image(path: str | Path) -> str | None:
                 return problem
             f.seek(0)
             try:
-                Image.open(f).close()  # header only; closing the image leaves ``f`` open
+                # Header only; closing the image leaves ``f`` open.
+                with Image.open(f) as im:
+                    dimensions = im.size
             except UnidentifiedImageError:
                 return NOT_AN_IMAGE
             except Exception as exc:
@@ -180,17 +235,21 @@ def check_image(path: str | Path) -> str | None:
     except FileNotFoundError:
         return NOT_FOUND
     except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"
-    return None
+        return _unreadable(exc)
+    return _pixels_problem(dimensions, max_pixels)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """``(width, height)`` as ``decode_image`` returns it without ``min_size`` (EXIF
     orientation applied), from the header only. An orientation stored in a PNG eXIf chunk
-    after the pixel data (rare) is not seen without decoding and is ignored here.
+    after the pixel data (rare) is not seen without decoding and is ignored here. A
+    non-regular file is refused from ``os.stat`` without being opened (a FIFO would block).
     """
+    problem = _stat_problem(path, None)
+    if problem:
+        raise BadImageError(path, problem)
     try:
-        with Image.open(path) as im:
+        with _open(path) as f, Image.open(f) as im:
             w, h = im.size
             if _orientation(im) >= 5:  # 5-8 swap width and height
                 w, h = h, w
@@ -201,6 +260,71 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except Exception as exc:
         raise BadImageError(path, f"bad header ({type(exc).__name__}: {exc})") from None
     return w, h
+
+
+# --- file checks -----------------------------------------------------------------------------
+
+
+def _resolve_limits(max_pixels: int | None, max_bytes: int | None) -> tuple[int, int]:
+    """The limits to apply: None -> the config defaults; a limit below 1 is a caller bug."""
+    limits = (
+        DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+        DEFAULT_MAX_BYTES if max_bytes is None else max_bytes,
+    )
+    for name, value in zip(("max_pixels", "max_bytes"), limits, strict=True):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    return limits
+
+
+def _unreadable(exc: OSError) -> str:
+    return f"unreadable ({exc.strerror or exc})"
+
+
+def _stat_problem(path: str | Path, max_bytes: int | None) -> str | None:
+    """What ``os.stat`` alone says is wrong with ``path`` (it is not opened), or None."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return NOT_FOUND
+    except OSError as exc:
+        return _unreadable(exc)
+    return _file_problem(st, max_bytes)
+
+
+def _file_problem(st: os.stat_result, max_bytes: int | None) -> str | None:
+    """Not a regular file, empty, or larger than ``max_bytes`` (None: no size limit)."""
+    if not stat.S_ISREG(st.st_mode):
+        return NOT_REGULAR
+    if st.st_size == 0:
+        return EMPTY
+    if max_bytes is not None and st.st_size > max_bytes:
+        return _too_many_bytes(st.st_size, max_bytes)
+    return None
+
+
+def _open(path: str | Path) -> io.BufferedReader:
+    """Open for reading without blocking on a FIFO that replaced the file after ``os.stat``
+    (the caller's ``fstat`` check then refuses it)."""
+    return open(path, "rb", opener=lambda name, flags: os.open(name, flags | _O_NONBLOCK))
+
+
+def _bytes_text(n: int) -> str:
+    if n % MIB == 0:
+        return f"{n // MIB} MiB"
+    return f"{n / MIB:.1f} MiB" if n >= MIB else f"{n} bytes"
+
+
+def _too_many_bytes(size: int, max_bytes: int) -> str:
+    return f"file is {_bytes_text(size)}, above data.max_file_mb = {_bytes_text(max_bytes)}"
+
+
+def _pixels_problem(size: tuple[int, int], max_pixels: int) -> str | None:
+    """An image larger than ``max_pixels`` (from its header size), or None."""
+    w, h = size
+    if w * h <= max_pixels:
+        return None
+    return f"{w}x{h} = {w * h / 1e6:.1f} MP, above data.max_pixels = {max_pixels / 1e6:g} MP"
 
 
 # --- structure checks ------------------------------------------------------------------------

@@ -10,11 +10,22 @@ The table has absolute ``path`` strings, ``label`` strings, a ``group`` column o
 manifest has one, and is sorted by label then path, so the same files always give the same
 table (and, downstream, the same split for a seed). Every problem raises ``DataSourceError``
 naming the offending file, folder or column.
+
+Hostile trees must not hang or multiply rows: symlinked folders are followed (datasets are
+often assembled from them) but each real folder at most once per class, so a link to the folder
+itself or to an ancestor cannot loop; image-named entries that are not regular files (FIFOs,
+sockets, devices) are skipped with a warning, as reading a FIFO blocks forever. One file is one
+row: rows are de-duplicated on their real path (``os.path.realpath``), so a file reached through
+two links cannot land on both sides of a split; if its rows disagree on the label (or group),
+that is an error naming both.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +36,8 @@ MANIFEST_NAME = "manifest.csv"
 _IGNORED_DIRS = {"__MACOSX"}
 # How many offending paths an error message lists before it just counts.
 _SHOW = 5
+
+log = logging.getLogger(__name__)
 
 
 class DataSourceError(ValueError):
@@ -68,12 +81,27 @@ def _is_image(name: str) -> bool:
     return not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _shown(items: list[str]) -> str:
+    return ", ".join(items[:_SHOW]) + (", ..." if len(items) > _SHOW else "")
+
+
+def _dir_key(st: os.stat_result) -> tuple[int, int]:
+    """Identity of a folder whatever path (link) reaches it."""
+    return st.st_dev, st.st_ino
+
+
 def _load_image_folder(root: Path) -> pd.DataFrame:
-    classes = sorted(
-        e.name
-        for e in os.scandir(root)
-        if e.is_dir() and not _is_hidden(e.name) and e.name not in _IGNORED_DIRS
-    )
+    root_key = _dir_key(os.stat(root))
+    classes = []
+    for e in os.scandir(root):
+        if not e.is_dir() or _is_hidden(e.name) or e.name in _IGNORED_DIRS:
+            continue
+        if _dir_key(e.stat()) == root_key:
+            # A link back to the root (loop -> .) would relabel every image as its class.
+            log.warning("ignored %s: a link back to the data folder, not a class", e.path)
+            continue
+        classes.append(e.name)
+    classes.sort()
     if not classes:
         loose = sum(1 for e in os.scandir(root) if e.is_file() and _is_image(e.name))
         hint = f" (found {loose} image(s) directly in it: put them in one folder per class)"
@@ -81,13 +109,23 @@ def _load_image_folder(root: Path) -> pd.DataFrame:
             f"no class folders in {root}: expected an ImageFolder tree (class_name/image.jpg) "
             f"or a {MANIFEST_NAME}" + (hint if loose else "")
         )
-    rows: list[tuple[str, str]] = []
+    rows: list[tuple[str, str, str]] = []
     empty: list[str] = []
+    special: list[str] = []
     for label in classes:
-        found = [(p, label) for p in _images_under(root / label)]
+        found, odd = _images_under(root / label, skip={root_key})
+        special.extend(odd)
         if not found:
             empty.append(label)
-        rows.extend(found)
+        rows.extend((path, label, real) for path, real in found)
+    if special:
+        log.warning(
+            "skipped %d file(s) with image names under %s that are not regular files "
+            "(FIFO, socket or device): %s",
+            len(special),
+            root,
+            _shown(sorted(special)),
+        )
     if empty:
         names = ", ".join(f"'{c}'" for c in empty)
         verb = "has" if len(empty) == 1 else "have"
@@ -95,16 +133,65 @@ def _load_image_folder(root: Path) -> pd.DataFrame:
             f"class folder{'s' if len(empty) > 1 else ''} {names} in {root} {verb} no images "
             f"(looked for {' '.join(IMAGE_EXTENSIONS)}, any case, in sub-folders too)"
         )
-    return _finish(pd.DataFrame(rows, columns=["path", "label"]))
+    table = pd.DataFrame(rows, columns=["path", "label", "real"])
+    # Sorted first, so that of two paths to one file the smaller is kept, whatever the walk order.
+    table = table.sort_values(["label", "path"], kind="mergesort").reset_index(drop=True)
+    paths = table["path"].tolist()
+    return _finish(
+        _one_row_per_file(table, where=f"ImageFolder {root}", describe=lambda i: paths[i])
+    )
 
 
-def _images_under(folder: Path) -> list[str]:
-    out: list[str] = []
-    # followlinks: datasets are often assembled from symlinked folders.
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]  # prune hidden sub-folders
-        out.extend(os.path.join(dirpath, f) for f in filenames if _is_image(f))
-    return out
+def _images_under(
+    folder: Path, *, skip: set[tuple[int, int]]
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Images under ``folder`` at any depth as ``(path, real path)``, and the image-named
+    entries that are not regular files (FIFOs, sockets, devices), which are left out.
+
+    Symlinked folders are followed, but each real folder (by ``st_dev, st_ino``) only once,
+    and never one in ``skip`` (the data root): a link to ``.`` or to an ancestor cannot loop.
+    When two paths reach one folder, the first in a fixed walk order is kept (plain folders
+    before links). Hidden entries are ignored. A dangling link with an image name is kept, so
+    that the image check reports it as missing instead of it vanishing. Real paths are built
+    from each folder's real path, so only links cost an ``os.path.realpath`` call.
+    """
+    images: list[tuple[str, str]] = []
+    special: list[str] = []
+    try:
+        visited = {*skip, _dir_key(os.stat(folder))}
+    except OSError:
+        return images, special
+    stack = [(str(folder), os.path.realpath(folder))]
+    while stack:
+        current, current_real = stack.pop()
+        try:
+            with os.scandir(current) as it:
+                # A fixed order makes the same path win when two reach one folder; plain
+                # folders before links, so a link to a sibling does not hide its real path.
+                entries = sorted(it, key=lambda e: (e.is_symlink(), e.name))
+        except OSError:
+            continue  # an unreadable folder is skipped, as os.walk does
+        for entry in entries:
+            if _is_hidden(entry.name):
+                continue
+            is_link = entry.is_symlink()
+            real = (
+                os.path.realpath(entry.path) if is_link else os.path.join(current_real, entry.name)
+            )
+            try:
+                key = _dir_key(entry.stat()) if entry.is_dir() else None  # both follow links
+            except OSError:
+                key = None
+            if key is not None:
+                if key not in visited:
+                    visited.add(key)
+                    stack.append((entry.path, real))
+            elif _is_image(entry.name):
+                if entry.is_file() or (is_link and not os.path.exists(entry.path)):
+                    images.append((entry.path, real))
+                else:
+                    special.append(entry.path)
+    return images, special
 
 
 def _load_manifest(csv: Path) -> pd.DataFrame:
@@ -138,22 +225,83 @@ def _load_manifest(csv: Path) -> pd.DataFrame:
                 f"(data rows {rows}{', ...' if len(blank) > _SHOW else ''})"
             )
     base = csv.parent
-    table["path"] = [os.path.abspath(os.path.join(base, p)) for p in table["path"]]
-    absent = [p for p in table["path"] if not os.path.isfile(p)]
+    listed = table["path"].tolist()
+    table["path"] = [os.path.abspath(os.path.join(base, p)) for p in listed]
+    absent: list[str] = []
+    special: list[str] = []
+    for path in table["path"]:
+        try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                special.append(path)
+        except OSError:
+            absent.append(path)
     if absent:
-        shown = ", ".join(absent[:_SHOW]) + (", ..." if len(absent) > _SHOW else "")
         raise DataSourceError(
             f"manifest {csv}: {len(absent)} of {len(table)} listed files do not exist "
-            f"(relative paths are resolved against {base}): {shown}"
+            f"(relative paths are resolved against {base}): {_shown(absent)}"
         )
-    duplicated = table["path"][table["path"].duplicated()].unique().tolist()
-    if duplicated:
-        # A file listed twice could land in both train and val, or carry two labels.
-        shown = ", ".join(duplicated[:_SHOW]) + (", ..." if len(duplicated) > _SHOW else "")
+    if special:
+        # Reading a FIFO or device blocks or never ends: refuse them here, by name.
         raise DataSourceError(
-            f"manifest {csv}: {len(duplicated)} file(s) listed more than once: {shown}"
+            f"manifest {csv}: {len(special)} listed path(s) are not regular files "
+            f"(folder, FIFO, socket or device): {_shown(special)}"
         )
+    table["real"] = _real_paths(table["path"])
+    table = _one_row_per_file(
+        table,
+        where=f"manifest {csv}",
+        describe=lambda i: f"data row {i + 1} ({listed[i]})",
+    )
     return _finish(table)
+
+
+def _real_paths(paths: Iterable[str]) -> list[str]:
+    """``os.path.realpath`` of each absolute path, resolving each folder only once."""
+    folders: dict[str, str] = {}
+    out: list[str] = []
+    for path in paths:
+        if os.path.islink(path):
+            out.append(os.path.realpath(path))
+            continue
+        head, tail = os.path.split(path)
+        if head not in folders:
+            folders[head] = os.path.realpath(head)
+        out.append(os.path.join(folders[head], tail))
+    return out
+
+
+def _one_row_per_file(
+    table: pd.DataFrame, *, where: str, describe: Callable[[int], str]
+) -> pd.DataFrame:
+    """Keep the first row of each real file (column ``real``, dropped on return).
+
+    A file with two rows could land in both train and val; rows that agree are merged with a
+    warning, rows that disagree on the label (or group) are an error naming both, since either
+    label could be the wrong one. ``describe(i)`` names row ``i`` in messages.
+    """
+    repeated = table["real"].duplicated()
+    if repeated.any():
+        copies = table[table["real"].duplicated(keep=False)]
+        for column in [c for c in ("label", "group") if c in table.columns]:
+            firsts = copies.groupby("real", sort=False)[column].transform("first")
+            differs = copies.index[copies[column] != firsts]
+            if len(differs):
+                second = int(differs[0])
+                real = table["real"].iat[second]
+                first = int(copies.index[copies["real"] == real][0])
+                raise DataSourceError(
+                    f"{where}: {describe(first)} and {describe(second)} are the same file "
+                    f"({real}) with different {column}s {table[column].iat[first]!r} and "
+                    f"{table[column].iat[second]!r}; keep one of them"
+                )
+        dropped = [int(i) for i in table.index[repeated]]
+        log.warning(
+            "%s: %d repeated row(s) of the same file dropped (the first is kept): %s",
+            where,
+            len(dropped),
+            _shown([describe(i) for i in dropped[: _SHOW + 1]]),
+        )
+    return table.loc[~repeated].drop(columns="real").reset_index(drop=True)
 
 
 def _finish(table: pd.DataFrame) -> pd.DataFrame:
