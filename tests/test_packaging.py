@@ -56,3 +56,20 @@ def test_python_m_feedtune_works():
         cwd=REPO,
     )
     assert proc.returncode == 0 and "train" in proc.stdout
+
+
+def test_dependency_floors_are_past_known_holes_and_met_by_what_the_tests_run_on():
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = {Requirement(spec).name: Requirement(spec) for spec in project["dependencies"]}
+    safe = {"torch": "2.6", "pillow": "10.0.1", "mlflow": "3.0", "optuna": "4.0"}
+    for name, first_safe in safe.items():
+        floors = [Version(s.version) for s in reqs[name].specifier if s.operator == ">="]
+        assert floors and min(floors) >= Version(first_safe), (name, str(reqs[name].specifier))
+    for name, req in reqs.items():
+        installed = version(name).split("+")[0]
+        assert req.specifier.contains(installed, prereleases=True), (name, installed)

@@ -317,3 +317,33 @@ def test_dead_or_hung_loader_worker_fails_the_trial_not_the_study(
     for run in trials:
         assert run.info.status == "FAILED"
         assert message in run.data.tags["feedtune.error"]
+
+
+def test_a_killed_train_run_is_closed_and_its_resume_names_ignored_settings(
+    tmp_path, data, mlflow_store
+):
+    proc = subprocess.Popen(_cmd(tmp_path, data, "train", epochs=8), cwd=REPO, env=env_with_src())
+    client = MlflowClient()
+    try:
+        killed = _wait_for_epoch(client, "rel", proc, "train")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert client.get_run(killed).info.status == "RUNNING"  # nobody could close it
+
+    # The next train in the experiment finds the dead worker and ends its run KILLED.
+    other = _run(_cmd(tmp_path, data, "train", "--set", "train.epochs=1", experiment="rel"))
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert client.get_run(killed).info.status == "KILLED"
+    assert client.get_run(killed).data.tags["feedtune.error"] == "worker process died"
+
+    # Resuming keeps the run's own configuration and says which asked-for settings it ignores.
+    resumed = _run(
+        _cmd(tmp_path, data, "train", "--resume", killed, "--set", "train.lr=0.5", epochs=2)
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "ignored: " in resumed.stderr and "train.lr=0.5" in resumed.stderr
+    assert "train.epochs=2" in resumed.stderr  # the run goes on to its own 8 epochs
+    steps = [m.step for m in client.get_metric_history(killed, "val_loss")]
+    assert sorted(steps) == list(range(8))
+    assert client.get_run(killed).data.params["train.lr"] != "0.5"

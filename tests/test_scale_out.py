@@ -123,3 +123,39 @@ def test_unreachable_storage_is_a_one_line_error(tmp_path, data):
     assert lines[0].startswith("feedtune: error: cannot open Optuna storage"), lines[0]
     assert "127.0.0.1" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_storage_password_is_shown_nowhere(tmp_path, data, postgres_url, mlflow_store):
+    """A password in the storage URL (user-info or ?password=, on the command line or in
+    $FEEDTUNE_STORAGE) reaches no param, tag, artifact, log line or printed line."""
+    secret = "pw-s3cret-x"  # the test cluster trusts any password; the URL still carries it
+    user_info = postgres_url.replace("feedtune@", f"feedtune:{secret}@", 1)
+    in_query = f"{postgres_url}?password={secret}"
+    command = scale_out_command(tmp_path, data, "secret", "--stage", "speed", "--n-trials", "1")
+    env = {**env_with_src(), "OMP_NUM_THREADS": "1", "FEEDTUNE_LOG": "INFO"}
+    printed = []
+    for extra, more_env in (
+        (["--storage", user_info, "--study", "a"], {}),
+        (["--study", "b"], {"FEEDTUNE_STORAGE": in_query}),
+    ):
+        proc = subprocess.run(
+            [*command, *extra],
+            cwd=REPO,
+            env={**env, **more_env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "***" in proc.stdout  # the redacted URL is printed
+        printed.append(proc.stdout + proc.stderr)
+    assert not [text for text in printed if secret in text]
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("secret").experiment_id])
+    assert {r.data.tags.get("optuna.study_name") for r in runs} >= {"a", "b"}
+    for run in runs:
+        assert secret not in repr(run.data.params) + repr(run.data.tags)
+        for item in client.list_artifacts(run.info.run_id, "config"):
+            local = client.download_artifacts(run.info.run_id, item.path, str(tmp_path / "dl"))
+            assert secret not in Path(local).read_text()

@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p, default_config=DEFAULT_FINETUNE_CONFIG_PATH)
 
+    p = sub.add_parser(
+        "inspect",
+        help="look at the data before training: classes, groups, sizes, formats, duplicates, "
+        "leaks across the split, bad files; logged as one MLflow run, with advice",
+    )
+    _common(p)
+
     p = sub.add_parser("best", help="print the best run of an experiment")
     p.add_argument("--experiment", default=None, help="default: the config's experiment")
     _common(p)
@@ -185,6 +192,11 @@ def _run(args: argparse.Namespace) -> int:
             progress=progress,
         )
         print(f"finetune run {run_id} finished (experiment '{cfg.experiment}', from {args.source})")
+        return 0
+    if args.command == "inspect":
+        from feedtune.commands.inspect import run_inspect
+
+        run_inspect(cfg, progress=progress)
         return 0
     if args.command == "best":
         from feedtune.commands.best import describe_best

@@ -81,6 +81,11 @@ class AugmentConfig:
     magnitude: float = field(default=0.5, metadata=_limits(0.0, 1.0))
     # resize_first runs the augmentations on the small image (fast); augment_first on the full one.
     order: Literal["resize_first", "augment_first"] = "resize_first"
+    # sample: the policy runs per sample in the loader. batch: the loader delivers uint8 images
+    # at the working size and the policy runs on whole batches on the training device, with
+    # per-sample parameters drawn as the sample path draws them (policies none, basic, color,
+    # geometric): a speed setting, the CPU's loader work drops to decoding and a resize.
+    where: Literal["sample", "batch"] = "sample"
     # Training resolution: small, because the default model must train in minutes on 2 CPU cores.
     image_size: int = field(default=64, metadata=_limits(16, 1024))
     # ImageNet statistics so that pretrained torchvision backbones see what they expect.

@@ -118,7 +118,7 @@ def test_train_logs_the_whole_contract(data, mlflow_store, tmp_path):
     from feedtune.config import config_from_dict
     from feedtune.training.models import build_model
 
-    logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model").eval()
+    logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")  # exported in eval mode
     rebuilt = build_model(config_from_dict(ckpt["config"]).model, num_classes=3).eval()
     rebuilt.load_state_dict(ckpt["model_state"])
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(6, 3, 32, 32)).astype(np.float32))

@@ -1,9 +1,12 @@
 """The decoded-image cache: same pixels, smaller resized copies, memory limit, shared by real
-DataLoader workers, bad images still skipped; and the main-process thread setting."""
+DataLoader workers, bad images still skipped, skipped when shared memory is short; and the
+main-process thread setting."""
 
 from __future__ import annotations
 
 import io
+import re
+import shutil
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
@@ -21,7 +24,10 @@ from feedtune.data.cache import (
     CacheTooLargeError,
     attach_cache,
     build_cache,
+    cache_datasets,
     estimate_cache,
+    shm_free_bytes,
+    shm_margin,
     working_size,
 )
 from feedtune.data.dataset import ImageDataset
@@ -225,3 +231,78 @@ def test_main_process_transforms_run_on_one_torch_thread(tiny_folder):
     finally:
         torch.set_num_threads(before)
     assert seen == [1, 1, 1] and len(batch[1]) == 3
+
+
+def _big_table(root: Path) -> pd.DataFrame:
+    """Six 700x600 JPEGs: ~7 MiB decoded, far more than the free space a test can drift by."""
+    folder = write_image_folder(root, {"a": 3, "b": 3}, size=(700, 600))
+    paths = sorted(str(p) for p in folder.rglob("*.jpg"))
+    return pd.DataFrame({"path": paths, "label": ["a"] * 3 + ["b"] * 3})
+
+
+def _batches(ds: ImageDataset) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [tuple(b) for b in build_loader(ds, LoaderConfig(batch_size=4, num_workers=0))]
+
+
+# decoded at full size: ~7 MiB; resized to working_size(224) = 320: ~2 MiB
+@pytest.mark.parametrize(("mode", "image_size"), [("decoded", IMAGE_SIZE), ("resized", 224)])
+def test_cache_that_does_not_fit_in_shared_memory_is_skipped_with_a_warning(
+    tmp_path, caplog, mode, image_size
+):
+    table = _big_table(tmp_path / "big")
+    transform = build_transform(AugmentConfig(image_size=image_size), train=False)
+    ds = _dataset(table, transform=transform)
+    target = working_size(image_size)
+    min_decode = target if mode == "resized" else None
+    need = estimate_cache(ds.paths, mode=mode, min_decode_size=min_decode, target=target).nbytes
+    assert need > 2 * 2**20
+    # A real folder's real free space, all of it kept for the loader: no cache fits there.
+    free = shutil.disk_usage(tmp_path).free
+    with caplog.at_level("WARNING", logger="feedtune.data.cache"):
+        caches = cache_datasets(
+            [ds], _cfg(mode), image_size=image_size, shm_path=tmp_path, shm_margin_bytes=free
+        )
+    assert caches == [] and ds.cache is None
+    text = caplog.text
+    assert f"loader.cache={mode} needs ~{need / 2**20:.1f} MiB" in text and str(tmp_path) in text
+    said_free = float(re.search(r"has ([\d.]+) MiB free", text).group(1))
+    assert said_free == pytest.approx(free / 2**20, abs=64)
+    assert "--shm-size" in text and "augment.image_size" in text
+    assert ("or use loader.cache=resized (~" in text) == (mode == "decoded")
+    # no cache: the dataset decodes per sample and yields the same batches as with none
+    plain = _dataset(table, transform=transform)
+    got, expected = _batches(ds), _batches(plain)
+    assert len(got) == len(expected) == 2
+    for (x, y), (x0, y0) in zip(got, expected, strict=True):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+def test_cache_is_built_when_shared_memory_has_room(tmp_path, caplog):
+    table = _mixed_folder(tmp_path / "m")
+    expected = build_cache(_dataset(table), _cfg("decoded"), image_size=IMAGE_SIZE)  # /dev/shm
+    assert expected is not None
+    missing = tmp_path / "no-shm-here"  # e.g. macOS: nothing to check, cache as before
+    assert shm_free_bytes(missing) is None
+    free = shm_free_bytes(tmp_path)
+    assert free is not None and free == pytest.approx(shutil.disk_usage(tmp_path).free, rel=0.01)
+    for shm_path in (tmp_path, missing, None):
+        ds = _dataset(table)
+        with caplog.at_level("WARNING", logger="feedtune.data.cache"):
+            caches = cache_datasets([ds], _cfg("decoded"), image_size=IMAGE_SIZE, shm_path=shm_path)
+        assert caches == [ds.cache] and ds.cache.nbytes == expected.nbytes
+        assert all(np.array_equal(ds.cache.get(i), expected.get(i)) for i in range(len(ds)))
+    assert "shared memory" not in caplog.text
+    assert shm_margin(64 * 2**20) == 16 * 2**20 and shm_margin(10 * 2**30) == 2**30
+
+
+def test_cache_limit_is_checked_before_shared_memory(tmp_path):
+    ds = _dataset(_big_table(tmp_path / "big"))
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(CacheTooLargeError, match=r"loader\.cache_limit_mb=1"):
+        build_cache(
+            ds,
+            _cfg("decoded", cache_limit_mb=1),
+            image_size=IMAGE_SIZE,
+            shm_path=tmp_path,
+            shm_margin_bytes=free,
+        )

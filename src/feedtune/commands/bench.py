@@ -105,7 +105,12 @@ def measure_cell(
     if ccfg.loader.batch_size not in appetite:
         batch = next(b for b in pipeline.train_loader if b is not None)
         appetite[ccfg.loader.batch_size] = measure_model(
-            model, batch, device=device, steps=cfg.bench.train_steps, train_cfg=cfg.train
+            model,
+            batch,
+            device=device,
+            steps=cfg.bench.train_steps,
+            train_cfg=cfg.train,
+            augment=pipeline.batch_augment,
         )
     train_rate, wait_frac, train_startup = measure_training(
         model,
@@ -114,6 +119,7 @@ def measure_cell(
         steps=cfg.bench.train_steps,
         warmup=1,
         train_cfg=cfg.train,
+        augment=pipeline.batch_augment,
     )
     result = Throughput(
         loader_samples_per_s=loader_rate,

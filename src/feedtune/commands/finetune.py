@@ -94,6 +94,7 @@ def run_finetune(
             payload = fetch_checkpoint(parent_id, Path(tmp) / "source")
         cfg = effective_config(cfg, payload)
         mlflow_store.setup(cfg.experiment)
+        mlflow_store.close_dead_runs(cfg.experiment)
         data = prepare_data(cfg, progress=progress)
         start = prepare_model(payload, cfg, data.classes)
         tags = {

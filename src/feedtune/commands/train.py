@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,10 +18,26 @@ from feedtune.tracking.recording import (
 from feedtune.training.trainer import train_model
 
 
+def _resumed_config(asked: Config, resume: dict, run_id: str) -> Config:
+    """The configuration the resumed run was started with; settings asked for now that differ
+    are named on stderr, since a resumed run cannot change what it trains."""
+    resumed = config_from_dict(resume["config"])
+    theirs = resumed.flat()
+    ignored = [f"{k}={v}" for k, v in asked.flat().items() if theirs.get(k) != v]
+    if ignored:
+        print(
+            f"feedtune: --resume {run_id} continues with that run's own configuration; "
+            f"ignored: {', '.join(ignored)}",
+            file=sys.stderr,
+        )
+    return resumed
+
+
 def run_train(cfg: Config, *, resume_run_id: str | None = None, progress: bool = True) -> str:
     """One tracked run; returns the MLflow run id. ``resume_run_id``: continue that killed run
     from its last checkpoint, with the configuration it was started with."""
     mlflow_store.setup(cfg.experiment)
+    mlflow_store.close_dead_runs(cfg.experiment)
     resume = None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "checkpoints"
@@ -31,7 +48,7 @@ def run_train(cfg: Config, *, resume_run_id: str | None = None, progress: bool =
                     f"run {resume_run_id} has no checkpoints/last.pt to resume from; "
                     "start a new run with `feedtune train`"
                 )
-            cfg = config_from_dict(resume["config"])
+            cfg = _resumed_config(cfg, resume, resume_run_id)
         data = prepare_data(cfg, progress=progress)
         tags = {"feedtune.split_digest": data.split.digest}
         with mlflow_store.start_run("train", run_id=resume_run_id, tags=tags) as run:

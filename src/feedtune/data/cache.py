@@ -13,8 +13,13 @@ decode. Modes:
   run on small images. Images already smaller are stored as decoded (no upscaling).
 
 The memory a cache will take is estimated from the image headers and checked against
-``loader.cache_limit_mb`` before anything is decoded. A bad image is marked bad in the table
-and ``get`` raises ``BadImageError`` for it, so the dataset skips it as it would without cache.
+``loader.cache_limit_mb`` before anything is decoded (over it: ``CacheTooLargeError``), then
+against the free space of the shared-memory filesystem (``/dev/shm`` on Linux, 64 MB in a
+default Docker container). Shared pages are only allocated when written, so a cache that does
+not fit there would kill the process filling it (or a worker) with a bus error half-way; one
+that does not fit is skipped with a warning and the dataset decodes per sample. A bad image
+is marked bad in the table and ``get`` raises ``BadImageError`` for it, so the dataset skips
+it as it would without cache.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,8 +38,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from feedtune.data.augment_policies import CROP_FRACTION
 from feedtune.config import LoaderConfig
+from feedtune.data.augment_policies import CROP_FRACTION
 from feedtune.data.imageio import BadImageError, _jpeg_scale, decode_image, image_size
 
 log = logging.getLogger(__name__)
@@ -43,6 +49,12 @@ MODES = ("none", "decoded", "resized")
 # zoom in ~1.25x before it has to upsample (FFCV stores ImageNet at ~1.4x its 224 crops).
 WORKING_SCALE = 1.25
 MIB = 2**20
+# Where torch's shared memory lives on Linux (shm_open); absent on macOS, where it is not checked.
+SHM_PATH = "/dev/shm"
+# Left free in shared memory for what the DataLoader passes through it (each worker's batches):
+# this fraction of the free space, and at least SHM_MIN_MARGIN bytes.
+SHM_MARGIN_FRACTION = 0.1
+SHM_MIN_MARGIN = 16 * MIB
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -53,6 +65,19 @@ def working_size(image_size: int) -> int:
 
 class CacheTooLargeError(ValueError):
     """The estimated cache does not fit under ``loader.cache_limit_mb``."""
+
+
+def shm_free_bytes(path: str | os.PathLike[str] = SHM_PATH) -> int | None:
+    """Free bytes of the filesystem holding ``path``, or None where there is no such path."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def shm_margin(free: int) -> int:
+    """Bytes of ``free`` shared memory a cache must leave to the loader's batches."""
+    return max(SHM_MIN_MARGIN, int(free * SHM_MARGIN_FRACTION))
 
 
 class ImageCache:
@@ -191,8 +216,11 @@ def build_cache(
     image_size: int,
     progress: bool = False,
     reserved_bytes: int = 0,
+    shm_path: str | os.PathLike[str] | None = SHM_PATH,
+    shm_margin_bytes: int | None = None,
 ) -> ImageCache | None:
-    """Decode ``dataset``'s images into a shared cache (``cfg.cache``), or None for ``none``.
+    """Decode ``dataset``'s images into a shared cache (``cfg.cache``), or None for ``none``
+    and for a cache that does not fit in shared memory (a warning says why and what to change).
 
     Args:
         dataset: an ``ImageDataset`` (``paths``, ``decoder``, ``min_decode_size`` are used).
@@ -200,7 +228,15 @@ def build_cache(
         image_size: the training resolution; ``resized`` keeps a shorter side of
             ``working_size(image_size)``.
         progress: show a tqdm bar while filling.
-        reserved_bytes: bytes other caches of the same run already hold (counted in the limit).
+        reserved_bytes: bytes other caches of the same run already hold (counted in the limit;
+            not in the shared-memory check, whose free space already excludes them).
+        shm_path: a path on the filesystem that holds torch's shared memory, whose free space
+            the estimate must fit in; None, or a path that does not exist, skips the check.
+            Free space is read from a real filesystem rather than injected as a number, so
+            tests run the same check on a real folder.
+        shm_margin_bytes: bytes to leave free there for the loader's batches; default
+            ``shm_margin(free)``. Tests set it from the folder's real free space to make a
+            cache not fit without filling a disk.
 
     Raises:
         CacheTooLargeError: the estimate exceeds ``loader.cache_limit_mb``.
@@ -220,20 +256,64 @@ def build_cache(
     )
     limit = cfg.cache_limit_mb * MIB
     if estimate.nbytes + reserved_bytes > limit:
-        hint = ""
-        if cfg.cache == "decoded":
-            small = estimate_cache(paths, mode="resized", min_decode_size=target, target=target)
-            hint = f", or use loader.cache=resized (~{small.nbytes / MIB:.0f} MiB)"
+        hint = _resized_hint(cfg.cache, paths, target=target)
         held = f" + {reserved_bytes / MIB:.0f} MiB already cached" if reserved_bytes else ""
         raise CacheTooLargeError(
             f"loader.cache={cfg.cache} needs ~{estimate.nbytes / MIB:.0f} MiB for "
             f"{len(paths)} images{held}, over loader.cache_limit_mb={cfg.cache_limit_mb}; "
             f"raise loader.cache_limit_mb{hint}, or set loader.cache=none"
         )
+    if not _fits_in_shm(
+        estimate, cfg, paths=paths, target=target, path=shm_path, margin=shm_margin_bytes
+    ):
+        return None
     cache = _fill(dataset, paths, estimate, mode=cfg.cache, target=target, progress=progress)
     cache.fill_seconds = time.perf_counter() - start
     log.info("filled %r", cache)
     return cache
+
+
+def _resized_hint(mode: str, paths: list[str], *, target: int) -> str:
+    """``, or use loader.cache=resized (~N MiB)`` for a ``decoded`` cache, else empty."""
+    if mode != "decoded":
+        return ""
+    small = estimate_cache(paths, mode="resized", min_decode_size=target, target=target)
+    return f", or use loader.cache=resized (~{small.nbytes / MIB:.0f} MiB)"
+
+
+def _fits_in_shm(
+    estimate: CacheEstimate,
+    cfg: LoaderConfig,
+    *,
+    paths: list[str],
+    target: int,
+    path: str | os.PathLike[str] | None,
+    margin: int | None,
+) -> bool:
+    """Whether ``estimate`` fits in the free shared memory at ``path`` less a margin; if not,
+    warn with the numbers and the settings to change. True where it cannot be checked."""
+    free = None if path is None else shm_free_bytes(path)
+    if free is None:
+        return True
+    keep = shm_margin(free) if margin is None else margin
+    if estimate.nbytes <= free - keep:
+        return True
+    short = estimate.nbytes + keep - free
+    log.warning(
+        "loader.cache=%s needs ~%.1f MiB of shared memory for %d images, but %s has %.1f MiB "
+        "free (%.1f MiB of it kept for the loader's batches): not caching, images are decoded "
+        "per sample as with loader.cache=none. To cache, give it at least %.0f MiB more "
+        "(docker run --shm-size), or lower augment.image_size%s",
+        cfg.cache,
+        estimate.nbytes / MIB,
+        len(paths),
+        os.fspath(path),
+        free / MIB,
+        keep / MIB,
+        math.ceil(short / MIB),
+        _resized_hint(cfg.cache, paths, target=target),
+    )
+    return False
 
 
 def _fill(
@@ -308,14 +388,27 @@ def attach_cache(dataset: Any, cache: ImageCache | None) -> None:
 
 
 def cache_datasets(
-    datasets: list[Any], cfg: LoaderConfig, *, image_size: int, progress: bool = False
+    datasets: list[Any],
+    cfg: LoaderConfig,
+    *,
+    image_size: int,
+    progress: bool = False,
+    shm_path: str | os.PathLike[str] | None = SHM_PATH,
+    shm_margin_bytes: int | None = None,
 ) -> list[ImageCache]:
-    """Build and attach a cache to each dataset; one ``loader.cache_limit_mb`` for them all."""
+    """Build and attach a cache to each dataset; one ``loader.cache_limit_mb`` for them all.
+    A dataset whose cache does not fit in shared memory (see ``build_cache``) stays uncached."""
     caches: list[ImageCache] = []
     for dataset in datasets:
         held = sum(c.nbytes for c in caches)
         cache = build_cache(
-            dataset, cfg, image_size=image_size, progress=progress, reserved_bytes=held
+            dataset,
+            cfg,
+            image_size=image_size,
+            progress=progress,
+            reserved_bytes=held,
+            shm_path=shm_path,
+            shm_margin_bytes=shm_margin_bytes,
         )
         if cache is not None:
             attach_cache(dataset, cache)

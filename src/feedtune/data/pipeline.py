@@ -4,6 +4,8 @@ configuration)."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from feedtune.config import PROJECT_ROOT, Config
-from feedtune.data.augment import build_transform
+from feedtune.data.augment import Transform, build_transform
+from feedtune.data.batch_augment import ToWorkingUint8, build_batch_augment
 from feedtune.data.cache import cache_datasets, working_size
 from feedtune.data.dataset import ImageDataset, scan_images
 from feedtune.data.embedded import dataset_root, ensure_dataset
@@ -21,6 +24,9 @@ from feedtune.data.loader import build_loader
 from feedtune.data.sampling import build_sampler
 from feedtune.data.sources import class_names, load_table
 from feedtune.data.split import Split, make_split
+
+# (uint8 images, aspect ratios) on the device -> the model's normalized float input.
+BatchAugmentFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -60,13 +66,19 @@ def prepare_data(cfg: Config, *, progress: bool = True) -> PreparedData:
 
 @dataclass
 class Pipeline:
-    """Datasets and loaders of one configuration."""
+    """Datasets and loaders of one configuration.
+
+    ``train_transform`` is the per-sample train pipeline (what ``augment.where: sample`` runs,
+    and what describes the augmentation either way); with ``where: batch`` the train loader
+    yields uint8 batches and ``batch_augment`` runs the policy on them on the device."""
 
     train_set: ImageDataset
     val_set: ImageDataset
     train_loader: DataLoader
     val_loader: DataLoader
     sampler: Any
+    train_transform: Transform
+    batch_augment: BatchAugmentFn | None = None
     generators: list[torch.Generator] = field(default_factory=list)
 
 
@@ -81,9 +93,14 @@ def build_pipeline(
         "min_decode_size": working_size(cfg.augment.image_size),
         **size_limits(cfg),
     }
-    train_set = ImageDataset(
-        data.split.train, data.classes, build_transform(cfg.augment, train=True), **common
-    )
+    train_transform = build_transform(cfg.augment, train=True)
+    batch_augment, augment_gen = None, torch.Generator().manual_seed(cfg.seed + 1)
+    per_sample: Any = train_transform
+    if cfg.augment.where == "batch":
+        augment = build_batch_augment(cfg.augment, train=True)
+        batch_augment = functools.partial(augment, generator=augment_gen)
+        per_sample = ToWorkingUint8(working_size(cfg.augment.image_size))
+    train_set = ImageDataset(data.split.train, data.classes, per_sample, **common)
     val_set = ImageDataset(
         data.split.val, data.classes, build_transform(cfg.augment, train=False), **common
     )
@@ -101,5 +118,7 @@ def build_pipeline(
         train_loader=train_loader,
         val_loader=val_loader,
         sampler=sampler,
-        generators=[sampler_gen, train_loader.generator],
+        train_transform=train_transform,
+        batch_augment=batch_augment,
+        generators=[sampler_gen, train_loader.generator, augment_gen],
     )

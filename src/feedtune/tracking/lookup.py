@@ -30,8 +30,9 @@ def find_best_run(experiment: str, *, metric: str = RANKING_METRIC) -> Any:
     store = mlflow_store.current_store()
     if mlflow_store.experiment_id(experiment) is None:
         raise LookupError(
-            f"no experiment '{experiment}' in store {mlflow_store.redact(store)}; run "
-            "`feedtune train` or `feedtune tune` first, or name another with --experiment"
+            f"no registered model '{experiment}' with alias '{BEST_ALIAS}' and no experiment "
+            f"'{experiment}' in store {mlflow_store.redact(store)}; run `feedtune train` or "
+            "`feedtune tune` first, or name another experiment"
         )
     runs = mlflow_store.search_runs(
         experiment,

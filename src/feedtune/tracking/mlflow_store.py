@@ -21,14 +21,13 @@ from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit, urlunsplit
 import mlflow
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 from feedtune.config import PROJECT_ROOT, Config
 from feedtune.tracking.liveness import is_alive, worker_info
 from feedtune.tracking.plots import close
 
-# The feedtune package, shipped with a logged model so that it loads where feedtune is absent.
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
 KIND_TAG = "feedtune.kind"
 WORKER_TAG = "feedtune.worker"
 # MLflow caps a param value at 6000 characters; ours are short, but never fail a run on it.
@@ -72,10 +71,28 @@ def _sqlite_artifact_root(uri: str) -> str | None:
     return (db.parent / "mlruns").resolve().as_uri()
 
 
+# SQLite stores this process has opened (and so created, where they were new).
+_OPENED: set[str] = set()
+
+
+def _open_store(uri: str) -> None:
+    """Make ``uri`` the tracking URI. MLflow creates a new SQLite store's schema on first use,
+    and two processes doing that at once race inside its migrations (one dies): the first use
+    in each process therefore happens under a file lock beside the database."""
+    mlflow.set_tracking_uri(uri)
+    if not uri.startswith("sqlite:///") or uri in _OPENED:
+        return
+    db = Path(urlparse(uri).path)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock"):
+        MlflowClient(uri).search_experiments(max_results=1)
+    _OPENED.add(uri)
+
+
 def setup(experiment: str, tracking_uri: str | None = None) -> str:
     """Point MLflow at the store and return the experiment id (created when missing)."""
     uri = tracking_uri or default_tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    _open_store(uri)
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is not None:
@@ -239,16 +256,18 @@ def log_model(model: Any, input_example: np.ndarray) -> None:
     with torch.no_grad():
         output = model(torch.from_numpy(input_example)).numpy()
     signature = infer_signature(input_example, output)
-    # Pickle (not MLflow's default torch.export) so load_model returns a normal nn.Module that
-    # supports .eval()/.train() and finetuning; feedtune's code travels with the model, and the
-    # requirements are given so MLflow need not re-load the model in a subprocess to infer them.
+    # torch.export's format (pt2), not a pickle: the graph and weights are data, so loading
+    # ``models:/NAME@best`` from a shared server runs no code from the artifact (with
+    # MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false MLflow checks that the archive holds no pickle).
+    # It is exported in eval mode, for inference; to finetune, feedtune rebuilds the network
+    # from the weights-only checkpoint. The requirements are given so MLflow need not re-load
+    # the model in a subprocess to infer them.
     mlflow.pytorch.log_model(
         model,
         name="model",
         signature=signature,
         input_example=input_example,
-        serialization_format="pickle",
-        code_paths=[str(PACKAGE_DIR)],
+        serialization_format="pt2",
         pip_requirements=_model_requirements(),
     )
 
@@ -257,7 +276,7 @@ def _model_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for dist in ("torch", "torchvision", "numpy", "cloudpickle"):
+    for dist in ("torch", "numpy"):
         try:
             reqs.append(f"{dist}=={version(dist).split('+')[0]}")
         except PackageNotFoundError:
@@ -352,7 +371,7 @@ def use_store(tracking_uri: str | None = None) -> Iterator[str]:
     previous URI afterwards; creates nothing, so a lookup never makes an empty experiment."""
     previous = mlflow.get_tracking_uri()
     uri = tracking_uri or default_tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    _open_store(uri)
     try:
         yield uri
     finally:
@@ -380,14 +399,28 @@ def model_version_run_id(name: str, version: str) -> str | None:
 
 def close_dead_runs(experiment: str) -> list[str]:
     """Mark KILLED the RUNNING runs whose process on this machine is gone (killed with SIGKILL,
-    machine lost power): file stores have no heartbeat, so feedtune checks at start-up."""
+    machine lost power): file stores have no heartbeat, so feedtune checks at start-up. Every
+    page of the search is read, not only the first."""
+    exp_id = experiment_id(experiment)
+    if exp_id is None:
+        return []
+    client = MlflowClient()
+    running, token = [], None
+    while True:  # every page first: closing runs while paging would shift the pages
+        page = client.search_runs(
+            [exp_id], filter_string="attributes.status = 'RUNNING'", page_token=token
+        )
+        running += page
+        token = page.token
+        if not token:
+            break
     closed = []
-    for run in search_runs(experiment, filter_string="attributes.status = 'RUNNING'"):
+    for run in running:
         tags = run.data.tags
-        info = {k: tags.get(f"{WORKER_TAG}.{k}") for k in ("host", "pid", "started")}
-        if info["host"] is None or is_alive(info):
+        info = {k[len(WORKER_TAG) + 1 :]: v for k, v in tags.items() if k.startswith(WORKER_TAG)}
+        if "host" not in info or is_alive(info):
             continue
-        MlflowClient().set_tag(run.info.run_id, "feedtune.error", "worker process died")
+        client.set_tag(run.info.run_id, "feedtune.error", "worker process died")
         end_run_by_id(run.info.run_id, "KILLED")
         closed.append(run.info.run_id)
     return closed

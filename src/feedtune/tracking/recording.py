@@ -60,7 +60,7 @@ def log_run_inputs(cfg: Config, data: PreparedData, pipeline: Pipeline) -> None:
     mlflow_store.log_config(cfg)
     mlflow_store.log_split(data.split)
     mlflow_store.log_bad_images(data.bad)
-    transform = pipeline.train_set.transform
+    transform = pipeline.train_transform
     mlflow_store.log_json(transform.to_dict(), "augment/train.json")
     with tempfile.TemporaryDirectory() as tmp:
         transform.save(Path(tmp) / "train.yaml")
@@ -116,6 +116,7 @@ def log_throughput(cfg: Config, pipeline: Pipeline, model: Any) -> Throughput | 
         device=device,
         batches=cfg.train.measure_batches,
         train_cfg=cfg.train,
+        augment=pipeline.batch_augment,
     )
     mlflow_store.log_metrics({**result.metrics(), **cache_metrics(pipeline)})
     mlflow_store.set_tags({"feedtune.bottleneck": result.bottleneck})

@@ -121,12 +121,29 @@ def is_channels_last(model: nn.Module) -> bool:
     return False
 
 
+# Turns a batch of uint8 images and their original aspect ratios, already on the training
+# device, into the model's normalized float input (``data.batch_augment.BatchAugment``).
+BatchAugment = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def to_device(
-    batch: Any, device: torch.device, channels_last: bool
+    batch: Any,
+    device: torch.device,
+    channels_last: bool,
+    augment: BatchAugment | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's images and targets on ``device``. Images collated as ``(uint8, aspects)``
+    travel as uint8 (a quarter of float32's bytes) and are augmented there by ``augment``."""
     images, targets = batch
     non_blocking = device.type == "cuda"  # overlaps the copy with compute when memory is pinned
-    images = images.to(device, non_blocking=non_blocking)
+    if isinstance(images, (list, tuple)):
+        images, aspects = images
+        images = images.to(device, non_blocking=non_blocking)
+        if augment is None:
+            raise ValueError("a batch of uint8 images needs a batch augmentation to run on it")
+        images = augment(images, aspects)
+    else:
+        images = images.to(device, non_blocking=non_blocking)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets.to(device, non_blocking=non_blocking)
@@ -208,6 +225,7 @@ def train_one_epoch(
     progress: bool = True,
     desc: str = "train",
     set_lr: Callable[[int], None] | None = None,
+    augment: BatchAugment | None = None,
 ) -> EpochStats:
     """One pass over ``loader``; times how long each step waited for its batch.
 
@@ -228,7 +246,7 @@ def train_one_epoch(
         wait += time.perf_counter() - t0
         if batch is None:  # every sample of the batch was a bad image
             continue
-        images, targets = to_device(batch, device, channels_last)
+        images, targets = to_device(batch, device, channels_last, augment)
         if set_lr is not None:
             set_lr(steps)
         loss = train_step(model, optimizer, loss_fn, images, targets, scaler=scaler, amp=amp)
@@ -338,8 +356,11 @@ def fit(
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
     metric: str = "val_f1_macro",
+    augment: BatchAugment | None = None,
 ) -> TrainState:
-    """Train for ``cfg.epochs`` from ``state.epoch``, early-stopping on ``metric``."""
+    """Train for ``cfg.epochs`` from ``state.epoch``, early-stopping on ``metric``.
+
+    ``augment``: the batch augmentation for train loaders that deliver uint8 batches."""
     state = state or TrainState()
     prepare_model(model, device, channels_last=cfg.channels_last)
     amp = cfg.amp and device.type == "cuda"
@@ -375,6 +396,7 @@ def fit(
             progress=progress,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             set_lr=functools.partial(schedule.set, epoch),
+            augment=augment,
         )
         result = evaluate(
             model,

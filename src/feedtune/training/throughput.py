@@ -20,7 +20,13 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from feedtune.config import TrainConfig
-from feedtune.training.engine import build_optimizer, is_channels_last, to_device, train_step
+from feedtune.training.engine import (
+    BatchAugment,
+    build_optimizer,
+    is_channels_last,
+    to_device,
+    train_step,
+)
 
 # Above this share of end-to-end time spent waiting for batches, the loader is the bottleneck.
 LOADER_BOUND_WAIT_FRAC = 0.15
@@ -108,10 +114,11 @@ def measure_model(
     steps: int,
     warmup: int = 2,
     train_cfg: TrainConfig | None = None,
+    augment: BatchAugment | None = None,
 ) -> float:
     """Samples/s of train steps on one batch already on the device (the model's appetite)."""
     model, optimizer, loss_fn, amp = _probe_parts(model, device, train_cfg)
-    images, targets = to_device(batch, device, is_channels_last(model))
+    images, targets = to_device(batch, device, is_channels_last(model), augment)
     for _ in range(warmup):
         train_step(model, optimizer, loss_fn, images, targets, amp=amp)
     _sync(device)
@@ -130,13 +137,16 @@ def measure_training(
     steps: int,
     warmup: int = 2,
     train_cfg: TrainConfig | None = None,
+    augment: BatchAugment | None = None,
 ) -> tuple[float, float, float]:
     """(samples/s end to end, share of time waiting for batches, start-up seconds)."""
     model, optimizer, loss_fn, amp = _probe_parts(model, device, train_cfg)
     channels_last = is_channels_last(model)
 
     def step(batch: Any) -> None:
-        train_step(model, optimizer, loss_fn, *to_device(batch, device, channels_last), amp=amp)
+        train_step(
+            model, optimizer, loss_fn, *to_device(batch, device, channels_last, augment), amp=amp
+        )
 
     t0 = time.perf_counter()
     it = _batches(loader)
@@ -167,13 +177,15 @@ def measure(
     device: torch.device,
     batches: int,
     train_cfg: TrainConfig | None = None,
+    augment: BatchAugment | None = None,
 ) -> Throughput:
     """All rates for one (model, loader) pair; ``batches`` timed batches per measurement."""
     loader_rate, loader_startup = measure_loader(loader, batches=batches)
     batch = next(b for b in loader if b is not None)
-    model_rate = measure_model(model, batch, device=device, steps=batches, train_cfg=train_cfg)
+    probe = {"train_cfg": train_cfg, "augment": augment}
+    model_rate = measure_model(model, batch, device=device, steps=batches, **probe)
     train_rate, wait_frac, train_startup = measure_training(
-        model, loader, device=device, steps=batches, train_cfg=train_cfg
+        model, loader, device=device, steps=batches, **probe
     )
     return Throughput(
         loader_samples_per_s=loader_rate,
@@ -194,7 +206,8 @@ def transform_costs(
     """
     rng = np.random.default_rng(seed)
     indices = rng.choice(len(dataset), size=min(samples, len(dataset)), replace=False)
-    steps = list(getattr(dataset.transform, "steps", []))
+    transform = dataset.transform
+    steps = list(getattr(transform, "steps", [])) or [(type(transform).__name__, transform)]
     totals = {"decode": 0.0, **{name: 0.0 for name, _ in steps}}
     outputs = []
     for index in indices:

@@ -159,6 +159,7 @@ def train_model(
         state=state,
         callbacks=[*own, *callbacks],
         progress=progress,
+        augment=pipeline.batch_augment,
     )
     best_path = folder / BEST
     model.load_state_dict(load_checkpoint(best_path)["model_state"])

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from feedtune.config import ParamSpec, SearchConfig
+from feedtune.data.batch_augment import BATCH_POLICIES
 
 SPEED_KEYS = (
     "loader.num_workers",
@@ -20,9 +21,10 @@ SPEED_KEYS = (
     "loader.persistent_workers",
     "loader.cache",
     "data.decoder",
+    "augment.where",
 )
 # Keys on which other keys' relevance depends (see ``inert_settings``): drawn first.
-DECIDING_KEYS = ("loader.num_workers", "sampler.kind", "augment.policy")
+DECIDING_KEYS = ("loader.num_workers", "sampler.kind", "augment.policy", "augment.where")
 
 Inert = Callable[[dict[str, Any]], set[str]]
 
@@ -45,10 +47,33 @@ def inert_settings(values: dict[str, Any], *, cuda: bool) -> set[str]:
         inert.add("loader.pin_memory")
     if values.get("sampler.kind") != "weighted":
         inert |= {"sampler.weight_power", "sampler.num_samples", "sampler.replacement"}
-    if values.get("augment.policy") == "none":
+    policy = values.get("augment.policy")
+    if policy == "none":
         # Policy none trains on the eval pipeline, which has no strength and no order.
         inert |= {"augment.magnitude", "augment.order"}
+    if not batch_augment_qualifies(policy, values.get("augment.order")):
+        inert.add("augment.where")  # the sample path is the only one that draws this policy
+    elif values.get("augment.where") == "batch":
+        inert.add("augment.library")  # the batch path is one implementation of both libraries
     return inert
+
+
+def consistent(settings: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` of ``settings`` (both dotted), with ``augment.where`` back at ``sample``
+    where the resulting policy has no batch version: a quality trial combines the speed
+    stage's winner with a policy of its own."""
+    values = {**settings, **overrides}
+    if values.get("augment.where") == "batch" and not batch_augment_qualifies(
+        values.get("augment.policy"), values.get("augment.order")
+    ):
+        return {**overrides, "augment.where": "sample"}
+    return overrides
+
+
+def batch_augment_qualifies(policy: Any, order: Any) -> bool:
+    """Whether ``augment.where: batch`` draws the same transforms as the sample path, which
+    makes it a speed setting for this policy (see ``data.batch_augment``)."""
+    return policy in BATCH_POLICIES and not (policy == "geometric" and order == "augment_first")
 
 
 def inert_given(settings: dict[str, Any], *, cuda: bool) -> Inert:

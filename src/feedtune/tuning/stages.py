@@ -63,7 +63,12 @@ def speed_trial(cfg: Config, data: PreparedData, *, steps: int) -> dict[str, flo
         channels_last=cfg.train.channels_last,
     )
     rate, wait_frac, startup = measure_training(
-        model, pipeline.train_loader, device=device, steps=steps, train_cfg=cfg.train
+        model,
+        pipeline.train_loader,
+        device=device,
+        steps=steps,
+        train_cfg=cfg.train,
+        augment=pipeline.batch_augment,
     )
     return {"train_samples_per_s": rate, "data_wait_frac": wait_frac, "train_startup_s": startup}
 
@@ -139,7 +144,7 @@ class Tuner:
 
     def quality_objective(self, trial: Any) -> float:
         params = optuna_study.suggest(trial, space.quality_space(self.cfg.search), self.inert())
-        tcfg = self.cfg.replace({**self.speed_params, **params})
+        tcfg = self.cfg.replace(space.consistent(self.settings, {**self.speed_params, **params}))
         name = f"{self.study_base}-quality"
         metric = self.cfg.search.metric
         with (
