@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("best", help="print the best run of an experiment")
     p.add_argument("--experiment", default=None, help="default: the config's experiment")
+    p.add_argument(
+        "--emit",
+        choices=["text", "python"],
+        default="text",
+        help="python: print the best run's data feeding as a runnable PyTorch snippet",
+    )
     _common(p)
     return parser
 
@@ -199,9 +205,10 @@ def _run(args: argparse.Namespace) -> int:
         run_inspect(cfg, progress=progress)
         return 0
     if args.command == "best":
-        from feedtune.commands.best import describe_best
+        from feedtune.commands.best import describe_best, emit_python
 
-        print(describe_best(args.experiment or cfg.experiment))
+        experiment = args.experiment or cfg.experiment
+        print(emit_python(experiment) if args.emit == "python" else describe_best(experiment))
         return 0
     raise AssertionError(args.command)  # argparse rejects unknown commands
 

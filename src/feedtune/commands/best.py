@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from feedtune.commands.snippet import snippet_from_params
 from feedtune.config import Config
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.lookup import find_best_run
@@ -43,3 +44,11 @@ def describe_best(experiment: str) -> str:
         f"settings:    {settings_line(run.data.params) or '(defaults)'}",
     ]
     return "\n".join(lines)
+
+
+def emit_python(experiment: str) -> str:
+    """The best run's data feeding (transforms, sampler, DataLoader settings) as a standalone
+    PyTorch script."""
+    with mlflow_store.use_store():
+        run = find_best_run(experiment)
+    return snippet_from_params(run.data.params)

@@ -69,13 +69,14 @@ def open_storage(
 
     for attempt in range(6):
         try:
-            return RDBStorage(
-                url,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=_retry_dead_trial(on_dead_trial),
-                engine_kwargs={"pool_pre_ping": True},
-            )
+            with _experimental_ok():  # heartbeats are experimental in Optuna, and wanted
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=_retry_dead_trial(on_dead_trial),
+                    engine_kwargs={"pool_pre_ping": True},
+                )
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
             # Workers started together on a fresh database race to create Optuna's tables
             # ("type ... already exists", a duplicate version row): the loser tries again.
