@@ -99,7 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
-        "bench", help="loader benchmark grid (num_workers x batch_size x library x order x cache)"
+        "bench",
+        help="loader benchmark grid (num_workers x cache x decoder x where, by default)",
+    )
+    p.add_argument(
+        "--model-rate",
+        type=float,
+        default=None,
+        metavar="N",
+        help="what-if: a stand-in model that eats N samples/s without using the CPU, as a GPU "
+        "does (sets bench.model_rate)",
     )
     _common(p)
 
@@ -186,6 +195,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "bench":
         from feedtune.commands.bench import run_bench
 
+        if _positive_or_none(args.model_rate) is not None:
+            cfg = cfg.replace({"bench.model_rate": args.model_rate})
         run_bench(cfg, progress=progress)
         return 0
     if args.command == "finetune":

@@ -163,9 +163,9 @@ class TrainConfig:
     backbone_lr_scale: float = field(default=0.1, metadata=_limits(0.0, 1.0))
     # Stop an epoch after this many steps (None = full epoch); used by short speed trials.
     max_steps_per_epoch: int | None = field(default=None, metadata=_limits(1))
-    # Throughput measurement after training (batches per measurement; 0 = skip). 80 batches
-    # of 16 (~1 s of loading here) is the shortest with a loader CV <= 5% (BENCHMARKS.md (c)).
-    measure_batches: int = field(default=80, metadata=_limits(0))
+    # Batches per round of the loader and model probes after training (3 interleaved rounds,
+    # medians; 0 = skip). The end-to-end rate comes from the epochs themselves, for free.
+    measure_batches: int = field(default=10, metadata=_limits(0))
 
 
 @dataclass
@@ -214,11 +214,18 @@ class SearchConfig:
 
 @dataclass
 class BenchConfig:
+    # The speed settings; the batch size, library and order change what is learned, so by
+    # default they stay the config's own (an empty list = the config's value).
     num_workers: list[int] = field(default_factory=lambda: [0, 1, 2])
-    batch_size: list[int] = field(default_factory=lambda: [64])
-    library: list[str] = field(default_factory=lambda: ["torchvision", "albumentations"])
-    order: list[str] = field(default_factory=lambda: ["resize_first", "augment_first"])
-    cache: list[str] = field(default_factory=lambda: ["none"])
+    cache: list[str] = field(default_factory=lambda: ["none", "resized"])
+    decoder: list[str] = field(default_factory=lambda: ["pil", "opencv"])
+    where: list[str] = field(default_factory=lambda: ["sample", "batch"])
+    batch_size: list[int] = field(default_factory=list)
+    library: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)
+    # What-if: a stand-in model that eats this many samples/s without using the CPU, as a
+    # GPU does (None = the configured model).
+    model_rate: float | None = field(default=None, metadata=_limits(1e-3))
     # Batches timed per loader measurement (the loader alone is cheap to measure).
     batches: int = field(default=20, metadata=_limits(2))
     # Training steps timed per cell (and for the model's appetite, once per batch size): on a

@@ -24,6 +24,8 @@ def _cfg(folder, *extra):
             "bench.library=[torchvision]",
             "bench.order=[resize_first]",
             "bench.cache=[none, resized]",
+            "bench.decoder=[pil]",
+            "bench.where=[sample]",
             "bench.batches=2",
             "bench.train_steps=2",
             *extra,
@@ -73,3 +75,24 @@ def test_bench_logs_one_run_with_results_plot_and_best_cell(tiny_folder, mlflow_
     text = report(results)
     assert "recommended: --set loader.num_workers=0" in text
     assert f"--set loader.cache={best['cache']}" in text
+
+
+def test_a_stand_in_model_eats_at_its_rate_and_names_the_slow_side(tiny_folder, mlflow_store):
+    # A fast loader (resized cache, tiny images) keeps a 100 samples/s stand-in fed...
+    fed = run_bench(
+        _cfg(tiny_folder, "bench.cache=[resized]", "bench.model_rate=100", "bench.train_steps=6"),
+        progress=False,
+    ).iloc[0]
+    assert 0.75 * 100 < fed["model_samples_per_s"] < 1.1 * 100
+    assert 0.6 * 100 < fed["train_samples_per_s"] < 1.1 * 100
+    assert fed["bottleneck"] == "model"
+    # ...but not one that eats a million samples/s: then the loader is the bottleneck.
+    starved = run_bench(
+        _cfg(tiny_folder, "bench.cache=[none]", "bench.model_rate=1000000"), progress=False
+    ).iloc[0]
+    assert starved["bottleneck"] == "loader"
+    assert starved["train_samples_per_s"] < 0.5 * starved["model_samples_per_s"]
+    runs = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("bench-test").experiment_id]
+    )
+    assert {r.data.tags["feedtune.model"] for r in runs} == {"stand-in:100", "stand-in:1000000"}

@@ -52,3 +52,24 @@ def test_slow_model_is_the_bottleneck():
     assert result.data_wait_frac < 0.15
     assert result.feed_ratio > 1
     assert result.loader_startup_s >= 0 and result.train_startup_s >= 0
+
+
+def test_a_run_is_measured_from_its_own_epochs_and_short_probes():
+    from feedtune.training.throughput import measure_run
+
+    loader = build_loader(_Slow(0.0), LoaderConfig(batch_size=8), seed=0)
+    history = [
+        {"epoch": 0, "epoch_samples_per_s": 50.0, "epoch_data_wait_frac": 0.9},  # set-up
+        {"epoch": 1, "epoch_samples_per_s": 200.0, "epoch_data_wait_frac": 0.1},
+        {"epoch": 2, "epoch_samples_per_s": 220.0, "epoch_data_wait_frac": 0.3},
+        {"epoch": 3, "epoch_samples_per_s": 210.0, "epoch_data_wait_frac": 0.2},
+    ]
+    result = measure_run(_Model(0.0), loader, history, device=torch.device("cpu"), batches=4)
+    assert result.train_samples_per_s == 210.0 and result.data_wait_frac == 0.2  # medians
+    assert result.bottleneck == "loader"  # the verdict follows the epochs' own waiting
+    assert result.loader_samples_per_s > 0 and result.model_samples_per_s > 0
+    assert result.predicted_samples_per_s == min(
+        result.loader_samples_per_s, result.model_samples_per_s
+    )
+    assert 0 < result.measure_s < 30
+    assert {"predicted_samples_per_s", "measure_s", "feed_ratio"} <= set(result.metrics())

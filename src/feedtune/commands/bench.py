@@ -19,15 +19,15 @@ from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from feedtune.config import Config
 from feedtune.data.cache import ImageCache, attach_cache, build_cache
 from feedtune.data.pipeline import build_pipeline, prepare_data
+from feedtune.progress import progress_bar
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.plots import samples_per_s_figure
 from feedtune.training.engine import prepare_model, resolve_device
-from feedtune.training.models import build_model
+from feedtune.training.models import StandIn, build_model
 from feedtune.training.throughput import (
     Throughput,
     measure_loader,
@@ -38,10 +38,12 @@ from feedtune.training.throughput import (
 # Grid axis -> the config key it sets (the order of the table's first columns).
 AXES = {
     "num_workers": "loader.num_workers",
+    "cache": "loader.cache",
+    "decoder": "data.decoder",
+    "where": "augment.where",
     "batch_size": "loader.batch_size",
     "library": "augment.library",
     "order": "augment.order",
-    "cache": "loader.cache",
 }
 # Cells are ranked by what a training job gets: end-to-end samples per second.
 RANK_BY = "train_samples_per_s"
@@ -51,7 +53,10 @@ QUALITY_AXES = ("batch_size", "library", "order")
 
 def grid(cfg: Config) -> list[dict[str, Any]]:
     """The cells of ``cfg.bench``, num_workers varying fastest (one plot line per setting)."""
-    values = {axis: list(dict.fromkeys(getattr(cfg.bench, axis))) for axis in AXES}
+    values = {
+        axis: list(dict.fromkeys(getattr(cfg.bench, axis))) or [cfg.get(key)]
+        for axis, key in AXES.items()
+    }
     outer = [a for a in AXES if a != "num_workers"]
     cells = []
     for combo in itertools.product(*(values[a] for a in outer)):
@@ -85,13 +90,13 @@ def measure_cell(
     model: torch.nn.Module,
     device: torch.device,
     caches: dict[str, ImageCache],
-    appetite: dict[int, float],
+    appetite: dict[tuple, float],
     progress: bool = False,
 ) -> dict[str, Any]:
     """One row of the table: the cell's settings, its rates, verdict and cache cost.
 
-    ``caches`` (mode -> cache) and ``appetite`` (batch size -> model samples/s) are filled on
-    first use and shared by the cells: neither depends on the other axes of the grid.
+    ``caches`` (mode -> cache) and ``appetite`` ((batch size, where) -> model samples/s) are
+    filled on first use and shared by the cells: neither depends on the other axes.
     """
     ccfg = cell_config(cfg, cell)
     # Build without a cache, then attach the grid's shared one (filled once per mode).
@@ -102,9 +107,10 @@ def measure_cell(
     attach_cache(pipeline.train_set, cache)
     start = time.perf_counter()
     loader_rate, loader_startup = measure_loader(pipeline.train_loader, batches=cfg.bench.batches)
-    if ccfg.loader.batch_size not in appetite:
+    eats = (ccfg.loader.batch_size, ccfg.augment.where)
+    if eats not in appetite:
         batch = next(b for b in pipeline.train_loader if b is not None)
-        appetite[ccfg.loader.batch_size] = measure_model(
+        appetite[eats] = measure_model(
             model,
             batch,
             device=device,
@@ -123,7 +129,7 @@ def measure_cell(
     )
     result = Throughput(
         loader_samples_per_s=loader_rate,
-        model_samples_per_s=appetite[ccfg.loader.batch_size],
+        model_samples_per_s=appetite[eats],
         train_samples_per_s=train_rate,
         data_wait_frac=wait_frac,
         loader_startup_s=loader_startup,
@@ -189,19 +195,23 @@ def run_bench(cfg: Config, *, progress: bool = True) -> pd.DataFrame:
     data = prepare_data(cfg, progress=progress)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
-    model = prepare_model(
-        build_model(cfg.model, num_classes=len(data.classes)),
-        device,
-        channels_last=cfg.train.channels_last,
+    rate = cfg.bench.model_rate
+    network = (
+        build_model(cfg.model, num_classes=len(data.classes))
+        if rate is None
+        else StandIn(len(data.classes), samples_per_s=rate)
     )
+    model = prepare_model(network, device, channels_last=cfg.train.channels_last)
     cells = grid(cfg)
     for cell in cells:  # a bad grid value fails now, naming its key, not after minutes
         cell_config(cfg, cell)
     caches: dict[str, ImageCache] = {}
-    appetite: dict[int, float] = {}
+    appetite: dict[tuple, float] = {}
     rows = []
-    with mlflow_store.start_run("bench", run_name="bench") as run:
-        bar = tqdm(cells, desc="bench", unit="cell", disable=not progress)
+    shown = None if rate is None else (int(rate) if float(rate).is_integer() else rate)
+    tags = {} if rate is None else {"feedtune.model": f"stand-in:{shown}"}
+    with mlflow_store.start_run("bench", run_name="bench", tags=tags) as run:
+        bar = progress_bar(cells, desc="bench", unit="cell", enabled=progress, per_item_lines=True)
         for cell in bar:
             bar.set_postfix_str(" ".join(str(v) for v in cell.values()))
             rows.append(

@@ -36,11 +36,11 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from feedtune.config import LoaderConfig
 from feedtune.data.augment_policies import CROP_FRACTION
 from feedtune.data.imageio import BadImageError, _jpeg_scale, decode_image, image_size
+from feedtune.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def build_cache(
         cfg: ``cache`` (mode) and ``cache_limit_mb`` (refused above it, before decoding).
         image_size: the training resolution; ``resized`` keeps a shorter side of
             ``working_size(image_size)``.
-        progress: show a tqdm bar while filling.
+        progress: show progress while filling (a bar on a terminal, a line in a log).
         reserved_bytes: bytes other caches of the same run already hold (counted in the limit;
             not in the shared-memory check, whose free space already excludes them).
         shm_path: a path on the filesystem that holds torch's shared memory, whose free space
@@ -354,13 +354,13 @@ def _fill(
     threads = max(1, len(os.sched_getaffinity(0)))
     with ThreadPoolExecutor(threads) as pool:
         results = pool.map(load, range(len(paths)))
-        bar = tqdm(
+        bar = progress_bar(
             results,
             total=len(paths),
             desc=f"cache ({mode})",
             unit="img",
             leave=False,
-            disable=not progress,
+            enabled=progress,
         )
         pos = 0
         for i, result in enumerate(bar):

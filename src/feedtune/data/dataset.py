@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset, get_worker_info
-from tqdm.auto import tqdm
 
 from feedtune.data.imageio import BadImageError, check_image, decode_image
+from feedtune.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,8 @@ def scan_images(
     pixels are bad files too (None: ``check_image``'s defaults, those of the config).
     """
     reasons: list[str | None] = []
-    for path in tqdm(
-        table["path"], desc="checking images", unit="img", disable=not progress, leave=False
+    for path in progress_bar(
+        table["path"], desc="checking images", unit="img", enabled=progress, leave=False
     ):
         reason = check_image(path, max_pixels=max_pixels, max_bytes=max_bytes)
         if reason is not None and on_bad_image == "raise":

@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
-from tqdm import tqdm
+
+from feedtune.progress import progress_bar
 
 __all__ = [
     "EMBEDDED",
@@ -599,7 +600,7 @@ def _marker(name: str, seed: int, n_images: int | None, items: list[_Item], dige
 
 
 def _write_images(seed: int, root: Path, items: list[_Item], progress: bool, desc: str) -> None:
-    for it in tqdm(items, desc=desc, unit="img", disable=not progress):
+    for it in progress_bar(items, desc=desc, unit="img", enabled=progress):
         path = root / it.path
         path.parent.mkdir(parents=True, exist_ok=True)
         # Atomic, so that a reader never scans a half-written JPEG as a bad image.
@@ -717,7 +718,7 @@ def generate_dataset(
         root: the dataset's own folder, e.g. ``data/shapes``; created if missing. It must be
             missing, empty or an earlier feedtune dataset, which is replaced.
         seed: generator seed; the same seed gives byte-identical files.
-        progress: show a tqdm progress bar.
+        progress: show progress (a bar on a terminal, a line in a log).
         n_images: scale the dataset down (or up) to about this many images, keeping the class
             proportions; ``None`` = the full size (3000 for shapes, 600 for shapes-shift).
 

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
 
 from feedtune.data.cache import working_size
 from feedtune.data.imageio import BadImageError, check_image, image_size
 from feedtune.data.split import Split
+from feedtune.progress import progress_bar
 
 # Largest/smallest class above this: plain random sampling starves the small classes.
 IMBALANCE_LIMIT = 3.0
@@ -90,11 +90,11 @@ def inspect_data(
     side = {p: "train" for p in split.train["path"]} | {p: "val" for p in split.val["path"]}
     groups = table["group"] if "group" in table.columns else pd.Series([""] * len(table))
     rows = []
-    for path, label, group in tqdm(
+    for path, label, group in progress_bar(
         list(zip(table["path"], table["label"], groups, strict=True)),
         desc="inspecting images",
         unit="img",
-        disable=not progress,
+        enabled=progress,
         leave=False,
     ):
         row = {"path": path, "label": label, "group": group, "side": side.get(path, EXCLUDED)}

@@ -20,7 +20,7 @@ from feedtune.tracking import mlflow_store
 from feedtune.tracking.plots import bar_figure, confusion_matrix_figure
 from feedtune.training.checkpoint import load_checkpoint
 from feedtune.training.engine import Callback, resolve_device
-from feedtune.training.throughput import Throughput, cache_metrics, measure, transform_costs
+from feedtune.training.throughput import Throughput, cache_metrics, measure_run, transform_costs
 from feedtune.training.trainer import BEST, LAST, TrainOutcome
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "val_f1_macro", "lr")
@@ -105,15 +105,17 @@ def log_run_results(cfg: Config, outcome: TrainOutcome, classes: list[str]) -> N
     mlflow_store.log_model(outcome.model.cpu(), example)
 
 
-def log_throughput(cfg: Config, pipeline: Pipeline, model: Any) -> Throughput | None:
-    """Measure a trained configuration; log the speed metrics, the verdict and step costs."""
+def log_throughput(cfg: Config, outcome: TrainOutcome) -> Throughput | None:
+    """The run's feed: end to end from its epochs, the two sides from short probes; logs the
+    speed metrics, the verdict and the cost of each pipeline step."""
     if cfg.train.measure_batches <= 0:
         return None
-    device = resolve_device(cfg.train.device)
-    result = measure(
-        model,
+    pipeline = outcome.pipeline
+    result = measure_run(
+        outcome.model,
         pipeline.train_loader,
-        device=device,
+        outcome.state.history,
+        device=resolve_device(cfg.train.device),
         batches=cfg.train.measure_batches,
         train_cfg=cfg.train,
         augment=pipeline.batch_augment,
@@ -139,7 +141,7 @@ def log_throughput(cfg: Config, pipeline: Pipeline, model: Any) -> Throughput | 
 def finish_run(cfg: Config, outcome: TrainOutcome, classes: list[str]) -> Throughput | None:
     """What every run that trained to the end logs: results, model, then its throughput."""
     log_run_results(cfg, outcome, classes)
-    return log_throughput(cfg, outcome.pipeline, outcome.model)
+    return log_throughput(cfg, outcome)
 
 
 def download_resume(run_id: str, folder: Path) -> dict[str, Any] | None:

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, recall_score
 from torch import nn
-from tqdm.auto import tqdm
 
 from feedtune.config import TrainConfig
+from feedtune.progress import progress_bar
 from feedtune.training.models import head_parameters, set_backbone_trainable
 
 
@@ -234,7 +234,9 @@ def train_one_epoch(
     channels_last = is_channels_last(model)
     total_loss, samples, steps, wait = 0.0, 0, 0, 0.0
     total = max_steps if max_steps is not None else _len_or_none(loader)
-    bar = tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=False)
+    bar = progress_bar(
+        total=total, desc=desc, unit="batch", enabled=progress, leave=False, bar_only=True
+    )
     start = time.perf_counter()
     iterator = iter(loader)
     while max_steps is None or steps < max_steps:
@@ -294,7 +296,10 @@ def evaluate(
     total_loss, count = 0.0, 0
     y_true: list[np.ndarray] = []
     y_pred: list[np.ndarray] = []
-    for batch in tqdm(loader, desc="val", unit="batch", disable=not progress, leave=False):
+    batches = progress_bar(
+        loader, desc="val", unit="batch", enabled=progress, leave=False, bar_only=True
+    )
+    for batch in batches:
         if batch is None:
             continue
         images, targets = to_device(batch, device, channels_last)
@@ -367,13 +372,14 @@ def fit(
     scaler = torch.amp.GradScaler("cuda") if amp else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     eval_loss = nn.CrossEntropyLoss()
-    epochs = tqdm(
+    epochs = progress_bar(
         range(state.epoch, cfg.epochs),
         desc="epochs",
         unit="epoch",
         initial=state.epoch,
         total=cfg.epochs,
-        disable=not progress,
+        enabled=progress,
+        per_item_lines=True,
     )
     steps_per_epoch = _len_or_none(train_loader) or 0
     if cfg.max_steps_per_epoch is not None:

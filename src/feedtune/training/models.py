@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -47,6 +48,22 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+class StandIn(nn.Module):
+    """A model that eats ``samples_per_s`` samples per second without using the CPU, as a GPU
+    step does: it sleeps for its batch's share of a second, then applies a tiny linear head
+    (so the loss has a gradient and the optimizer a step). What-if for ``feedtune bench``:
+    would this loader keep a faster model fed?"""
+
+    def __init__(self, num_classes: int, *, samples_per_s: float) -> None:
+        super().__init__()
+        self.samples_per_s = samples_per_s
+        self.head = nn.Linear(3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(x.shape[0] / self.samples_per_s)
+        return self.head(x.float().mean(dim=(2, 3)))
 
 
 def _head_path(model: nn.Module) -> str:

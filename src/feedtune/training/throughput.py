@@ -1,8 +1,12 @@
 """Both sides of the feed: how fast the loader supplies, how fast the model consumes, what the
 job achieves end to end, and which side holds it back.
 
-Warm-up batches are excluded from every rate and worker start-up is reported on its own: a
-loader that takes 3 s to fork workers and then streams fast is not a slow loader.
+A training run's end-to-end rate and its wait for batches come from its own epochs (every step
+timed, free). The two sides are probed apart, briefly: the loader alone, and the run's own
+train step on a batch already on the device, interleaved over a few rounds so that a noisy
+moment hits both, with medians. Warm-up batches are excluded from every rate and worker
+start-up is reported on its own: a loader that takes 3 s to fork workers and then streams fast
+is not a slow loader.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ class Throughput:
     data_wait_frac: float
     loader_startup_s: float
     train_startup_s: float
+    measure_s: float = 0.0  # what the probes cost, beyond the training itself
+
+    @property
+    def predicted_samples_per_s(self) -> float:
+        """The factory line's prediction: the job runs at the slower side's rate."""
+        return min(self.loader_samples_per_s, self.model_samples_per_s)
 
     @property
     def feed_ratio(self) -> float:
@@ -58,7 +68,85 @@ class Throughput:
     def metrics(self) -> dict[str, float]:
         out = asdict(self)
         out["feed_ratio"] = self.feed_ratio
+        out["predicted_samples_per_s"] = self.predicted_samples_per_s
         return out
+
+
+def epoch_rates(history: list[dict[str, float]]) -> tuple[float, float]:
+    """(samples/s end to end, share of time waiting for batches) of a run's own epochs: the
+    median over the epochs after the first (which pays for first-time set-up), or the only
+    epoch there is."""
+    rows = [h for h in history if "epoch_samples_per_s" in h]
+    if not rows:
+        raise ValueError("no timed epoch in the history")
+    steady = rows[1:] or rows
+    return (
+        float(np.median([h["epoch_samples_per_s"] for h in steady])),
+        float(np.median([h["epoch_data_wait_frac"] for h in steady])),
+    )
+
+
+def probe_sides(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    batches: int,
+    rounds: int = 3,
+    train_cfg: TrainConfig | None = None,
+    augment: BatchAugment | None = None,
+) -> tuple[float, float, float, float]:
+    """(loader samples/s, model samples/s, loader start-up s, seconds spent) from ``rounds``
+    interleaved rounds of ``batches`` batches each, medians of the rounds."""
+    start = time.perf_counter()
+    model, optimizer, loss_fn, amp = _probe_parts(model, device, train_cfg)
+    channels_last = is_channels_last(model)
+    it = _batches(loader)
+    batch = next(it)
+    startup = time.perf_counter() - start
+    images, targets = to_device(batch, device, channels_last, augment)
+    train_step(model, optimizer, loss_fn, images, targets, amp=amp)  # warm-up
+    loader_rates, model_rates = [], []
+    for _ in range(rounds):
+        t, samples = time.perf_counter(), 0
+        for _ in range(batches):
+            samples += len(next(it)[1])
+        loader_rates.append(samples / (time.perf_counter() - t))
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(batches):
+            train_step(model, optimizer, loss_fn, images, targets, amp=amp)
+        _sync(device)
+        model_rates.append(batches * len(targets) / (time.perf_counter() - t))
+    it.close()
+    spent = time.perf_counter() - start
+    return float(np.median(loader_rates)), float(np.median(model_rates)), startup, spent
+
+
+def measure_run(
+    model: nn.Module,
+    loader: DataLoader,
+    history: list[dict[str, float]],
+    *,
+    device: torch.device,
+    batches: int,
+    train_cfg: TrainConfig | None = None,
+    augment: BatchAugment | None = None,
+) -> Throughput:
+    """A trained run's feed: end to end and waiting from its epochs, the sides from probes."""
+    train_rate, wait_frac = epoch_rates(history)
+    loader_rate, model_rate, startup, spent = probe_sides(
+        model, loader, device=device, batches=batches, train_cfg=train_cfg, augment=augment
+    )
+    return Throughput(
+        loader_samples_per_s=loader_rate,
+        model_samples_per_s=model_rate,
+        train_samples_per_s=train_rate,
+        data_wait_frac=wait_frac,
+        loader_startup_s=startup,
+        train_startup_s=0.0,
+        measure_s=spent,
+    )
 
 
 def _batches(loader: DataLoader) -> Iterator[Any]:

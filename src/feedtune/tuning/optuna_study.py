@@ -21,6 +21,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from feedtune.config import ParamSpec
+from feedtune.progress import progress_mode, write_line
 from feedtune.tracking.liveness import is_alive
 from feedtune.tracking.mlflow_store import redact
 from feedtune.tracking.plots import pareto_figure
@@ -254,14 +255,34 @@ def optimize(
     progress: bool = True,
 ) -> None:
     # Exceptions other than pruning mark the trial FAIL and the study goes on.
+    # Optuna's bar only in bar mode; in a log, one line per finished trial instead.
+    mode = progress_mode() if progress else "off"
     study.optimize(
         objective,
         n_trials=n_trials,
         timeout=timeout,
         catch=(Exception,),
-        show_progress_bar=progress,
+        show_progress_bar=mode == "bar",
+        callbacks=[_write_trial_line] if mode == "lines" else None,
         gc_after_trial=True,
     )
+
+
+def trial_line(trial: FrozenTrial) -> str:
+    """``trial 3 COMPLETE value=0.6123 (41.0 s)``: a finished trial, as one line of a log."""
+    words = [f"trial {trial.number}", trial.state.name]
+    if trial.state == TrialState.COMPLETE and trial.values:
+        values = ",".join(f"{v:.4f}" for v in trial.values)
+        words.append(f"value{'s' if len(trial.values) > 1 else ''}={values}")
+    elif trial.state == TrialState.PRUNED and trial.intermediate_values:
+        words.append(f"at epoch {max(trial.intermediate_values) + 1}")  # steps are 0-based
+    if trial.duration is not None:
+        words.append(f"({trial.duration.total_seconds():.1f} s)")
+    return " ".join(words)
+
+
+def _write_trial_line(study: optuna.Study, trial: FrozenTrial) -> None:
+    write_line(trial_line(trial))
 
 
 def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
