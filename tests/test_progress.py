@@ -144,8 +144,8 @@ def test_optuna_writes_one_line_per_trial(capsys: pytest.CaptureFixture[str]):
     def objective(trial: optuna.Trial) -> float:
         outcome = next(outcomes)
         if outcome == "pruned":
-            trial.report(0.1, 0)
-            trial.report(0.2, 1)
+            trial.report(0.1, 1)  # steps are epochs done
+            trial.report(0.2, 2)
             raise optuna.TrialPruned()
         if outcome == "fail":
             raise RuntimeError("boom")
@@ -155,7 +155,7 @@ def test_optuna_writes_one_line_per_trial(capsys: pytest.CaptureFixture[str]):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trial ")]
     assert [line.rsplit(" (", 1)[0] for line in lines] == [
         "trial 0 COMPLETE value=0.6123",
-        "trial 1 PRUNED at epoch 2",
+        "trial 1 PRUNED after epoch 2",
         "trial 2 FAIL",
     ]
     assert all(line.endswith(" s)") for line in lines)

@@ -30,6 +30,8 @@ search:
   train.lr: {{float: [1.0e-3, 1.0e-2], log: true}}
   speed_steps: 3
   pruner: none
+  noise_seeds: 0
+  speed_skip_wait_frac: 0
 """
 
 

@@ -26,6 +26,8 @@ train: {{epochs: 2, measure_batches: 2, patience: 0}}
 search:
   data.decoder: {{choice: [pil, opencv]}}
   speed_steps: 3
+  speed_skip_wait_frac: 0
+  noise_seeds: 0
 """
 
 

@@ -20,6 +20,7 @@ loader: {batch_size: 8}
 search:
   data.decoder: {choice: [pil, opencv]}
   speed_steps: 3
+  speed_skip_wait_frac: 0
 """
 UI_TIMEOUT_MS = 60_000  # the React app loads its bundle and queries the server
 

@@ -84,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="trials per stage (default: search.n_trials_speed / n_trials_quality)",
     )
-    p.add_argument("--timeout", type=float, default=None, help="seconds per stage")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds for the whole job, running trials included (default: search.timeout_s)",
+    )
     p.add_argument(
         "--storage",
         default=None,
@@ -149,6 +154,23 @@ def _positive_or_none(value: float | None) -> float | None:
     return None if value is None or value < 0 else value
 
 
+def _verdict_line(result: object, metric: str) -> str:
+    """The study's answer in words: did the winner beat the start configuration?"""
+    start, sd, best = result.start_value, result.noise_sd, result.best_value
+    if start is None:
+        return "the start configuration was not trained in this study: no comparison"
+    noise = f"noise sd {sd:.4f}" if sd is not None else "noise unknown (one run of the start)"
+    if result.winner_vs_start == "better":
+        return (
+            f"the winner beats the start configuration: {metric} {best:.4f} vs {start:.4f} "
+            f"({noise}); adopt it with the settings below"
+        )
+    return (
+        f"the winner ({best:.4f}) is within the noise of the start configuration ({start:.4f}, "
+        f"{noise}): keep your settings, or give the search more time"
+    )
+
+
 def _storage(args: argparse.Namespace) -> str | None:
     return args.storage or os.environ.get(STORAGE_ENV) or None
 
@@ -190,7 +212,9 @@ def _run(args: argparse.Namespace) -> int:
                 f"best trial run {result.best_run_id}: "
                 f"{cfg.search.metric} = {result.best_value:.4f}"
             )
-            print("settings: " + " ".join(f"--set {k}={v}" for k, v in result.best_params.items()))
+            settings = " ".join(f"--set {k}={v}" for k, v in result.best_params.items())
+            print(_verdict_line(result, cfg.search.metric))
+            print("settings: " + settings)
         return 0
     if args.command == "bench":
         from feedtune.commands.bench import run_bench

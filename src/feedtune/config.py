@@ -86,6 +86,10 @@ class AugmentConfig:
     # per-sample parameters drawn as the sample path draws them (policies none, basic, color,
     # geometric): a speed setting, the CPU's loader work drops to decoding and a resize.
     where: Literal["sample", "batch"] = "sample"
+    # Blends pairs of training images and their labels into soft targets, a regularizer.
+    mix: Literal["none", "mixup", "cutmix", "mixup_or_cutmix"] = "none"
+    # Beta(alpha, alpha) draws the mixing ratio: small values keep images mostly unmixed.
+    mix_alpha: float = field(default=1.0, metadata=_limits(0.01, 10.0))
     # Training resolution: small, because the default model must train in minutes on 2 CPU cores.
     image_size: int = field(default=64, metadata=_limits(16, 1024))
     # ImageNet statistics so that pretrained torchvision backbones see what they expect.
@@ -197,15 +201,30 @@ class SearchConfig:
     space: dict[str, ParamSpec] = field(default_factory=dict)
     n_trials_speed: int = field(default=8, metadata=_limits(0))
     n_trials_quality: int = field(default=6, metadata=_limits(0))
+    # The whole job's budget (both stages, running trials included); None = no deadline.
     timeout_s: float | None = field(default=None, metadata=_limits(1.0))
+    # The speed stage may use at most this share of timeout_s; quality trials get the rest.
+    speed_share: float = field(default=0.2, metadata=_limits(0.0, 1.0))
+    # If the start configuration waited for batches less than this share of its time, the job
+    # is model-bound with little to gain: the speed stage stops after that first trial.
+    speed_skip_wait_frac: float = field(default=0.05, metadata=_limits(0.0, 1.0))
     # Real training steps per speed trial: ~1300 samples at batch 16, ~5 s on 2 CPU cores; 25
     # steps gave rates within ~10% of each other on repeats, too noisy to rank loaders.
     speed_steps: int = field(default=80, metadata=_limits(2))
     metric: Literal["val_f1_macro", "val_acc"] = "val_f1_macro"
-    pruner: Literal["median", "hyperband", "none"] = "median"
+    # successive_halving: every configuration starts at min_epochs; at each rung (min_epochs
+    # x reduction_factor^k epochs) only the top 1/reduction_factor go on (asynchronously).
+    pruner: Literal["successive_halving", "hyperband", "median", "none"] = "successive_halving"
+    min_epochs: int = field(default=1, metadata=_limits(1))
+    reduction_factor: int = field(default=3, metadata=_limits(2))
     # Complete trials, and epochs within a trial, before the median pruner may stop one.
     pruner_startup_trials: int = field(default=2, metadata=_limits(0))
     pruner_warmup_epochs: int = field(default=2, metadata=_limits(0))
+    # Random, space-covering trials before TPE models the space.
+    startup_trials: int = field(default=6, metadata=_limits(0))
+    # Extra full-length runs of the start configuration with other seeds: with the study's own
+    # run of it, the noise a winner must beat.
+    noise_seeds: int = field(default=1, metadata=_limits(0))
     sampler_seed: int | None = None
     # The first trial of each stage tries the config's own values of the searched keys (where
     # they lie in the space), so a study always shows whether tuning beat the starting point.

@@ -35,6 +35,9 @@ search:
   speed_steps: 3
   pruner_startup_trials: 2
   pruner_warmup_epochs: 0
+  pruner: median
+  noise_seeds: 0
+  speed_skip_wait_frac: 0
 """
 
 

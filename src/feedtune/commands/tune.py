@@ -4,18 +4,29 @@ MLflow run that collects the study's table, plots and best trial."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from feedtune.config import PROJECT_ROOT, Config
 from feedtune.data.pipeline import prepare_data
 from feedtune.tracking import mlflow_store
 from feedtune.tuning import optuna_study
-from feedtune.tuning.space import speed_space
+from feedtune.tuning.space import covers, quality_space, speed_space
 from feedtune.tuning.stages import STAGES, Tuner, close_dead_trial_run
 
 DEFAULT_STORAGE = PROJECT_ROOT / "optuna.journal"
+log = logging.getLogger(__name__)
+# Below this rank correlation the low-budget ranking did not predict the full one.
+RUNG_SPEARMAN_WARN = 0.5
+
+
+# A winner must beat the start configuration by more than this many noise standard deviations.
+NOISE_MARGIN_SD = 2.0
 
 
 @dataclass
@@ -26,6 +37,20 @@ class TuneResult:
     best_run_id: str | None
     best_value: float | None
     best_params: dict[str, Any]
+    start_value: float | None = None
+    noise_sd: float | None = None
+    winner_vs_start: str = ""  # better | within_noise
+    speed_skipped: str = ""
+
+
+def verdict(best: float, start_scores: list[float]) -> tuple[float, float | None, str]:
+    """(start score, noise sd, better|within_noise): ``better`` only when the best beats the
+    start configuration's mean by more than ``NOISE_MARGIN_SD`` standard deviations of the
+    start configuration's own runs (at least two needed)."""
+    start = float(np.mean(start_scores))
+    sd = float(np.std(start_scores, ddof=1)) if len(start_scores) >= 2 else None
+    better = sd is not None and best - start > NOISE_MARGIN_SD * sd
+    return start, sd, "better" if better else "within_noise"
 
 
 @contextlib.contextmanager
@@ -51,7 +76,12 @@ def run_tune(
     study_name: str | None = None,
     progress: bool = True,
 ) -> TuneResult:
-    """Run the requested stages; returns the parent run and the best quality trial."""
+    """Run the requested stages within ``timeout`` seconds (default ``search.timeout_s``; the
+    speed stage gets at most ``search.speed_share`` of it); returns the parent run, the best
+    quality trial and how it compares with the start configuration."""
+    started = time.monotonic()
+    budget = timeout if timeout is not None else cfg.search.timeout_s
+    job_deadline = None if budget is None else started + budget
     if stage not in (*STAGES, "all"):
         raise ValueError(f"--stage {stage!r}: allowed: speed, quality, all")
     stages = STAGES if stage == "all" else (stage,)
@@ -84,7 +114,16 @@ def run_tune(
         speed_study = optuna_study.create_study(f"{base}-speed", optuna_storage, seed=seed)
         optuna_study.reap_dead_trials(speed_study, on_dead_trial=close_dead_trial_run)
         if "speed" in stages and speed_space(cfg.search):
-            tuner.optimize(speed_study, "speed", n_trials=n_trials, timeout=timeout)
+            speed_deadline = None if budget is None else started + budget * cfg.search.speed_share
+            tuner.optimize(speed_study, "speed", n_trials=n_trials, deadline=speed_deadline)
+            if tuner.speed_skipped:
+                result.speed_skipped = tuner.speed_skipped
+                print(
+                    f"feedtune: speed stage skipped after its first trial ({tuner.speed_skipped})"
+                )
+            mlflow_store.set_tags(
+                {"feedtune.speed_stage": "skipped" if tuner.speed_skipped else "searched"}
+            )
         best_speed = optuna_study.best_trial(speed_study)
         if best_speed is not None:
             tuner.speed_params = dict(best_speed.params)
@@ -100,14 +139,24 @@ def run_tune(
                 optuna_storage,
                 seed=seed,
                 pruner=cfg.search.pruner,
+                sampler_startup_trials=cfg.search.startup_trials,
                 startup_trials=cfg.search.pruner_startup_trials,
                 warmup_epochs=cfg.search.pruner_warmup_epochs,
+                min_epochs=cfg.search.min_epochs,
+                reduction_factor=cfg.search.reduction_factor,
             )
             optuna_study.reap_dead_trials(quality, on_dead_trial=close_dead_trial_run)
-            tuner.optimize(quality, "quality", n_trials=n_trials, timeout=timeout)
+            tuner.deadline = job_deadline
+            seeds = [cfg.seed + 1 + i for i in range(cfg.search.noise_seeds)]
+            if not covers(quality_space(cfg.search), cfg.flat()):
+                seeds.insert(0, cfg.seed)  # no trial can run the start values: train them here
+            noise = tuner.noise_runs(seeds)
+            tuner.optimize(quality, "quality", n_trials=n_trials, deadline=job_deadline)
             _log_study(quality, "study", metric=f"best_{cfg.search.metric}")
+            _log_rung_spearman(quality, cfg)
             best = optuna_study.best_trial(quality)
             if best is not None:
+                _log_verdict(result, best.value, quality, noise, cfg.search.metric)
                 result.best_run_id = best.user_attrs.get("mlflow_run_id")
                 result.best_value = best.value
                 result.best_params = {**tuner.speed_params, **best.params}
@@ -133,3 +182,36 @@ def _log_study(study: Any, folder: str, metric: str = "train_samples_per_s") -> 
         figs.pop("pareto_front", None)  # speed vs itself says nothing
     for name, fig in figs.items():
         mlflow_store.log_figure(fig, f"{folder}/{name}.png")
+
+
+def _log_rung_spearman(study: Any, cfg: Config) -> None:
+    rho = optuna_study.rung_spearman(
+        study, rung_epochs=cfg.search.min_epochs, full_epochs=cfg.train.epochs
+    )
+    if rho is None:
+        return
+    mlflow_store.log_metrics({"rung_spearman": rho})
+    if rho < RUNG_SPEARMAN_WARN:
+        log.warning(
+            "the ranking after %d epoch(s) predicted the final one poorly (Spearman %.2f): "
+            "raise search.min_epochs",
+            cfg.search.min_epochs,
+            rho,
+        )
+
+
+def _log_verdict(
+    result: TuneResult, best: float, study: Any, noise: list[float], metric: str
+) -> None:
+    """Start score, noise and whether the winner beat the start configuration, on the parent
+    run and in ``result``."""
+    start = optuna_study.start_trial(study)
+    scores = ([start.value] if start is not None else []) + noise
+    if not scores:
+        return
+    result.start_value, result.noise_sd, result.winner_vs_start = verdict(best, scores)
+    metrics = {f"start_{metric}": result.start_value}
+    if result.noise_sd is not None:
+        metrics[f"noise_{metric}_sd"] = result.noise_sd
+    mlflow_store.log_metrics(metrics)
+    mlflow_store.set_tags({"feedtune.winner_vs_start": result.winner_vs_start})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -63,10 +64,13 @@ def build_loader(
     seed: int = 0,
     cuda: bool = False,
     shuffle: bool = False,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
     """DataLoader over ``dataset`` with ``cfg``'s batching and worker settings.
 
     ``seed`` feeds the loader's generator, from which each worker's seed is drawn per epoch.
+    ``collate_fn`` replaces ``collate_skipping_none`` (e.g. to mix training batches); it must
+    skip None samples itself.
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -74,7 +78,7 @@ def build_loader(
         dataset,
         sampler=sampler,
         shuffle=shuffle if sampler is None else False,
-        collate_fn=collate_skipping_none,
+        collate_fn=collate_fn if collate_fn is not None else collate_skipping_none,
         worker_init_fn=seed_worker,
         generator=generator,
         **loader_kwargs(cfg, cuda=cuda),

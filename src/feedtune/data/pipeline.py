@@ -4,7 +4,6 @@ configuration)."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +20,16 @@ from feedtune.data.cache import cache_datasets, working_size
 from feedtune.data.dataset import ImageDataset, scan_images
 from feedtune.data.embedded import dataset_root, ensure_dataset
 from feedtune.data.loader import build_loader
+from feedtune.data.mixing import AugmentThenMix, MixingCollate, build_mix
 from feedtune.data.sampling import build_sampler
 from feedtune.data.sources import class_names, load_table
 from feedtune.data.split import Split, make_split
 
-# (uint8 images, aspect ratios) on the device -> the model's normalized float input.
-BatchAugmentFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (uint8 images, aspect ratios, labels) on the device -> (the model's normalized float input,
+# its targets: the labels, or soft targets [B, K] when ``augment.mix`` blends the batch).
+BatchAugmentFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 @dataclass
@@ -70,7 +73,8 @@ class Pipeline:
 
     ``train_transform`` is the per-sample train pipeline (what ``augment.where: sample`` runs,
     and what describes the augmentation either way); with ``where: batch`` the train loader
-    yields uint8 batches and ``batch_augment`` runs the policy on them on the device."""
+    yields uint8 batches and ``batch_augment`` runs the policy on them on the device. Either
+    way ``augment.mix`` blends training batches after the policy (``data.mixing``)."""
 
     train_set: ImageDataset
     val_set: ImageDataset
@@ -96,10 +100,14 @@ def build_pipeline(
     train_transform = build_transform(cfg.augment, train=True)
     batch_augment, augment_gen = None, torch.Generator().manual_seed(cfg.seed + 1)
     per_sample: Any = train_transform
+    mix = build_mix(cfg.augment, num_classes=len(data.classes))
+    train_collate = None
     if cfg.augment.where == "batch":
         augment = build_batch_augment(cfg.augment, train=True)
-        batch_augment = functools.partial(augment, generator=augment_gen)
+        batch_augment = AugmentThenMix(augment, generator=augment_gen, mix=mix)
         per_sample = ToWorkingUint8(working_size(cfg.augment.image_size))
+    elif mix is not None:
+        train_collate = MixingCollate(mix)
     train_set = ImageDataset(data.split.train, data.classes, per_sample, **common)
     val_set = ImageDataset(
         data.split.val, data.classes, build_transform(cfg.augment, train=False), **common
@@ -110,7 +118,14 @@ def build_pipeline(
     )
     sampler_gen = torch.Generator().manual_seed(cfg.seed)
     sampler = build_sampler(cfg.sampler, targets=train_set.targets, generator=sampler_gen)
-    train_loader = build_loader(train_set, cfg.loader, sampler=sampler, seed=cfg.seed, cuda=cuda)
+    train_loader = build_loader(
+        train_set,
+        cfg.loader,
+        sampler=sampler,
+        seed=cfg.seed,
+        cuda=cuda,
+        collate_fn=train_collate,
+    )
     val_loader = build_loader(val_set, cfg.loader, seed=cfg.seed, cuda=cuda)
     return Pipeline(
         train_set=train_set,

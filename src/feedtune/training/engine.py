@@ -121,9 +121,12 @@ def is_channels_last(model: nn.Module) -> bool:
     return False
 
 
-# Turns a batch of uint8 images and their original aspect ratios, already on the training
-# device, into the model's normalized float input (``data.batch_augment.BatchAugment``).
-BatchAugment = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Turns a batch of uint8 images, their original aspect ratios and their labels, already on the
+# training device, into the model's normalized float input and its targets: the labels, or the
+# soft targets [B, K] of a mixed batch (``data.mixing.AugmentThenMix``).
+BatchAugment = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 def to_device(
@@ -133,20 +136,23 @@ def to_device(
     augment: BatchAugment | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's images and targets on ``device``. Images collated as ``(uint8, aspects)``
-    travel as uint8 (a quarter of float32's bytes) and are augmented there by ``augment``."""
+    travel as uint8 (a quarter of float32's bytes) and are augmented there by ``augment``,
+    which returns the targets too: a batch mixed on the device leaves with soft targets."""
     images, targets = batch
     non_blocking = device.type == "cuda"  # overlaps the copy with compute when memory is pinned
     if isinstance(images, (list, tuple)):
         images, aspects = images
         images = images.to(device, non_blocking=non_blocking)
+        targets = targets.to(device, non_blocking=non_blocking)
         if augment is None:
             raise ValueError("a batch of uint8 images needs a batch augmentation to run on it")
-        images = augment(images, aspects)
+        images, targets = augment(images, aspects, targets)
     else:
         images = images.to(device, non_blocking=non_blocking)
+        targets = targets.to(device, non_blocking=non_blocking)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return images, targets.to(device, non_blocking=non_blocking)
+    return images, targets
 
 
 def lr_factor(schedule: str, step: int, total_steps: int, warmup_frac: float) -> float:

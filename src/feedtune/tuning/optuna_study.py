@@ -36,6 +36,8 @@ GRACE_S = 30
 # A trial whose worker died is run again at most this often: one that kills its worker every
 # time (out of memory, say) must not take every restart down with it.
 MAX_RETRIES = 2
+# User attribute of the trial that runs the configuration's own values (queued first).
+START_ATTR = "start_config"
 # Called with a trial whose worker died, before it is failed (e.g. to end its MLflow run).
 DeadTrialHook = Callable[[FrozenTrial], None]
 
@@ -163,20 +165,40 @@ def reap_dead_trials(
 
 
 def build_pruner(
-    kind: str, *, startup_trials: int = 2, warmup_epochs: int = 2
+    kind: str,
+    *,
+    startup_trials: int = 2,
+    warmup_epochs: int = 2,
+    min_epochs: int = 1,
+    reduction_factor: int = 3,
 ) -> optuna.pruners.BasePruner:
+    """The pruner ``kind``; steps are epochs completed (1 after the first epoch)."""
+    if kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=min_epochs,
+            reduction_factor=reduction_factor,
+            min_early_stopping_rate=0,
+        )
     if kind == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs
         )
     if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, warmup_epochs))
+        return optuna.pruners.HyperbandPruner(
+            min_resource=min_epochs, reduction_factor=reduction_factor
+        )
     return optuna.pruners.NopPruner()
 
 
-def build_trial_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
-    """Seeded multivariate TPE; ``group`` because the space is conditional (see ``suggest``)."""
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True, group=True)
+def build_trial_sampler(
+    seed: int | None, *, startup_trials: int = 4
+) -> optuna.samplers.BaseSampler:
+    """Seeded multivariate TPE after ``startup_trials`` random (space-covering) ones; ``group``
+    because the space is conditional (see ``suggest``)."""
+    with _experimental_ok():  # multivariate and group are experimental in Optuna
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=startup_trials, multivariate=True, group=True
+        )
 
 
 def create_study(
@@ -185,17 +207,18 @@ def create_study(
     *,
     seed: int | None,
     pruner: str = "none",
-    startup_trials: int = 2,
-    warmup_epochs: int = 2,
+    sampler_startup_trials: int = 4,
+    **pruner_args: int,
 ) -> optuna.Study:
-    """Create or load (resume) the study ``name``; seeded TPE so runs repeat."""
-    sampler = build_trial_sampler(seed)
+    """Create or load (resume) the study ``name``; seeded TPE so runs repeat. ``pruner_args``
+    go to ``build_pruner``."""
+    sampler = build_trial_sampler(seed, startup_trials=sampler_startup_trials)
     return optuna.create_study(
         study_name=name,
         storage=storage,
         direction="maximize",
         sampler=sampler,
-        pruner=build_pruner(pruner, startup_trials=startup_trials, warmup_epochs=warmup_epochs),
+        pruner=build_pruner(pruner, **pruner_args),
         load_if_exists=True,
     )
 
@@ -210,7 +233,9 @@ def enqueue_values(
     fixed = {k: values[k] for k, spec in space.items() if k in values and inside(spec, values[k])}
     if not fixed:
         return False
-    study.enqueue_trial(fixed, skip_if_exists=True)
+    # Only a trial that runs exactly the configuration's values is its start configuration.
+    start = {START_ATTR: True} if len(fixed) == len(space) else {}
+    study.enqueue_trial(fixed, user_attrs=start, skip_if_exists=True)
     return True
 
 
@@ -239,11 +264,12 @@ def suggest(
     return out
 
 
-def report(trial: optuna.Trial, value: float, step: int) -> None:
-    """Report an intermediate value; raises ``TrialPruned`` when the pruner says stop."""
-    trial.report(value, step)
+def report(trial: optuna.Trial, value: float, epochs_done: int) -> None:
+    """Report the value after ``epochs_done`` epochs; raises ``TrialPruned`` when the pruner
+    says stop."""
+    trial.report(value, epochs_done)
     if trial.should_prune():
-        raise TrialPruned(f"pruned at epoch {step + 1} (value {value:.4f})")
+        raise TrialPruned(f"pruned after epoch {epochs_done} (value {value:.4f})")
 
 
 def optimize(
@@ -253,6 +279,7 @@ def optimize(
     n_trials: int | None,
     timeout: float | None,
     progress: bool = True,
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = None,
 ) -> None:
     # Exceptions other than pruning mark the trial FAIL and the study goes on.
     # Optuna's bar only in bar mode; in a log, one line per finished trial instead.
@@ -263,7 +290,7 @@ def optimize(
         timeout=timeout,
         catch=(Exception,),
         show_progress_bar=mode == "bar",
-        callbacks=[_write_trial_line] if mode == "lines" else None,
+        callbacks=[*(callbacks or []), *([_write_trial_line] if mode == "lines" else [])],
         gc_after_trial=True,
     )
 
@@ -275,7 +302,7 @@ def trial_line(trial: FrozenTrial) -> str:
         values = ",".join(f"{v:.4f}" for v in trial.values)
         words.append(f"value{'s' if len(trial.values) > 1 else ''}={values}")
     elif trial.state == TrialState.PRUNED and trial.intermediate_values:
-        words.append(f"at epoch {max(trial.intermediate_values) + 1}")  # steps are 0-based
+        words.append(f"after epoch {max(trial.intermediate_values)}")  # steps: epochs done
     if trial.duration is not None:
         words.append(f"({trial.duration.total_seconds():.1f} s)")
     return " ".join(words)
@@ -326,3 +353,29 @@ def figures(study: optuna.Study, *, pareto_x: str, pareto_y: str) -> dict[str, A
     for fig in out.values():
         fig.set_size_inches(8, 5)
     return out
+
+
+def rung_spearman(study: optuna.Study, *, rung_epochs: int, full_epochs: int) -> float | None:
+    """Rank correlation between the score after ``rung_epochs`` and the final score, among the
+    trials that ran all ``full_epochs``: does the cheap budget rank configurations as the full
+    one does? None with fewer than 3 such trials."""
+    from scipy.stats import spearmanr
+
+    full = [
+        t
+        for t in complete_trials(study)
+        if t.intermediate_values
+        and max(t.intermediate_values) >= full_epochs
+        and rung_epochs in t.intermediate_values
+    ]
+    if len(full) < 3:
+        return None
+    rho = spearmanr([t.intermediate_values[rung_epochs] for t in full], [t.value for t in full])
+    value = float(rho.statistic)
+    return None if math.isnan(value) else value
+
+
+def start_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The complete trial of the configuration's own values, if the study ran it."""
+    found = [t for t in complete_trials(study) if t.user_attrs.get(START_ATTR)]
+    return found[0] if found else None

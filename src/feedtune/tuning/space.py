@@ -24,7 +24,13 @@ SPEED_KEYS = (
     "augment.where",
 )
 # Keys on which other keys' relevance depends (see ``inert_settings``): drawn first.
-DECIDING_KEYS = ("loader.num_workers", "sampler.kind", "augment.policy", "augment.where")
+DECIDING_KEYS = (
+    "loader.num_workers",
+    "sampler.kind",
+    "augment.policy",
+    "augment.where",
+    "augment.mix",
+)
 
 Inert = Callable[[dict[str, Any]], set[str]]
 
@@ -51,6 +57,8 @@ def inert_settings(values: dict[str, Any], *, cuda: bool) -> set[str]:
     if policy == "none":
         # Policy none trains on the eval pipeline, which has no strength and no order.
         inert |= {"augment.magnitude", "augment.order"}
+    if values.get("augment.mix", "none") == "none":
+        inert.add("augment.mix_alpha")  # no Beta draw without a mix
     if not batch_augment_qualifies(policy, values.get("augment.order")):
         inert.add("augment.where")  # the sample path is the only one that draws this policy
     elif values.get("augment.where") == "batch":
@@ -80,6 +88,12 @@ def inert_given(settings: dict[str, Any], *, cuda: bool) -> Inert:
     """The ``inert`` callback for a trial whose settings, apart from the values drawn, are
     ``settings`` (a config's ``flat()``)."""
     return lambda values: inert_settings({**settings, **values}, cuda=cuda)
+
+
+def covers(space: dict[str, ParamSpec], values: dict[str, Any]) -> bool:
+    """Whether every key of ``space`` has its value in ``values`` inside its range, so a trial
+    can run exactly those values."""
+    return all(k in values and inside(spec, values[k]) for k, spec in space.items())
 
 
 def ordered(space: dict[str, ParamSpec]) -> list[tuple[str, ParamSpec]]:

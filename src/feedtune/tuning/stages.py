@@ -9,9 +9,11 @@ a nested MLflow run; recording and pruning reach the trainer as callbacks.
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from feedtune.config import Config
@@ -41,7 +43,27 @@ class PruneOnPlateau(Callback):
         self.metric = metric
 
     def on_epoch_end(self, epoch, metrics, **_: Any) -> None:
-        optuna_study.report(self.trial, metrics[self.metric], epoch)
+        optuna_study.report(self.trial, metrics[self.metric], epoch + 1)
+
+
+class StopAtDeadline(Callback):
+    """Stops a trial whose next epoch would end after the stage's deadline, recorded as
+    pruned with the tag ``feedtune.stopped=deadline``; reports each epoch's seconds."""
+
+    def __init__(self, deadline: float | None, epoch_seconds: list[float]) -> None:
+        self.deadline = deadline
+        self.epoch_seconds = epoch_seconds
+        self.started = time.monotonic()
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.started = time.monotonic()
+
+    def on_epoch_end(self, epoch, metrics, **_: Any) -> None:
+        seconds = time.monotonic() - self.started
+        self.epoch_seconds.append(seconds)
+        if self.deadline is not None and time.monotonic() + seconds > self.deadline:
+            mlflow_store.set_tags({"feedtune.stopped": "deadline"})
+            raise optuna_study.TrialPruned(f"stopped at the deadline after epoch {epoch + 1}")
 
 
 def trial_tags(stage: str, study_name: str, number: int) -> dict[str, str]:
@@ -90,7 +112,11 @@ def close_dead_trial_run(trial: Any) -> None:
 
 
 class Tuner:
-    """Objectives of both stages over one prepared dataset, logging to nested runs."""
+    """Objectives of both stages over one prepared dataset, logging to nested runs.
+
+    ``deadline`` (``time.monotonic()`` seconds, or None) bounds a stage, running trials
+    included: no trial starts that could not reach its first rung before it, and a running
+    trial stops at the last epoch that ends before it."""
 
     def __init__(self, cfg: Config, data: PreparedData, study_base: str, *, progress: bool) -> None:
         self.cfg = cfg
@@ -100,24 +126,38 @@ class Tuner:
         self.speed_params: dict[str, Any] = {}
         self.settings = cfg.flat()  # the config's own values, dotted
         self.cuda = resolve_device(cfg.train.device).type == "cuda"
+        self.deadline: float | None = None
+        self.epoch_seconds: list[float] = []  # of every quality epoch run here
+        self.speed_skipped = ""  # why the speed stage stopped after its first trial, if it did
 
     def optimize(
-        self, study: Any, stage: str, *, n_trials: int | None, timeout: float | None
+        self, study: Any, stage: str, *, n_trials: int | None, deadline: float | None = None
     ) -> None:
-        """Run ``stage``'s trials on ``study``; a new study first tries the config's values."""
+        """Run ``stage``'s trials on ``study`` until ``deadline``; a new study first tries the
+        config's values."""
         search = self.cfg.search
         speed = stage == "speed"
         stage_space = space.speed_space(search) if speed else space.quality_space(search)
         planned = search.n_trials_speed if speed else search.n_trials_quality
         if search.enqueue_config:
             optuna_study.enqueue_values(study, stage_space, {**self.settings, **self.speed_params})
+        self.deadline = deadline
         optuna_study.optimize(
             study,
             self.speed_objective if speed else self.quality_objective,
             n_trials=planned if n_trials is None else n_trials,
-            timeout=timeout,
+            timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
             progress=self.progress,
+            callbacks=[self._stop_before_the_deadline],
         )
+
+    def _stop_before_the_deadline(self, study: Any, trial: Any) -> None:
+        """No new trial when the time left would not let it reach its first rung."""
+        if self.deadline is None:
+            return
+        per_epoch = float(np.median(self.epoch_seconds)) if self.epoch_seconds else 0.0
+        if time.monotonic() + per_epoch * self.cfg.search.min_epochs > self.deadline:
+            study.stop()
 
     def inert(self) -> space.Inert:
         """Keys that cannot matter in this stage's trials (the speed stage's winner fixed)."""
@@ -140,11 +180,24 @@ class Tuner:
             mlflow_store.log_metrics(result)
             for key, value in result.items():
                 trial.set_user_attr(key, value)
-            return result["train_samples_per_s"]
+        wait = result["data_wait_frac"]
+        if (
+            trial.user_attrs.get(optuna_study.START_ATTR)
+            and wait < self.cfg.search.speed_skip_wait_frac
+        ):
+            # Model-bound: faster data cannot speed the job up; the time goes to quality trials.
+            self.speed_skipped = (
+                f"model-bound: the start configuration waited {wait:.1%} of its time"
+            )
+            trial.study.stop()
+        return result["train_samples_per_s"]
+
+    def quality_cfg(self, params: dict[str, Any]) -> Config:
+        return self.cfg.replace(space.consistent(self.settings, {**self.speed_params, **params}))
 
     def quality_objective(self, trial: Any) -> float:
         params = optuna_study.suggest(trial, space.quality_space(self.cfg.search), self.inert())
-        tcfg = self.cfg.replace(space.consistent(self.settings, {**self.speed_params, **params}))
+        tcfg = self.quality_cfg(params)
         name = f"{self.study_base}-quality"
         metric = self.cfg.search.metric
         with (
@@ -164,21 +217,54 @@ class Tuner:
                 mlflow_store.set_tags({"feedtune.resumed_from_run_id": previous})
                 relog_missing_epochs(run.info.run_id, resume)
                 for row in resume["train_state"]["history"]:  # the pruner sees every epoch
-                    trial.report(row[metric], int(row["epoch"]))
-            outcome = train_model(
-                tcfg,
-                self.data,
-                folder=Path(tmp),
-                resume=resume,
-                progress=self.progress,
-                callbacks=[
-                    RunRecorder(tcfg, self.data, Path(tmp)),
-                    PruneOnPlateau(trial, metric),
-                ],
-            )
-            speed = finish_run(tcfg, outcome, self.data.classes)
-            best = max(h[metric] for h in outcome.state.history)
-            trial.set_user_attr(f"best_{metric}", best)
-            if speed is not None:
-                trial.set_user_attr("train_samples_per_s", speed.train_samples_per_s)
-            return best
+                    trial.report(row[metric], int(row["epoch"]) + 1)
+            best = self._train(tcfg, Path(tmp), resume, [PruneOnPlateau(trial, metric)])
+            for key, value in best.items():
+                trial.set_user_attr(key, value)
+            return best[f"best_{metric}"]
+
+    def _train(
+        self, cfg: Config, folder: Path, resume: Any, callbacks: list[Callback]
+    ) -> dict[str, float]:
+        """Train ``cfg`` in the open run, recorded and bounded by the deadline; returns the
+        best metrics and the throughput. Work only a finished run needs (model, results,
+        throughput probe) happens only if it finishes."""
+        metric = self.cfg.search.metric
+        outcome = train_model(
+            cfg,
+            self.data,
+            folder=folder,
+            resume=resume,
+            progress=self.progress,
+            callbacks=[
+                RunRecorder(cfg, self.data, folder),
+                *callbacks,
+                StopAtDeadline(self.deadline, self.epoch_seconds),
+            ],
+        )
+        speed = finish_run(cfg, outcome, self.data.classes)
+        out = {f"best_{metric}": max(h[metric] for h in outcome.state.history)}
+        if speed is not None:
+            out["train_samples_per_s"] = speed.train_samples_per_s
+        return out
+
+    def noise_runs(self, seeds: list[int]) -> list[float]:
+        """The start configuration (the speed stage's winner applied) trained at full length
+        with each of ``seeds``, as nested runs (``feedtune.stage=noise``): how much the score
+        moves with the seed alone. Runs the deadline stops are left out."""
+        metric = f"best_{self.cfg.search.metric}"
+        scores = []
+        for seed in seeds:
+            cfg = self.quality_cfg({}).replace({"seed": seed})
+            tags = {"feedtune.stage": "noise", "optuna.study_name": f"{self.study_base}-quality"}
+            try:
+                with (
+                    mlflow_store.start_run(
+                        "trial", nested=True, run_name=f"noise-seed-{seed}", tags=tags
+                    ),
+                    tempfile.TemporaryDirectory() as tmp,
+                ):
+                    scores.append(self._train(cfg, Path(tmp), None, [])[metric])
+            except optuna_study.TrialPruned:  # the deadline came first
+                break
+        return scores

@@ -1,0 +1,90 @@
+"""Batch mixing (MixUp, CutMix): pairs of training images and their labels blended into one
+image and a soft target, with torchvision's v2 batch transforms.
+
+Mixing needs a whole batch, so it runs after collation: in the loader's collate function when
+the policy runs per sample (``augment.where: sample``), and on the device after the batch
+augmentation when it runs per batch (``augment.where: batch``); in both places it sees the
+normalized float images the model is fed. Only training batches are mixed: validation keeps
+hard labels, which its metrics need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+from feedtune.config import AugmentConfig
+from feedtune.data.loader import collate_skipping_none
+
+# (float images [B, C, H, W], int64 labels [B]) -> (mixed images, float soft targets [B, K]).
+Mix = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def build_mix(cfg: AugmentConfig, *, num_classes: int) -> Mix | None:
+    """The v2 batch transform ``cfg.mix`` names, or None for ``none``.
+
+    ``num_classes`` is the width of the soft targets: the v2 transforms one-hot the labels
+    with it, so a batch that happens to miss a class still yields rows the loss can take."""
+    if cfg.mix == "none":
+        return None
+    kinds = {
+        "mixup": lambda: v2.MixUp(alpha=cfg.mix_alpha, num_classes=num_classes),
+        "cutmix": lambda: v2.CutMix(alpha=cfg.mix_alpha, num_classes=num_classes),
+    }
+    if cfg.mix == "mixup_or_cutmix":
+        # One of the two per batch, with equal odds: each batch is wholly one kind.
+        return v2.RandomChoice([kinds["mixup"](), kinds["cutmix"]()])
+    if cfg.mix not in kinds:
+        raise ValueError(f"augment.mix: unknown kind {cfg.mix!r}")
+    return kinds[cfg.mix]()
+
+
+class MixingCollate:
+    """A DataLoader ``collate_fn`` that collates, then mixes the batch.
+
+    A class, not a closure, so that worker processes started by ``spawn`` can unpickle it;
+    the mix then draws from the worker's RNG, which ``loader.seed_worker`` seeds."""
+
+    def __init__(self, mix: Mix, base_collate: Callable[[list[Any]], Any] = collate_skipping_none):
+        self.mix = mix
+        self.base_collate = base_collate
+
+    def __call__(self, batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        collated = self.base_collate(batch)
+        if collated is None:  # every sample of the batch was a bad image
+            return None
+        images, targets = collated
+        return self.mix(images, targets)
+
+    def __repr__(self) -> str:
+        return f"MixingCollate(mix={self.mix!r})"
+
+
+class AugmentThenMix:
+    """The device step of ``augment.where: batch``: ``augment`` turns uint8 images into the
+    model's normalized floats, then ``mix`` (when set) blends them and their labels.
+
+    ``(images, aspects, targets) -> (images, targets)``, so that soft targets leave with the
+    images they describe; ``generator`` draws the augmentation's per-sample parameters."""
+
+    def __init__(
+        self,
+        augment: Callable[..., torch.Tensor],
+        *,
+        generator: torch.Generator | None = None,
+        mix: Mix | None = None,
+    ):
+        self.augment = augment
+        self.generator = generator
+        self.mix = mix
+
+    def __call__(
+        self, images: torch.Tensor, aspects: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.augment(images, aspects, generator=self.generator)
+        if self.mix is not None:
+            images, targets = self.mix(images, targets)
+        return images, targets
