@@ -47,7 +47,7 @@ AXES = {
 }
 # Cells are ranked by what a training job gets: end-to-end samples per second.
 RANK_BY = "train_samples_per_s"
-# Settings that change what the model learns (DESIGN: quality settings): check them by score.
+# Settings that change what the model learns (quality settings): check them by score.
 QUALITY_AXES = ("batch_size", "library", "order")
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from feedtune.config import PROJECT_ROOT, Config
 from feedtune.data.augment import Transform, build_transform
@@ -87,8 +87,19 @@ class Pipeline:
 
 
 def build_pipeline(
-    cfg: Config, data: PreparedData, *, cuda: bool, progress: bool = False
+    cfg: Config,
+    data: PreparedData,
+    *,
+    cuda: bool,
+    progress: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Pipeline:
+    """The loaders of process ``rank`` of ``world_size``: its share of every training epoch
+    (``build_sampler``) and the validation images ``rank, rank + world_size, ...`` in order,
+    without the padding repeats of ``DistributedSampler``, so that the predictions of all
+    processes together are the whole validation set exactly once. ``train_set`` and
+    ``val_set`` stay whole."""
     common = {
         "decoder": cfg.data.decoder,
         "on_bad_image": cfg.data.on_bad_image,
@@ -117,7 +128,14 @@ def build_pipeline(
         [train_set, val_set], cfg.loader, image_size=cfg.augment.image_size, progress=progress
     )
     sampler_gen = torch.Generator().manual_seed(cfg.seed)
-    sampler = build_sampler(cfg.sampler, targets=train_set.targets, generator=sampler_gen)
+    sampler = build_sampler(
+        cfg.sampler,
+        targets=train_set.targets,
+        generator=sampler_gen,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+    )
     train_loader = build_loader(
         train_set,
         cfg.loader,
@@ -126,7 +144,10 @@ def build_pipeline(
         cuda=cuda,
         collate_fn=train_collate,
     )
-    val_loader = build_loader(val_set, cfg.loader, seed=cfg.seed, cuda=cuda)
+    val_share = (
+        val_set if world_size <= 1 else Subset(val_set, range(rank, len(val_set), world_size))
+    )
+    val_loader = build_loader(val_share, cfg.loader, seed=cfg.seed, cuda=cuda)
     return Pipeline(
         train_set=train_set,
         val_set=val_set,

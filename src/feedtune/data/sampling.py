@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import RandomSampler, Sampler, SequentialSampler, WeightedRandomSampler
+from torch.utils.data import (
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    WeightedRandomSampler,
+)
 
 from feedtune.config import SamplerConfig
 
@@ -18,11 +25,78 @@ def class_weights(targets: np.ndarray, power: float) -> np.ndarray:
     return counts[targets].astype(np.float64) ** -power
 
 
+class DistributedWeightedSampler(Sampler[int]):
+    """One process's share of a class-weighted draw made for all processes together.
+
+    Every process draws the same global sample (``torch.multinomial`` over ``weights`` with the
+    same generator state, as ``WeightedRandomSampler`` draws it) and keeps every
+    ``world_size``-th index from ``rank`` on, so the processes together see exactly the draw one
+    process would. The draw is padded with its own first indices to a multiple of
+    ``world_size``: every process gets the same number of samples, hence of batches, which the
+    gradient averaging of each step needs. The generator must be seeded alike on every process
+    before each epoch (the trainer reseeds it from the seed and the epoch)."""
+
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        *,
+        num_samples: int,
+        replacement: bool,
+        generator: torch.Generator,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a job of {world_size} processes")
+        self.weights = weights
+        self.num_samples = num_samples
+        self.replacement = replacement
+        self.generator = generator
+        self.rank = rank
+        self.world_size = world_size
+
+    def global_draw(self) -> list[int]:
+        """The draw of all processes together, unpadded (what one process would draw)."""
+        drawn = torch.multinomial(
+            self.weights, self.num_samples, self.replacement, generator=self.generator
+        )
+        return drawn.tolist()
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self.global_draw()
+        padding = len(self) * self.world_size - len(indices)
+        indices += indices[:padding]
+        return iter(indices[self.rank :: self.world_size])
+
+
 def build_sampler(
-    cfg: SamplerConfig, *, targets: Sequence[int] | np.ndarray, generator: torch.Generator
+    cfg: SamplerConfig,
+    *,
+    targets: Sequence[int] | np.ndarray,
+    generator: torch.Generator,
+    seed: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Sampler[int]:
-    """Sampler for the training set; ``generator`` makes the draw reproducible."""
+    """Sampler for the training set; ``generator`` makes the draw reproducible.
+
+    With ``world_size`` > 1 it yields process ``rank``'s share of each epoch: ``random`` and
+    ``sequential`` through ``DistributedSampler`` (shuffled from ``seed``, by default the
+    generator's initial seed, and the epoch given to its ``set_epoch``), ``weighted`` through ``DistributedWeightedSampler``. Every share has
+    the same length (padded with repeats), and together they cover the epoch."""
     targets = np.asarray(targets)
+    if world_size > 1 and cfg.kind != "weighted":
+        return DistributedSampler(
+            range(len(targets)),
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=cfg.kind == "random",
+            seed=generator.initial_seed() if seed is None else seed,
+            drop_last=False,
+        )
     if cfg.kind == "sequential":
         return SequentialSampler(range(len(targets)))
     if cfg.kind == "random":
@@ -34,6 +108,15 @@ def build_sampler(
             f"sampler.num_samples={num_samples} exceeds the {len(targets)} training images; "
             "allowed without replacement: at most the training set size"
         )
+    if world_size > 1:
+        return DistributedWeightedSampler(
+            weights,
+            num_samples=num_samples,
+            replacement=cfg.replacement,
+            generator=generator,
+            rank=rank,
+            world_size=world_size,
+        )
     return WeightedRandomSampler(
         weights, num_samples=num_samples, replacement=cfg.replacement, generator=generator
     )
@@ -42,8 +125,10 @@ def build_sampler(
 def epoch_class_counts(
     sampler: Sampler[int], targets: np.ndarray, classes: Sequence[str]
 ) -> pd.DataFrame:
-    """Per-class counts of one epoch's draw next to the dataset's own counts."""
-    drawn = np.bincount(targets[np.fromiter(iter(sampler), dtype=np.int64)], minlength=len(classes))
+    """Per-class counts of one epoch's draw next to the dataset's own counts (a distributed
+    weighted sampler's draw for all processes; a ``DistributedSampler``'s own share)."""
+    draw = sampler.global_draw() if hasattr(sampler, "global_draw") else iter(sampler)
+    drawn = np.bincount(targets[np.fromiter(draw, dtype=np.int64)], minlength=len(classes))
     available = np.bincount(targets, minlength=len(classes))
     return pd.DataFrame(
         {

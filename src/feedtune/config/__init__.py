@@ -1,0 +1,46 @@
+"""Typed configuration: one dataclass per concern (``sections``), YAML files and dotted
+``--set`` overrides (``loading``). Defaults live in code, each with the reason for its value;
+every error names the offending key and says what is allowed."""
+
+from feedtune.config.loading import SECTIONS, config_from_dict, load_config, parse_override
+from feedtune.config.sections import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_EXPERIMENT,
+    DEFAULT_FINETUNE_CONFIG_PATH,
+    PROJECT_ROOT,
+    AugmentConfig,
+    BenchConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    LoaderConfig,
+    ModelConfig,
+    ParamSpec,
+    SamplerConfig,
+    SearchConfig,
+    SplitConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_EXPERIMENT",
+    "DEFAULT_FINETUNE_CONFIG_PATH",
+    "PROJECT_ROOT",
+    "SECTIONS",
+    "AugmentConfig",
+    "BenchConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LoaderConfig",
+    "ModelConfig",
+    "ParamSpec",
+    "SamplerConfig",
+    "SearchConfig",
+    "SplitConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "load_config",
+    "parse_override",
+]

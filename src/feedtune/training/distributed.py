@@ -1,0 +1,130 @@
+"""One training run on several processes (``torchrun``): the process group and its collectives.
+
+Every collective the trainer needs goes through a ``Dist``; with one process (``Dist()``, or
+``init_from_env`` outside torchrun) each of them is a no-op returning its input, so the trainer
+runs the same code either way. No MLflow, no Optuna: rank 0 is told apart by ``is_main`` and the
+commands decide what only it does (tracking, checkpoint files).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+# What torchrun sets in every process it starts.
+WORLD_SIZE_ENV, RANK_ENV, LOCAL_RANK_ENV = "WORLD_SIZE", "RANK", "LOCAL_RANK"
+
+ReduceOp = Literal["sum", "max", "min"]
+_OPS = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}
+
+
+def env_world_size() -> int:
+    """How many processes torchrun started for this job (1 outside torchrun)."""
+    return int(os.environ.get(WORLD_SIZE_ENV, "1") or 1)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job; ``backend`` is None when there is no process group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes checkpoints and talks to the tracking store."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def device(self, device: torch.device) -> torch.device:
+        """This process's own GPU (``cuda:LOCAL_RANK``) when ``device`` is CUDA: each process
+        of a node drives one GPU."""
+        if self.enabled and device.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def _tensor(self, value: float) -> torch.Tensor:
+        # NCCL reduces CUDA tensors only; gloo CPU tensors.
+        where = torch.device("cuda", self.local_rank) if self.backend == "nccl" else "cpu"
+        return torch.tensor([value], dtype=torch.float64, device=where)
+
+    def all_reduce(self, value: float, op: ReduceOp = "sum") -> float:
+        """``value`` combined over all processes (every process gets the result)."""
+        if not self.enabled:
+            return float(value)
+        tensor = self._tensor(float(value))
+        tdist.all_reduce(tensor, op=_OPS[op])
+        return float(tensor.item())
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj`` (picklable), in rank order, on every process."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` (picklable) on every process."""
+        if not self.enabled:
+            return obj
+        box = [obj if self.rank == src else None]
+        tdist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            tdist.barrier()
+
+    def destroy(self) -> None:
+        """End the process group (a no-op without one, or when it is already gone)."""
+        if self.enabled and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """``model`` (already on ``device``, in its final memory format) as a
+        ``DistributedDataParallel``: gradients are averaged over the processes at each step.
+        Parameters frozen now are left out of that averaging, so wrap again after unfreezing.
+        Unchanged with one process."""
+        if not self.enabled:
+            return model
+        if device.type == "cuda":
+            return DistributedDataParallel(
+                model, device_ids=[device.index], output_device=device.index
+            )
+        return DistributedDataParallel(model)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``DistributedDataParallel`` wraps (its state_dict keys carry no
+    ``module.`` prefix, so checkpoints load into a plain model); other models as they are."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def init_from_env(device: torch.device) -> Dist:
+    """The job's ``Dist``: under torchrun (``WORLD_SIZE`` > 1) the process group is started
+    (``nccl`` for CUDA, on ``cuda:LOCAL_RANK``; ``gloo`` on the CPU), once per process: a second
+    call returns the group already running. Outside torchrun: one process, no group."""
+    world_size = env_world_size()
+    if world_size <= 1:
+        return Dist()
+    rank = int(os.environ[RANK_ENV])
+    local_rank = int(os.environ.get(LOCAL_RANK_ENV, "0"))
+    if tdist.is_initialized():
+        return Dist(rank, world_size, local_rank, tdist.get_backend())
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)  # object collectives use the current device
+    tdist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return Dist(rank, world_size, local_rank, backend)
