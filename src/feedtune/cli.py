@@ -175,8 +175,22 @@ def _storage(args: argparse.Namespace) -> str | None:
     return args.storage or os.environ.get(STORAGE_ENV) or None
 
 
+def _refuse_under_torchrun(command: str) -> None:
+    """Only ``train`` shares one run among torchrun's processes; any other command would run
+    once in each of them (``tune``: one study driven from several processes at once)."""
+    from feedtune.training.distributed import env_world_size
+
+    world = env_world_size()
+    if world > 1 and command != "train":
+        raise ValueError(
+            f"`feedtune {command}` does not run under torchrun (WORLD_SIZE={world}); launch "
+            f"`feedtune train` under torchrun, and `feedtune {command}` as one process"
+        )
+
+
 def _run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
+    _refuse_under_torchrun(args.command)
     if args.command == "data":
         from feedtune.commands.data import run_data
 
@@ -186,9 +200,11 @@ def _run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.command == "train":
         from feedtune.commands.train import run_train
+        from feedtune.training.distributed import env_rank
 
         run_id = run_train(cfg, resume_run_id=args.resume or None, progress=progress)
-        print(f"run {run_id} finished (experiment '{cfg.experiment}')")
+        if env_rank() == 0:  # under torchrun, one line for the job, not one per process
+            print(f"run {run_id} finished (experiment '{cfg.experiment}')")
         return 0
     if args.command == "tune":
         from feedtune.commands.tune import run_tune

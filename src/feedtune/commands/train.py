@@ -1,4 +1,10 @@
-"""``feedtune train``: one tracked run of one configuration, resumable after a kill."""
+"""``feedtune train``: one tracked run of one configuration, resumable after a kill.
+
+Under torchrun every process trains its share (``training.distributed``); rank 0 alone talks
+to MLflow: it opens the one run, records it, writes the checkpoints and finishes the run. Its
+post-training throughput probe measures rank 0's own loader share and model step; the
+end-to-end ``train_samples_per_s`` counts the samples of all processes.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from feedtune.config import Config, config_from_dict
-from feedtune.data.pipeline import prepare_data
+from feedtune.data.pipeline import PreparedData, prepare_data
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.recording import (
     RunRecorder,
@@ -15,6 +21,8 @@ from feedtune.tracking.recording import (
     finish_run,
     relog_missing_epochs,
 )
+from feedtune.training.distributed import Dist, init_from_env
+from feedtune.training.engine import resolve_device
 from feedtune.training.trainer import train_model
 
 
@@ -33,25 +41,65 @@ def _resumed_config(asked: Config, resume: dict, run_id: str) -> Config:
     return resumed
 
 
+def _same_data(dist: Dist, data: PreparedData) -> None:
+    """Every process must split the same images alike, or their shares would not add up."""
+    digests = dist.all_gather(data.split.digest)
+    if len(set(digests)) > 1:
+        raise ValueError(
+            f"the {dist.world_size} processes split their data differently (split digests "
+            f"{sorted(set(digests))}): every machine needs the same data.path contents"
+        )
+
+
 def run_train(cfg: Config, *, resume_run_id: str | None = None, progress: bool = True) -> str:
     """One tracked run; returns the MLflow run id. ``resume_run_id``: continue that killed run
-    from its last checkpoint, with the configuration it was started with."""
-    mlflow_store.setup(cfg.experiment)
-    mlflow_store.close_dead_runs(cfg.experiment)
+    from its last checkpoint, with the configuration it was started with.
+
+    Under torchrun (``WORLD_SIZE`` > 1) this is one process of the run: the process group is
+    started here and ended on return; every process returns the run id."""
+    dist = init_from_env(resolve_device(cfg.train.device))
+    try:
+        return _train(cfg, dist, resume_run_id=resume_run_id, progress=progress)
+    finally:
+        dist.destroy()
+
+
+def _train(cfg: Config, dist: Dist, *, resume_run_id: str | None, progress: bool) -> str:
+    if dist.is_main:
+        mlflow_store.setup(cfg.experiment)
+        mlflow_store.close_dead_runs(cfg.experiment)
     resume = None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "checkpoints"
         if resume_run_id:
-            resume = download_resume(resume_run_id, folder)
+            if dist.is_main:
+                resume = download_resume(resume_run_id, folder)
+            resume = dist.broadcast(resume)
             if resume is None:
                 raise FileNotFoundError(
                     f"run {resume_run_id} has no checkpoints/last.pt to resume from; "
                     "start a new run with `feedtune train`"
                 )
-            cfg = _resumed_config(cfg, resume, resume_run_id)
-        data = prepare_data(cfg, progress=progress)
-        tags = {"feedtune.split_digest": data.split.digest}
+            if dist.is_main:
+                cfg = _resumed_config(cfg, resume, resume_run_id)
+            else:
+                cfg = config_from_dict(resume["config"])
+        data = prepare_data(cfg, progress=progress and dist.is_main)
+        _same_data(dist, data)
+        if not dist.is_main:
+            run_id = dist.broadcast(None)
+            try:
+                train_model(cfg, data, folder=folder, resume=resume, progress=False, dist=dist)
+            except KeyboardInterrupt as exc:
+                exc.resume_hint = f"feedtune train --resume {run_id}"
+                raise
+            return run_id
+        tags = {
+            "feedtune.split_digest": data.split.digest,
+            "feedtune.world_size": str(dist.world_size),
+        }
         with mlflow_store.start_run("train", run_id=resume_run_id, tags=tags) as run:
+            dist.broadcast(run.info.run_id)
             if resume is not None:
                 relog_missing_epochs(run.info.run_id, resume)
             try:
@@ -62,6 +110,7 @@ def run_train(cfg: Config, *, resume_run_id: str | None = None, progress: bool =
                     resume=resume,
                     progress=progress,
                     callbacks=[RunRecorder(cfg, data, folder)],
+                    dist=dist,
                 )
             except KeyboardInterrupt as exc:
                 exc.resume_hint = f"feedtune train --resume {run.info.run_id}"

@@ -85,8 +85,9 @@ def build_sampler(
 
     With ``world_size`` > 1 it yields process ``rank``'s share of each epoch: ``random`` and
     ``sequential`` through ``DistributedSampler`` (shuffled from ``seed``, by default the
-    generator's initial seed, and the epoch given to its ``set_epoch``), ``weighted`` through ``DistributedWeightedSampler``. Every share has
-    the same length (padded with repeats), and together they cover the epoch."""
+    generator's initial seed, and the epoch given to its ``set_epoch``), ``weighted``
+    through ``DistributedWeightedSampler``. Every share has the same length (padded with
+    repeats), and together they cover the epoch."""
     targets = np.asarray(targets)
     if world_size > 1 and cfg.kind != "weighted":
         return DistributedSampler(

@@ -29,6 +29,11 @@ def env_world_size() -> int:
     return int(os.environ.get(WORLD_SIZE_ENV, "1") or 1)
 
 
+def env_rank() -> int:
+    """This process's rank in the torchrun job (0 outside torchrun)."""
+    return int(os.environ.get(RANK_ENV, "0") or 0)
+
+
 @dataclass(frozen=True)
 class Dist:
     """This process's place in the job; ``backend`` is None when there is no process group."""

@@ -21,6 +21,7 @@ from torch import nn
 
 from feedtune.config import TrainConfig
 from feedtune.progress import progress_bar
+from feedtune.training.distributed import Dist
 from feedtune.training.models import head_parameters, set_backbone_trainable
 
 
@@ -295,8 +296,15 @@ def evaluate(
     num_classes: int,
     amp: bool = False,
     progress: bool = True,
+    dist: Dist | None = None,
 ) -> EvalResult:
-    """Loss, accuracy, macro-F1 (what matters on imbalanced data) and per-class recall."""
+    """Loss, accuracy, macro-F1 (what matters on imbalanced data) and per-class recall.
+
+    With ``dist`` of several processes, ``loader`` is this process's share of the validation
+    set (``data.pipeline.build_pipeline``): every process gathers the predictions of all and
+    computes the metrics on their union, so they are those of one process evaluating it all.
+    ``model`` must then be the plain module, not its ``DistributedDataParallel`` wrapper (whose
+    forward may synchronise buffers, a collective the processes need not reach alike)."""
     model.eval()
     channels_last = is_channels_last(model)
     total_loss, count = 0.0, 0
@@ -317,6 +325,8 @@ def evaluate(
         y_pred.append(logits.argmax(1).cpu().numpy())
     true = np.concatenate(y_true) if y_true else np.zeros(0, dtype=np.int64)
     pred = np.concatenate(y_pred) if y_pred else np.zeros(0, dtype=np.int64)
+    if dist is not None and dist.enabled:
+        total_loss, count, true, pred = _gathered(dist, total_loss, count, true, pred)
     labels = list(range(num_classes))
     return EvalResult(
         loss=total_loss / max(1, count),
@@ -328,6 +338,45 @@ def evaluate(
         confusion=confusion_matrix(true, pred, labels=labels),
         y_true=true,
         y_pred=pred,
+    )
+
+
+def _gathered(
+    dist: Dist, total_loss: float, count: int, true: np.ndarray, pred: np.ndarray
+) -> tuple[float, int, np.ndarray, np.ndarray]:
+    """The summed loss, count, targets and predictions of every process's share. Process r
+    evaluated samples r, r + W, r + 2W, ... in order: interleaving the shares back restores the
+    validation set's order (unless a process skipped a bad image; then they are concatenated)."""
+    shares = dist.all_gather((total_loss, count, true, pred))
+    total = sum(s[1] for s in shares)
+    sizes = [len(s[2]) for s in shares]
+    in_order = all(n == -(-(total - r) // dist.world_size) for r, n in enumerate(sizes))
+    if in_order:
+        true_all = np.zeros(total, dtype=true.dtype)
+        pred_all = np.zeros(total, dtype=pred.dtype)
+        for r, share in enumerate(shares):
+            true_all[r :: dist.world_size] = share[2]
+            pred_all[r :: dist.world_size] = share[3]
+    else:
+        true_all = np.concatenate([s[2] for s in shares])
+        pred_all = np.concatenate([s[3] for s in shares])
+    return float(sum(s[0] for s in shares)), total, true_all, pred_all
+
+
+def combined_stats(stats: EpochStats, dist: Dist | None) -> EpochStats:
+    """One epoch's stats for all processes together: every sample any process trained on,
+    over the time of the slowest (the processes wait for each other at every step), and the
+    longest wait for batches (a process that starves holds all the others)."""
+    if dist is None or not dist.enabled:
+        return stats
+    rows = dist.all_gather((stats.loss, stats.samples, stats.seconds, stats.data_wait_s))
+    samples = sum(r[1] for r in rows)
+    return EpochStats(
+        loss=sum(r[0] * r[1] for r in rows) / max(1, samples),
+        samples=samples,
+        steps=stats.steps,
+        seconds=max(r[2] for r in rows),
+        data_wait_s=max(r[3] for r in rows),
     )
 
 
@@ -368,12 +417,20 @@ def fit(
     progress: bool = True,
     metric: str = "val_f1_macro",
     augment: BatchAugment | None = None,
+    dist: Dist | None = None,
 ) -> TrainState:
     """Train for ``cfg.epochs`` from ``state.epoch``, early-stopping on ``metric``.
 
-    ``augment``: the batch augmentation for train loaders that deliver uint8 batches."""
+    ``augment``: the batch augmentation for train loaders that deliver uint8 batches.
+    ``dist``: one of several processes (torchrun); ``model`` then trains wrapped in
+    ``DistributedDataParallel`` on this process's share of each epoch, ``train_loader`` and
+    ``val_loader`` being its shares, and every process sees the same metrics: the epoch's
+    samples of all processes and the evaluation of the whole validation set. Callbacks get the
+    plain ``model`` either way."""
     state = state or TrainState()
+    dist = dist or Dist()
     prepare_model(model, device, channels_last=cfg.channels_last)
+    net = dist.wrap(model, device)
     amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if amp else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -394,10 +451,11 @@ def fit(
     for epoch in epochs:
         if cfg.unfreeze_after and epoch == cfg.unfreeze_after:
             set_backbone_trainable(model, True)
+            net = dist.wrap(model, device)  # the new trainable parameters join the averaging
         for cb in callbacks:
             cb.on_epoch_start(epoch)
         stats = train_one_epoch(
-            model,
+            net,
             train_loader,
             optimizer,
             loss_fn,
@@ -410,6 +468,7 @@ def fit(
             set_lr=functools.partial(schedule.set, epoch),
             augment=augment,
         )
+        stats = combined_stats(stats, dist)
         result = evaluate(
             model,
             val_loader,
@@ -418,6 +477,7 @@ def fit(
             num_classes=num_classes,
             amp=amp,
             progress=progress,
+            dist=dist,
         )
         metrics = {
             "train_loss": stats.loss,
@@ -437,6 +497,7 @@ def fit(
         state.epoch = epoch + 1
         state.history.append({"epoch": epoch, **metrics})
         epochs.set_postfix(val_f1=f"{result.f1_macro:.3f}", best=f"{state.best_metric:.3f}")
+        stop = False
         try:
             for cb in callbacks:
                 cb.on_epoch_end(
@@ -449,6 +510,8 @@ def fit(
                     improved=improved,
                 )
         except StopTraining:
+            stop = True
+        if dist.all_reduce(float(stop), "max"):  # one process's stop ends them all
             break
         if cfg.patience and state.stale_epochs >= cfg.patience:
             break

@@ -23,6 +23,7 @@ from feedtune.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from feedtune.training.distributed import Dist, unwrap
 from feedtune.training.engine import (
     Callback,
     EvalResult,
@@ -39,15 +40,32 @@ LAST, BEST = "last.pt", "best.pt"
 
 class EpochSeeding(Callback):
     """Reseed the sampler and worker seeds from (seed, epoch): an epoch draws the same
-    samples and augmentations whether or not the run was resumed before it."""
+    samples and augmentations whether or not the run was resumed before it.
 
-    def __init__(self, generators: Sequence[torch.Generator], seed: int) -> None:
+    With several processes the first generator (the sampler's) is seeded alike on all of them,
+    since they share one draw per epoch; the others (workers', batch augmentation's) are
+    offset by ``rank``, so that no two processes augment with the same random stream. A
+    ``sampler`` that shuffles by epoch itself (``DistributedSampler``) is given the epoch."""
+
+    def __init__(
+        self,
+        generators: Sequence[torch.Generator],
+        seed: int,
+        *,
+        sampler: Any = None,
+        rank: int = 0,
+    ) -> None:
         self.generators = generators
         self.seed = seed
+        self.sampler = sampler
+        self.rank = rank
 
     def on_epoch_start(self, epoch: int) -> None:
         for i, gen in enumerate(self.generators):
-            gen.manual_seed(self.seed * 1_000_003 + epoch * 97 + i)
+            offset = self.rank * 100_003 if i else 0
+            gen.manual_seed(self.seed * 1_000_003 + epoch * 97 + i + offset)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
 
 
 class Checkpointing(Callback):
@@ -68,8 +86,9 @@ class Checkpointing(Callback):
         state: TrainState,
         metrics: dict[str, float],
     ) -> dict[str, Any]:
+        state_dict = unwrap(model).state_dict()  # no ``module.`` prefix: loads into a plain model
         return {
-            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model_state": {k: v.detach().cpu() for k, v in state_dict.items()},
             "model_args": model_args(self.cfg.model),
             "classes": self.classes,
             "config": self.cfg.to_dict(),
@@ -116,6 +135,7 @@ def train_model(
     progress: bool = True,
     model: nn.Module | None = None,
     finetune: bool = False,
+    dist: Dist | None = None,
 ) -> TrainOutcome:
     """Train ``cfg`` on ``data``, checkpointing into ``folder``; ``resume`` is a checkpoint
     payload to continue from. Returns the best model (weights of the best epoch).
@@ -123,11 +143,23 @@ def train_model(
     ``callbacks`` run after each epoch's checkpoint is written (``on_fit_start`` once the data
     pipeline is built). ``model``: start from this model (already sized to ``data.classes``
     and frozen as wanted) instead of a fresh ``build_model(cfg.model)``; ``finetune``: the
-    backbone learns at ``train.lr * train.backbone_lr_scale``."""
+    backbone learns at ``train.lr * train.backbone_lr_scale``.
+
+    ``dist``: this process's place among several (torchrun). Each trains on its share of every
+    epoch, on its own GPU when CUDA; only the main process writes checkpoints into ``folder``
+    (the others' stays empty) and each receives the best weights from it at the end. Every
+    process gets the same metrics, and the plain (unwrapped) model."""
+    dist = dist or Dist()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    device = resolve_device(cfg.train.device)
-    pipeline = build_pipeline(cfg, data, cuda=device.type == "cuda")
+    device = dist.device(resolve_device(cfg.train.device))
+    pipeline = build_pipeline(
+        cfg,
+        data,
+        cuda=device.type == "cuda",
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
     if model is None:
         model = build_model(cfg.model, num_classes=len(data.classes))
     elif num_outputs(model) != len(data.classes):
@@ -144,10 +176,11 @@ def train_model(
         set_rng_state(resume["rng"])
     for cb in callbacks:
         cb.on_fit_start(pipeline, resumed=resume is not None)
-    own = [
-        EpochSeeding(pipeline.generators, cfg.seed),
-        Checkpointing(cfg, data.classes, folder),
+    own: list[Callback] = [
+        EpochSeeding(pipeline.generators, cfg.seed, sampler=pipeline.sampler, rank=dist.rank)
     ]
+    if dist.is_main:
+        own.append(Checkpointing(cfg, data.classes, folder))
     state = fit(
         model,
         pipeline.train_loader,
@@ -160,9 +193,11 @@ def train_model(
         callbacks=[*own, *callbacks],
         progress=progress,
         augment=pipeline.batch_augment,
+        dist=dist,
     )
     best_path = folder / BEST
-    model.load_state_dict(load_checkpoint(best_path)["model_state"])
+    best_state = load_checkpoint(best_path)["model_state"] if dist.is_main else None
+    model.load_state_dict(dist.broadcast(best_state))
     best = evaluate(
         model,
         pipeline.val_loader,
@@ -170,6 +205,7 @@ def train_model(
         device=device,
         num_classes=len(data.classes),
         progress=False,
+        dist=dist,
     )
     return TrainOutcome(
         state=state,

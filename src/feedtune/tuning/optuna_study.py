@@ -112,17 +112,20 @@ def _retry_dead_trial(
     return callback
 
 
-def _is_dead(trial: FrozenTrial) -> bool:
+def _is_dead(trial: FrozenTrial, unclaimed_grace_s: float) -> bool:
     info = trial.user_attrs.get("worker")
     if info:
         return not is_alive(info)
     # Not yet claimed by a worker: dead if it stayed so longer than a live one takes to claim.
     started = trial.datetime_start
-    return started is not None and (datetime.now() - started).total_seconds() > GRACE_S
+    return started is not None and (datetime.now() - started).total_seconds() > unclaimed_grace_s
 
 
 def reap_dead_trials(
-    study: optuna.Study, *, on_dead_trial: DeadTrialHook | None = None
+    study: optuna.Study,
+    *,
+    on_dead_trial: DeadTrialHook | None = None,
+    unclaimed_grace_s: float = GRACE_S,
 ) -> list[FrozenTrial]:
     """File storages have no heartbeat: fail RUNNING trials whose worker process on this
     machine is gone (or that no worker claimed in ``GRACE_S``), and queue each again with the
@@ -130,7 +133,7 @@ def reap_dead_trials(
     resumes from), unless it was already retried ``MAX_RETRIES`` times."""
     reaped = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _is_dead(trial):
+        if not _is_dead(trial, unclaimed_grace_s):
             continue
         try:
             study.tell(trial.number, state=TrialState.FAIL)
