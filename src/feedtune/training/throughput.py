@@ -104,8 +104,17 @@ def probe_sides(
     it = _batches(loader)
     batch = next(it)
     startup = time.perf_counter() - start
-    images, targets = to_device(batch, device, channels_last, augment)
-    train_step(model, optimizer, loss_fn, images, targets, amp=amp)  # warm-up
+    on_device = to_device(batch, device, channels_last, augment)
+
+    def step() -> int:
+        # Augmentation on the device is device work: with it, each step augments anew.
+        images, targets = (
+            on_device if augment is None else to_device(batch, device, channels_last, augment)
+        )
+        train_step(model, optimizer, loss_fn, images, targets, amp=amp)
+        return len(targets)
+
+    step()  # warm-up
     loader_rates, model_rates = [], []
     for _ in range(rounds):
         t, samples = time.perf_counter(), 0
@@ -113,11 +122,11 @@ def probe_sides(
             samples += len(next(it)[1])
         loader_rates.append(samples / (time.perf_counter() - t))
         _sync(device)
-        t = time.perf_counter()
+        t, samples = time.perf_counter(), 0
         for _ in range(batches):
-            train_step(model, optimizer, loss_fn, images, targets, amp=amp)
+            samples += step()
         _sync(device)
-        model_rates.append(batches * len(targets) / (time.perf_counter() - t))
+        model_rates.append(samples / (time.perf_counter() - t))
     it.close()
     spent = time.perf_counter() - start
     return float(np.median(loader_rates)), float(np.median(model_rates)), startup, spent
@@ -204,15 +213,30 @@ def measure_model(
     train_cfg: TrainConfig | None = None,
     augment: BatchAugment | None = None,
 ) -> float:
-    """Samples/s of train steps on one batch already on the device (the model's appetite)."""
+    """Samples/s of train steps on one batch already on the device (the model's appetite; a
+    batch augmentation on the device is part of it)."""
     model, optimizer, loss_fn, amp = _probe_parts(model, device, train_cfg)
-    images, targets = to_device(batch, device, is_channels_last(model), augment)
+    channels_last = is_channels_last(model)
+    images, targets = to_device(batch, device, channels_last, augment)
+
+    def step() -> None:
+        if augment is None:
+            train_step(model, optimizer, loss_fn, images, targets, amp=amp)
+        else:
+            train_step(
+                model,
+                optimizer,
+                loss_fn,
+                *to_device(batch, device, channels_last, augment),
+                amp=amp,
+            )
+
     for _ in range(warmup):
-        train_step(model, optimizer, loss_fn, images, targets, amp=amp)
+        step()
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        train_step(model, optimizer, loss_fn, images, targets, amp=amp)
+        step()
     _sync(device)
     return steps * len(targets) / (time.perf_counter() - start)
 

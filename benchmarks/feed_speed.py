@@ -1,0 +1,204 @@
+"""Feed benchmarks, run by hand (results go to BENCHMARKS.md, "Feeding at the model's speed").
+
+    .venv/bin/python benchmarks/feed_speed.py loader      # (a) best settings vs the seed loader
+    .venv/bin/python benchmarks/feed_speed.py standin     # (b) bench --model-rate 5000
+    .venv/bin/python benchmarks/feed_speed.py repeat      # (c, d) 10 measurements of one setting
+    .venv/bin/python benchmarks/feed_speed.py cost        # (e) measure_s / a default train's time
+
+(a) Loader alone, policy ``basic``, the same images: the seed's loader (PIL + torchvision
+    Compose, no workers) against feedtune's fastest loader. With ``augment.where: batch`` the
+    batch augmentation runs in the timed loop (on the CPU here), so both sides deliver the
+    same normalized float batches. Interleaved rounds, medians.
+(b) ``feedtune bench --model-rate 5000``: a stand-in model that eats 5,000 samples/s without the
+    CPU; the grid includes the seed default (no workers, no cache, PIL, per sample).
+(c, d) One setting (the default recipe with the best loader), measured 10 times as a training
+    run measures itself: a short real training (its epochs give train_samples_per_s) and the
+    probes (loader, model). Reports train / model and |predicted - measured| / measured.
+(e) One default ``feedtune train``: ``measure_s`` over the run's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from loader_speed import SeedDataset  # noqa: E402
+
+from feedtune.config import load_config  # noqa: E402
+from feedtune.data.augment import build_transform  # noqa: E402
+from feedtune.data.pipeline import build_pipeline, prepare_data  # noqa: E402
+from feedtune.training.engine import resolve_device, to_device  # noqa: E402
+from feedtune.training.throughput import measure_run  # noqa: E402
+from feedtune.training.trainer import train_model  # noqa: E402
+
+DEFAULT = REPO / "experiments" / "default.yaml"
+
+
+def _seed_loader(cfg, data) -> DataLoader:
+    transform = build_transform(cfg.augment, train=True).pipeline
+    table = data.split.train
+    index = {c: i for i, c in enumerate(data.classes)}
+    targets = np.array([index[x] for x in table["label"]])
+    dataset = SeedDataset(list(table["path"]), targets, transform)
+    return DataLoader(dataset, batch_size=cfg.loader.batch_size, shuffle=True, num_workers=0)
+
+
+def _rate(loader, augment, *, batches: int) -> float:
+    """Samples/s of normalized float batches: the loader, plus the batch augmentation."""
+    it = iter(loader)
+    for _ in range(2):
+        next(it)
+    samples, t0 = 0, time.perf_counter()
+    for _ in range(batches):
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        images, _ = to_device(batch, torch.device("cpu"), False, augment)
+        samples += images.shape[0]
+    return samples / (time.perf_counter() - t0)
+
+
+def bench_loader(rounds: int = 5, batches: int = 30) -> dict:
+    torch.set_num_threads(1)
+    cfg = load_config(DEFAULT, ["augment.policy=basic"])
+    data = prepare_data(cfg, progress=False)
+    loaders = {"seed": (_seed_loader(cfg, data), None)}
+    for workers in (0, 1, 2):
+        for where in ("sample", "batch"):
+            over = {
+                "loader.num_workers": workers,
+                "loader.persistent_workers": workers > 0,
+                "loader.cache": "resized",
+                "data.decoder": "opencv",
+                "augment.where": where,
+            }
+            pipe = build_pipeline(cfg.replace(over), data, cuda=False)
+            loaders[f"w{workers}-{where}"] = (pipe.train_loader, pipe.batch_augment)
+    rates = {name: [] for name in loaders}
+    for _ in range(rounds):
+        for name, (loader, augment) in loaders.items():
+            rates[name].append(_rate(loader, augment, batches=batches))
+    medians = {k: statistics.median(v) for k, v in rates.items()}
+    best = max((k for k in medians if k != "seed"), key=medians.get)
+    return {
+        "batch_size": cfg.loader.batch_size,
+        "median_samples_per_s": {k: round(v) for k, v in medians.items()},
+        "best": best,
+        "best_over_seed": round(medians[best] / medians["seed"], 2),
+        "rounds": {k: [round(x) for x in v] for k, v in rates.items()},
+    }
+
+
+def bench_standin(rate: float = 5000) -> dict:
+    from feedtune.commands.bench import run_bench
+    from feedtune.tracking import mlflow_store
+
+    cfg = load_config(DEFAULT, [f"bench.model_rate={rate}", "bench.train_steps=40"])
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow_store.setup("bench-standin", f"sqlite:///{tmp}/mlflow.db")
+        results = run_bench(cfg, progress=False)
+    best = results.loc[results["train_samples_per_s"].idxmax()]
+    seed = results[
+        (results["num_workers"] == 0)
+        & (results["cache"] == "none")
+        & (results["decoder"] == "pil")
+        & (results["where"] == "sample")
+    ].iloc[0]
+    keep = ["num_workers", "cache", "decoder", "where", "train_samples_per_s", "bottleneck"]
+    return {
+        "model_rate": rate,
+        "best_cell": {k: (v.item() if hasattr(v, "item") else v) for k, v in best[keep].items()},
+        "best_over_rate": round(float(best["train_samples_per_s"]) / rate, 3),
+        "seed_default_train_samples_per_s": round(float(seed["train_samples_per_s"])),
+        "seed_default_over_rate": round(float(seed["train_samples_per_s"]) / rate, 3),
+    }
+
+
+def bench_repeat(repeats: int = 10, steps: int = 60) -> dict:
+    over = [
+        "loader.num_workers=1",
+        "loader.persistent_workers=true",
+        "loader.cache=resized",
+        "data.decoder=opencv",
+        "augment.where=batch",
+        f"train.max_steps_per_epoch={steps}",
+        "train.epochs=2",
+    ]
+    cfg = load_config(DEFAULT, over)
+    data = prepare_data(cfg, progress=False)
+    rows = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = train_model(cfg, data, folder=Path(tmp), progress=False)
+        pipe = out.pipeline
+        result = measure_run(
+            out.model,
+            pipe.train_loader,
+            out.state.history,
+            device=resolve_device("cpu"),
+            batches=cfg.train.measure_batches,
+            train_cfg=cfg.train,
+            augment=pipe.batch_augment,
+        )
+        rows.append(result)
+    ratio = [r.train_samples_per_s / r.model_samples_per_s for r in rows]
+    error = [
+        abs(r.predicted_samples_per_s - r.train_samples_per_s) / r.train_samples_per_s for r in rows
+    ]
+    return {
+        "train_over_model": [round(x, 3) for x in ratio],
+        "train_le_1_05_model": sum(x <= 1.05 for x in ratio),
+        "predicted_error": [round(x, 3) for x in error],
+        "predicted_within_15pct": sum(x <= 0.15 for x in error),
+        "median_train_over_model": round(statistics.median(ratio), 3),
+        "bottleneck": [r.bottleneck for r in rows],
+    }
+
+
+def bench_cost() -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from feedtune.commands.train import run_train
+    from feedtune.tracking import mlflow_store
+
+    cfg = load_config(DEFAULT)
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        mlflow_store.setup(cfg.experiment, uri)
+        start = time.perf_counter()
+        run_id = run_train(cfg, progress=False)
+        wall = time.perf_counter() - start
+        metrics = MlflowClient(uri).get_run(run_id).data.metrics
+    keys = ("measure_s", "train_samples_per_s", "model_samples_per_s", "loader_samples_per_s")
+    return {
+        "wall_s": round(wall, 1),
+        **{k: round(metrics[k], 2) for k in keys},
+        "measure_share": round(metrics["measure_s"] / wall, 4),
+        "train_over_model": round(
+            metrics["train_samples_per_s"] / metrics["model_samples_per_s"], 3
+        ),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("which", choices=["loader", "standin", "repeat", "cost"])
+    which = parser.parse_args().which
+    fn = {"loader": bench_loader, "standin": bench_standin, "repeat": bench_repeat}
+    result = {**fn, "cost": bench_cost}[which]()
+    print(json.dumps(result, indent=2, default=str))

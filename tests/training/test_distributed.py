@@ -1,0 +1,272 @@
+"""One run on several processes: the shares of the samplers, the gathered evaluation, and
+`torchrun -m feedtune train` end to end (one MLflow run, metrics of the whole val set)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
+
+from feedtune.config import SamplerConfig, load_config
+from feedtune.data.pipeline import build_pipeline, prepare_data
+from feedtune.data.sampling import DistributedWeightedSampler, build_sampler
+from feedtune.training.distributed import Dist, init_from_env, unwrap
+from feedtune.training.engine import EpochStats, combined_stats, evaluate
+from tests.conftest import REPO, env_with_src, write_image_folder
+
+
+def _targets() -> np.ndarray:
+    return np.array([0] * 60 + [1] * 25 + [2] * 16)  # 101 samples: shares need padding
+
+
+def _shares(cfg: SamplerConfig, world: int, *, seed: int = 7, epoch: int = 0) -> list[list[int]]:
+    """Every rank's indices for one epoch, each rank's generator seeded alike (as the trainer
+    reseeds them) and told the epoch."""
+    out = []
+    for rank in range(world):
+        sampler = build_sampler(
+            cfg,
+            targets=_targets(),
+            generator=torch.Generator().manual_seed(seed),
+            seed=seed,
+            rank=rank,
+            world_size=world,
+        )
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        out.append(list(sampler))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("num_samples", [None, 64])
+def test_weighted_shares_together_are_the_single_process_draw(world, num_samples):
+    cfg = SamplerConfig(kind="weighted", weight_power=1.0, num_samples=num_samples)
+    generator = torch.Generator().manual_seed(7)
+    single = list(build_sampler(cfg, targets=_targets(), generator=generator))
+    shares = _shares(cfg, world)
+    assert all(isinstance(s, int) for s in shares[0])
+    assert len({len(s) for s in shares}) == 1  # equal shares: equal steps on every rank
+    interleaved = [i for row in zip(*shares, strict=True) for i in row]
+    assert interleaved[: len(single)] == single
+    assert interleaved[len(single) :] == single[: len(interleaved) - len(single)]  # the padding
+
+
+def test_weighted_share_refuses_a_rank_outside_the_job():
+    with pytest.raises(ValueError, match="rank 2"):
+        DistributedWeightedSampler(
+            torch.ones(4, dtype=torch.double),
+            num_samples=4,
+            replacement=True,
+            generator=torch.Generator(),
+            rank=2,
+            world_size=2,
+        )
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_random_shares_cover_the_dataset_and_reshuffle_by_epoch(world):
+    cfg = SamplerConfig(kind="random")
+    shares = _shares(cfg, world)
+    n = len(_targets())
+    assert len({len(s) for s in shares}) == 1
+    assert set().union(*shares) == set(range(n))
+    assert sum(len(s) for s in shares) == -(-n // world) * world  # n, padded to equal shares
+    assert _shares(cfg, world, epoch=1) != shares
+    assert _shares(cfg, world) == shares  # the seed and the epoch decide
+
+
+def test_sequential_shares_interleave_to_the_dataset_order():
+    shares = _shares(SamplerConfig(kind="sequential"), 2)
+    assert isinstance(
+        build_sampler(
+            SamplerConfig(kind="sequential"),
+            targets=_targets(),
+            generator=torch.Generator(),
+            rank=1,
+            world_size=2,
+        ),
+        DistributedSampler,
+    )
+    interleaved = [i for row in zip(*shares, strict=True) for i in row]
+    assert interleaved[:101] == list(range(101))
+
+
+def test_pipeline_gives_each_rank_its_val_images_once(tiny_folder):
+    cfg = load_config(
+        None, [f"data.path={tiny_folder}", "augment.image_size=32", "sampler.kind=weighted"]
+    )
+    data = prepare_data(cfg, progress=False)
+    n_val = len(data.split.val)
+    seen = []
+    for rank in range(2):
+        pipeline = build_pipeline(cfg, data, cuda=False, rank=rank, world_size=2)
+        share = pipeline.val_loader.dataset
+        assert isinstance(share, Subset) and list(share.indices) == list(range(rank, n_val, 2))
+        assert len(pipeline.val_set) == n_val  # the whole set stays on the pipeline
+        assert isinstance(pipeline.sampler, DistributedWeightedSampler)
+        seen += list(share.indices)
+    assert sorted(seen) == list(range(n_val))
+
+
+class _Pair:
+    """Rank 0 of two processes whose other rank's share is known in advance."""
+
+    rank, world_size, enabled = 0, 2, True
+
+    def __init__(self, peer: Any) -> None:
+        self.peer = peer
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        return [obj, self.peer]
+
+
+def test_gathered_evaluation_equals_one_process_on_the_whole_set():
+    torch.manual_seed(0)
+    x = torch.randn(21, 4)
+    data = TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 1).long())
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def run(dataset, dist=None):
+        return evaluate(
+            model,
+            DataLoader(dataset, batch_size=4),
+            nn.CrossEntropyLoss(),
+            device=torch.device("cpu"),
+            num_classes=3,
+            progress=False,
+            dist=dist,
+        )
+
+    whole = run(data)
+    other = run(Subset(data, range(1, 21, 2)))
+    peer = (other.loss * len(other.y_true), len(other.y_true), other.y_true, other.y_pred)
+    gathered = run(Subset(data, range(0, 21, 2)), _Pair(peer))
+    assert np.array_equal(gathered.y_true, whole.y_true)  # back in the val set's order
+    assert np.array_equal(gathered.y_pred, whole.y_pred)
+    assert gathered.acc == whole.acc and gathered.f1_macro == whole.f1_macro
+    assert gathered.per_class_recall == whole.per_class_recall
+    assert np.array_equal(gathered.confusion, whole.confusion)
+    assert gathered.loss == pytest.approx(whole.loss, abs=1e-6)
+
+
+def test_epoch_stats_count_every_process_over_the_slowest():
+    mine = EpochStats(loss=1.0, samples=40, steps=5, seconds=2.0, data_wait_s=0.1)
+    pair = _Pair((3.0, 40, 4.0, 0.5))
+    both = combined_stats(mine, pair)  # type: ignore[arg-type]
+    assert both.samples == 80 and both.loss == pytest.approx(2.0)
+    assert both.seconds == 4.0 and both.data_wait_s == 0.5
+    assert both.samples_per_s == pytest.approx(20.0)
+    assert combined_stats(mine, Dist()) is mine
+
+
+def test_one_process_needs_no_process_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    dist = init_from_env(torch.device("cpu"))
+    assert dist == Dist() and dist.is_main and not dist.enabled
+    assert dist.all_reduce(3.5) == 3.5 and dist.all_gather("x") == ["x"]
+    assert dist.broadcast({"a": 1}) == {"a": 1}
+    model = nn.Linear(2, 2)
+    assert dist.wrap(model, torch.device("cpu")) is model and unwrap(model) is model
+    assert dist.device(torch.device("cuda")) == torch.device("cuda")
+    dist.barrier()
+    dist.destroy()
+
+
+def test_tune_under_torchrun_fails_fast(monkeypatch, capsys):
+    from feedtune.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["tune", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "torchrun" in err and "feedtune train" in err and err.count("\n") == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_train_is_one_run_with_whole_set_metrics(tmp_path, mlflow_store):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from feedtune.config import load_config as load_yaml_config
+    from feedtune.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from feedtune.training.engine import prepare_model
+
+    images = write_image_folder(tmp_path / "imgs", {"red": 30, "green": 16, "blue": 11})
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": "ddp",
+                "augment": {"image_size": 32},
+                "loader": {"batch_size": 8},
+                "sampler": {"kind": "weighted", "weight_power": 0.5},
+                "train": {"epochs": 2, "patience": 0, "measure_batches": 2},
+            }
+        )
+    )
+    env = {**env_with_src(), "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": mlflow_store}
+    cmd = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"),
+        *("--master-addr", "127.0.0.1", "--master-port", str(_free_port())),
+        *("-m", "feedtune", "train", "--no-progress", "--config", str(config)),
+        *("--set", f"data.path={images}"),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("finished (experiment 'ddp')") == 1  # one line, from rank 0
+
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["feedtune.world_size"] == "2"
+    run_id = run.info.run_id
+    best_epoch = int(run.data.metrics["best_epoch"])
+    logged = {
+        name: {m.step: m.value for m in client.get_metric_history(run_id, name)}[best_epoch]
+        for name in ("val_loss", "val_acc", "val_f1_macro")
+    }
+
+    # One process evaluates the saved best weights on the run's own split and config.
+    folder = Path(
+        mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp_path / "artifacts"))
+    )
+    cfg = load_yaml_config(folder / "config" / "resolved.yaml", [])
+    data = prepare_data(cfg, progress=False)
+    assert data.split.digest == run.data.tags["feedtune.split_digest"]
+    logged_val = sorted(Path(p).name for p in _csv_paths(folder / "split" / "val.csv"))
+    assert logged_val == sorted(Path(p).name for p in data.split.val["path"])
+    model, _ = model_from_checkpoint(load_checkpoint(folder / "checkpoints" / "best.pt"))
+    prepare_model(model, torch.device("cpu"), channels_last=cfg.train.channels_last)
+    pipeline = build_pipeline(cfg, data, cuda=False)
+    result = evaluate(
+        model,
+        pipeline.val_loader,
+        nn.CrossEntropyLoss(),
+        device=torch.device("cpu"),
+        num_classes=len(data.classes),
+        progress=False,
+    )
+    assert result.loss == pytest.approx(logged["val_loss"], abs=1e-6)
+    assert result.acc == pytest.approx(logged["val_acc"], abs=1e-6)
+    assert result.f1_macro == pytest.approx(logged["val_f1_macro"], abs=1e-6)
+
+
+def _csv_paths(path: Path) -> list[str]:
+    import pandas as pd
+
+    return pd.read_csv(path)["path"].tolist()
