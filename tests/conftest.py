@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,6 +111,28 @@ def tune_command(config: Path, data: Path, *args: str) -> list[str]:
         f"data.path={data}",
         *args,
     ]
+
+
+@contextlib.contextmanager
+def reaped(*procs: subprocess.Popen) -> Iterator[list[subprocess.Popen]]:
+    """Child processes that never outlive the block: whatever ends it (a failed assertion, a
+    timeout, Ctrl-C), each one still running is killed (SIGKILL), then every one is waited for
+    and its pipes are closed, so no test leaves a worker training in the background. Yields
+    the list of ``procs``; processes started in the block are appended to it as they start, so
+    one that fails to start does not leave those before it running."""
+    children = list(procs)
+    try:
+        yield children
+    finally:
+        for proc in children:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in children:
+            try:
+                proc.communicate(timeout=60)  # reaps it and drains, then closes, its pipes
+            except (subprocess.TimeoutExpired, ValueError, OSError):
+                proc.kill()
+                proc.wait()
 
 
 def env_with_src() -> dict[str, str]:

@@ -1,10 +1,12 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from feedtune.config import Config, ConfigError, config_from_dict, load_config, parse_override
 from feedtune.tuning.space import speed_space
-from tests.conftest import REPO
+from tests.conftest import REPO, env_with_src
 
 
 def test_default_yaml_loads_and_is_short():
@@ -107,3 +109,41 @@ def test_flat_params_and_replace():
 def test_parse_override_needs_equals():
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("loader.num_workers")
+
+
+@pytest.mark.parametrize(
+    ("args", "named", "also"),
+    [
+        (["--set", "loader.num_workers=-1"], "loader.num_workers", "allowed range [0, 256]"),
+        (["--set", "loader.workers=2"], "loader.workers", "num_workers"),
+        (["--config", "{tmp}/no-such.yaml"], "{tmp}/no-such.yaml", "not found"),
+    ],
+    ids=["out-of-range", "unknown-key", "missing-config-file"],
+)
+def test_a_config_error_exits_2_with_one_line_naming_the_key(tmp_path: Path, args, named, also):
+    """`feedtune train` in a fresh process: cli.main turns every ConfigError (a bad value, an
+    unknown key, a config file that does not exist) into exit status 2 and one
+    `feedtune: config error:` line, before any store or dataset is touched."""
+    args = [a.format(tmp=tmp_path) for a in args]
+    env = {
+        **env_with_src(),
+        # Were the error missed, nothing of the checkout is written: a store and a project root
+        # of the test's own.
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "FEEDTUNE_HOME": str(tmp_path),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "feedtune", "train", "--no-progress", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("feedtune:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("feedtune: config error: ")
+    assert named.format(tmp=tmp_path) in lines[0] and also in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not (tmp_path / "mlflow.db").exists()

@@ -4,14 +4,18 @@ storage and a real ``mlflow server`` as the tracking URI (README "Scaling out").
 from __future__ import annotations
 
 import collections
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, env_with_src, tune_command, write_image_folder
+from feedtune.tuning.optuna_study import GRACE_S
+from tests.conftest import REPO, env_with_src, reaped, tune_command, write_image_folder
+from tests.test_reliability import _wait_for_epoch
 
 pytestmark = pytest.mark.slow
 
@@ -49,16 +53,19 @@ def run_workers(command: list[str], n: int = WORKERS) -> list[int]:
     # One OpenMP thread each: several workers on a 2-core machine would otherwise spin against
     # each other (10x slower steps), as several jobs sharing one real machine would.
     env = {**env_with_src(), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for _ in range(n)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=540)
-        text = err.decode(errors="replace")
-        assert p.returncode == 0, text[-3000:]
-        assert "Traceback" not in text, text[-3000:]
-    return [p.pid for p in procs]
+    with reaped() as procs:  # on any failure, every worker started so far is killed and reaped
+        for _ in range(n):
+            procs.append(
+                subprocess.Popen(
+                    command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                )
+            )
+        for p in procs:
+            _, err = p.communicate(timeout=540)
+            text = err.decode(errors="replace")
+            assert p.returncode == 0, text[-3000:]
+            assert "Traceback" not in text, text[-3000:]
+        return [p.pid for p in procs]
 
 
 def assert_shared_study(storage: str, study: str, experiment: str, pids: list[int]) -> list:
@@ -161,3 +168,85 @@ def test_a_storage_password_is_shown_nowhere(tmp_path, data, postgres_url, mlflo
         for item in client.list_artifacts(run.info.run_id, "config"):
             local = client.download_artifacts(run.info.run_id, item.path, str(tmp_path / "dl"))
             assert secret not in Path(local).read_text()
+
+
+# Quality trials long enough that a SIGKILL after the first epoch always lands mid-trial
+# (~0.3 s an epoch here); the retry resumes from the checkpoint and trains only the rest.
+HEARTBEAT_EPOCHS = 20
+HEARTBEAT_CONFIG = """
+experiment: {experiment}
+augment: {{image_size: 32}}
+loader: {{batch_size: 8}}
+train: {{epochs: {epochs}, measure_batches: 2, patience: 0}}
+search:
+  train.lr: {{float: [1.0e-3, 1.0e-2], log: true}}
+  pruner: none
+  noise_seeds: 0
+  speed_skip_wait_frac: 0
+"""
+ELSEWHERE = "another-machine.example"
+
+
+def test_a_dead_worker_is_failed_by_its_missed_heartbeats_and_its_trial_retried(
+    tmp_path, postgres_url, mlflow_store
+):
+    """README "Scaling out": a worker that dies stops sending heartbeats; GRACE_S after the
+    last one, the next worker to start a trial fails it, queues it again with the same
+    parameters (Optuna's retry callback) and ends its MLflow run KILLED; the retry resumes from
+    the dead run's checkpoint.
+
+    Both workers run here, so feedtune's own check (is that pid alive on this machine?) would
+    find the dead one at once, without heartbeats. The dead worker's records are therefore
+    rewritten to name another machine, whose processes cannot be looked up from here: only the
+    missed heartbeats can tell that it died, as on a real second machine."""
+    data = write_image_folder(
+        tmp_path / "imgs", {"red": 60, "green": 40, "blue": 30}, size=(48, 40), groups_of=2
+    )
+    cfg = tmp_path / "heartbeat.yaml"
+    cfg.write_text(HEARTBEAT_CONFIG.format(experiment="heartbeat", epochs=HEARTBEAT_EPOCHS))
+    command = tune_command(
+        cfg, data, "--stage", "quality", "--storage", postgres_url, "--study", "H"
+    ) + ["--n-trials", "1"]
+    env = {**env_with_src(), "OMP_NUM_THREADS": "1"}
+    client = MlflowClient()
+
+    with reaped(subprocess.Popen(command, cwd=REPO, env=env)) as (first,):
+        dead_run = _wait_for_epoch(client, "heartbeat", first, "trial")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    killed_at = time.monotonic()  # its last heartbeat was at most HEARTBEAT_S before this
+    assert len(client.get_metric_history(dead_run, "val_loss")) < HEARTBEAT_EPOCHS
+
+    storage = optuna.storages.RDBStorage(postgres_url)  # no heartbeat of its own
+    (dead,) = optuna.load_study(study_name="H-quality", storage=storage).get_trials()
+    assert dead.state == optuna.trial.TrialState.RUNNING  # nobody could end it
+    assert dead.user_attrs["mlflow_run_id"] == dead_run
+    storage.set_trial_user_attr(
+        dead._trial_id, "worker", {**dead.user_attrs["worker"], "host": ELSEWHERE}
+    )
+    exp_id = client.get_experiment_by_name("heartbeat").experiment_id
+    running = client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'")
+    assert dead_run in {r.info.run_id for r in running}  # and its parent (study) run
+    for run in running:
+        client.set_tag(run.info.run_id, "feedtune.worker.host", ELSEWHERE)
+
+    # Past the grace period (the test cannot shorten it: the workers are other processes).
+    time.sleep(max(0.0, killed_at + GRACE_S + 2 - time.monotonic()))
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Traceback" not in second.stderr, second.stderr[-3000:]
+
+    trials = optuna.load_study(study_name="H-quality", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    failed, retry = trials
+    assert failed.number == dead.number
+    # Queued again by the heartbeat's retry callback (a local reap would set retry_of instead).
+    assert retry.system_attrs["failed_trial"] == dead.number
+    assert "retry_of" not in retry.user_attrs
+    assert retry.params == dead.params
+    assert client.get_run(dead_run).info.status == "KILLED"
+    resumed = client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert resumed.info.run_id != dead_run and resumed.info.status == "FINISHED"
+    assert resumed.data.tags["feedtune.resumed_from_run_id"] == dead_run
+    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_loss")]
+    assert sorted(steps) == list(range(HEARTBEAT_EPOCHS))  # the dead run's epochs, then the rest

@@ -14,6 +14,7 @@ from tests.conftest import (
     REPO,
     artifact_paths,
     env_with_src,
+    reaped,
     tune_command,
     write_image_folder,
 )
@@ -126,24 +127,25 @@ def test_two_stage_study_is_tracked_and_registered(tmp_path, data, mlflow_store)
 
 
 def test_two_processes_share_one_study(tmp_path, data, mlflow_store):
-    procs = [
-        _tune(
-            tmp_path,
-            data,
-            "--study",
-            "shared",
-            "--stage",
-            "speed",
-            "--n-trials",
-            "3",
-            experiment="shared-tune",
-            background=True,
-        )
-        for _ in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+    with reaped() as procs:  # killed and waited for if anything below fails
+        for _ in range(2):
+            procs.append(
+                _tune(
+                    tmp_path,
+                    data,
+                    "--study",
+                    "shared",
+                    "--stage",
+                    "speed",
+                    "--n-trials",
+                    "3",
+                    experiment="shared-tune",
+                    background=True,
+                )
+            )
+        for p in procs:
+            _, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
     )

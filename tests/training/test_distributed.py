@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDatas
 
 from feedtune.config import SamplerConfig, load_config
 from feedtune.data.pipeline import build_pipeline, prepare_data
-from feedtune.data.sampling import DistributedWeightedSampler, build_sampler
+from feedtune.data.sampling import DistributedWeightedSampler, build_sampler, epoch_draw
 from feedtune.training.distributed import Dist, init_from_env, unwrap
 from feedtune.training.engine import EpochStats, combined_stats, evaluate
 from tests.conftest import REPO, env_with_src, write_image_folder
@@ -99,6 +99,22 @@ def test_sequential_shares_interleave_to_the_dataset_order():
     )
     interleaved = [i for row in zip(*shares, strict=True) for i in row]
     assert interleaved[:101] == list(range(101))
+
+
+@pytest.mark.parametrize("kind", ["random", "weighted", "sequential"])
+def test_epoch_draw_of_a_share_is_the_draw_of_all_processes(kind):
+    cfg = SamplerConfig(kind=kind)
+    share = build_sampler(
+        cfg, targets=_targets(), generator=torch.Generator().manual_seed(7), rank=1, world_size=3
+    )
+    draw = list(epoch_draw(share))
+    assert len(draw) == len(_targets())
+    if kind == "weighted":
+        generator = torch.Generator().manual_seed(7)
+        assert draw == list(build_sampler(cfg, targets=_targets(), generator=generator))
+    else:
+        assert sorted(draw) == list(range(len(_targets())))
+        assert (draw == sorted(draw)) == (kind == "sequential")
 
 
 def test_pipeline_gives_each_rank_its_val_images_once(tiny_folder):
@@ -206,7 +222,7 @@ def test_torchrun_train_is_one_run_with_whole_set_metrics(tmp_path, mlflow_store
     from feedtune.training.checkpoint import load_checkpoint, model_from_checkpoint
     from feedtune.training.engine import prepare_model
 
-    images = write_image_folder(tmp_path / "imgs", {"red": 30, "green": 16, "blue": 11})
+    images = write_image_folder(tmp_path / "imgs", {"red": 29, "green": 15, "blue": 11})
     config = tmp_path / "tiny.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -248,6 +264,7 @@ def test_torchrun_train_is_one_run_with_whole_set_metrics(tmp_path, mlflow_store
     cfg = load_yaml_config(folder / "config" / "resolved.yaml", [])
     data = prepare_data(cfg, progress=False)
     assert data.split.digest == run.data.tags["feedtune.split_digest"]
+    assert len(data.split.val) % 2 == 1  # the two ranks' val shares differ in size
     logged_val = sorted(Path(p).name for p in _csv_paths(folder / "split" / "val.csv"))
     assert logged_val == sorted(Path(p).name for p in data.split.val["path"])
     model, _ = model_from_checkpoint(load_checkpoint(folder / "checkpoints" / "best.pt"))

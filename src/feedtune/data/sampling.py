@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -123,12 +124,27 @@ def build_sampler(
     )
 
 
+def epoch_draw(sampler: Sampler[int]) -> Iterable[int]:
+    """One epoch's indices; for a process's share (the distributed samplers), the draw of all
+    processes together, without the padding that evens out their shares."""
+    if isinstance(sampler, DistributedWeightedSampler):
+        return sampler.global_draw()
+    if isinstance(sampler, DistributedSampler):
+        shares = []
+        for rank in range(sampler.num_replicas):
+            share = copy.copy(sampler)
+            share.rank = rank
+            shares.append(list(share))
+        interleaved = [i for row in zip(*shares, strict=True) for i in row]
+        return interleaved[: len(sampler.dataset)]  # type: ignore[arg-type]
+    return iter(sampler)
+
+
 def epoch_class_counts(
     sampler: Sampler[int], targets: np.ndarray, classes: Sequence[str]
 ) -> pd.DataFrame:
-    """Per-class counts of one epoch's draw next to the dataset's own counts (a distributed
-    weighted sampler's draw for all processes; a ``DistributedSampler``'s own share)."""
-    draw = sampler.global_draw() if hasattr(sampler, "global_draw") else iter(sampler)
+    """Per-class counts of one epoch's draw (of all processes) next to the dataset's own."""
+    draw = epoch_draw(sampler)
     drawn = np.bincount(targets[np.fromiter(draw, dtype=np.int64)], minlength=len(classes))
     available = np.bincount(targets, minlength=len(classes))
     return pd.DataFrame(

@@ -88,6 +88,17 @@ class Dist:
         tdist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def broadcast_buffers(self, model: nn.Module, src: int = 0) -> None:
+        """Rank ``src``'s buffers (BatchNorm running statistics) into every process's ``model``.
+
+        ``DistributedDataParallel`` broadcasts them at the start of each training forward, so
+        after an epoch each process holds its own last batch's update; the evaluation of all
+        processes and rank 0's checkpoint must see one and the same model."""
+        if not self.enabled:
+            return
+        for buffer in model.buffers():
+            tdist.broadcast(buffer, src=src)
+
     def barrier(self) -> None:
         if self.enabled:
             tdist.barrier()

@@ -469,6 +469,7 @@ def fit(
             augment=augment,
         )
         stats = combined_stats(stats, dist)
+        dist.broadcast_buffers(model)
         result = evaluate(
             model,
             val_loader,
