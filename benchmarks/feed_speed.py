@@ -73,9 +73,9 @@ def _rate(loader, augment, *, batches: int) -> float:
     return samples / (time.perf_counter() - t0)
 
 
-def bench_loader(rounds: int = 5, batches: int = 30) -> dict:
+def bench_loader(rounds: int = 5, batches: int = 30, batch_size: int = 64) -> dict:
     torch.set_num_threads(1)
-    cfg = load_config(DEFAULT, ["augment.policy=basic"])
+    cfg = load_config(DEFAULT, ["augment.policy=basic", f"loader.batch_size={batch_size}"])
     data = prepare_data(cfg, progress=False)
     loaders = {"seed": (_seed_loader(cfg, data), None)}
     for workers in (0, 1, 2):
@@ -198,7 +198,13 @@ def bench_cost() -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("which", choices=["loader", "standin", "repeat", "cost"])
-    which = parser.parse_args().which
-    fn = {"loader": bench_loader, "standin": bench_standin, "repeat": bench_repeat}
+    parser.add_argument("--batch-size", type=int, default=64, help="loader: both sides' batch")
+    args = parser.parse_args()
+    which = args.which
+    fn = {
+        "loader": lambda: bench_loader(batch_size=args.batch_size),
+        "standin": bench_standin,
+        "repeat": bench_repeat,
+    }
     result = {**fn, "cost": bench_cost}[which]()
     print(json.dumps(result, indent=2, default=str))

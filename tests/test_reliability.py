@@ -105,8 +105,6 @@ def test_killed_tune_worker_is_failed_retried_and_resumed(tmp_path, data, mlflow
         killed_run = _wait_for_epoch(client, "rel", proc, "trial")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    done = len(client.get_metric_history(killed_run, "val_loss"))
-    assert done < KILLED_EPOCHS, "the kill came after the trial had trained all its epochs"
     again = _run(cmd)
     assert again.returncode == 0, again.stderr[-3000:]
 
@@ -117,7 +115,7 @@ def test_killed_tune_worker_is_failed_retried_and_resumed(tmp_path, data, mlflow
         ),
     )
     states = [t.state for t in study.trials]
-    assert states[0] == optuna.trial.TrialState.FAIL
+    assert states[0] == optuna.trial.TrialState.FAIL, "the kill came after the trial ended"
     assert states.count(optuna.trial.TrialState.COMPLETE) == 2
     assert optuna.trial.TrialState.RUNNING not in states
     retry = next(t for t in study.trials if t.user_attrs.get("retry_of") == 0)

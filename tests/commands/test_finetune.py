@@ -33,7 +33,7 @@ from feedtune.training.checkpoint import CheckpointError, load_checkpoint
 from feedtune.training.engine import Callback, build_optimizer, fit
 from feedtune.training.models import head_parameters
 from tests.commands.test_train import CONTRACT_ARTIFACTS, CONTRACT_METRICS
-from tests.conftest import single_torch_thread, write_image_folder
+from tests.conftest import REPO, env_with_src, single_torch_thread, write_image_folder
 
 TINY = [
     "augment.image_size=32",
@@ -273,6 +273,51 @@ def test_finetune_replaces_the_head_freezes_the_backbone_and_records_lineage(
         same.model.classifier[1].weight, before["model_state"]["classifier.1.weight"]
     )
     assert all(p.requires_grad for p in same.model.parameters())
+
+
+@pytest.mark.slow
+def test_finetune_command_runs_with_its_default_config(store, colours, tmp_path):
+    """`feedtune finetune --from RUN_ID` in a fresh process, with the parser's default config
+    (experiments/finetune-shapes-shift.yaml) and only --set to point it at tiny new data."""
+    source = _train(colours, "src", "model.width=8")
+    new_data = write_image_folder(
+        tmp_path / "new", {"cyan": 20, "magenta": 20}, size=(48, 40), seed=1, groups_of=4
+    )
+    settings = [
+        f"data.path={new_data}",
+        "train.epochs=1",
+        "train.measure_batches=0",
+        "augment.image_size=32",
+    ]
+    env = {**env_with_src(), "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
+    for leaked in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        env.pop(leaked, None)  # this process's own MLflow state must not steer the command
+    proc = subprocess.run(
+        [sys.executable, "-m", "feedtune", "finetune", "--no-progress", "--from", source]
+        + [f"--set={s}" for s in settings],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("feedtune-shapes-shift")  # the default config's
+    assert exp is not None, proc.stderr[-3000:]
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["feedtune.kind"] == "finetune"
+    assert run.data.tags["feedtune.parent_model_run_id"] == source
+    assert run.info.run_id in proc.stdout
+    # The default config's own settings, under the --set ones; the source's architecture.
+    params = run.data.params
+    assert params["model.freeze"] == "backbone" and params["train.unfreeze_after"] == "2"
+    assert params["loader.batch_size"] == "16"
+    assert params["data.path"] == str(new_data) and params["train.epochs"] == "1"
+    assert params["model.width"] == "8"
+    assert fetch_checkpoint(run.info.run_id, tmp_path / "ft")["classes"] == ["cyan", "magenta"]
 
 
 def test_unfreeze_after_trains_the_backbone_from_that_epoch(colours):

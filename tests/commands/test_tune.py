@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -42,9 +43,16 @@ search:
 """
 
 
-def _tune(tmp: Path, data: Path, *args: str, experiment: str = "tiny-tune", background=False):
+def _tune(
+    tmp: Path,
+    data: Path,
+    *args: str,
+    experiment: str = "tiny-tune",
+    background=False,
+    config: str = TINY,
+):
     cfg = tmp / "tiny.yaml"
-    cfg.write_text(TINY.format(experiment=experiment))
+    cfg.write_text(config.format(experiment=experiment))
     cmd = tune_command(cfg, data, "--storage", f"journal:{tmp / 'optuna.journal'}", *args)
     if background:
         return subprocess.Popen(
@@ -165,3 +173,127 @@ def test_two_processes_share_one_study(tmp_path, data, mlflow_store):
     assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {
         r.info.run_id for r in trial_runs
     }
+
+
+# Only the decoder is a speed setting, only the learning rate a quality one; one epoch each.
+SPEED_THEN_QUALITY = """
+experiment: {experiment}
+augment: {{image_size: 32}}
+loader: {{batch_size: 8}}
+train: {{epochs: 1, measure_batches: 2, patience: 0}}
+search:
+  data.decoder: {{choice: [pil, opencv]}}
+  train.lr: {{float: [1.0e-3, 1.0e-2], log: true}}
+  n_trials_speed: 2
+  n_trials_quality: 2
+  speed_steps: 3
+  pruner: none
+  noise_seeds: 0
+  speed_skip_wait_frac: 0
+"""
+
+
+def _runs(client: MlflowClient, experiment: str) -> list:
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def _best_speed_params(client: MlflowClient, parent_run_id: str, tmp: Path) -> dict:
+    path = client.download_artifacts(parent_run_id, "study/best_speed_params.json", str(tmp))
+    return json.loads(Path(path).read_text())
+
+
+def test_quality_trials_run_with_the_best_speed_settings(tmp_path, data, mlflow_store):
+    # Both decoders get a speed trial (queued, so the sampler cannot draw the same one twice).
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
+    )
+    speed = optuna.create_study(study_name="D-speed", storage=storage, direction="maximize")
+    for decoder in ("pil", "opencv"):
+        speed.enqueue_trial({"data.decoder": decoder})
+    _tune(tmp_path, data, "--study", "D", experiment="decoder", config=SPEED_THEN_QUALITY)
+
+    client = MlflowClient()
+    runs = _runs(client, "decoder")
+    (parent,) = [r for r in runs if r.data.tags.get("feedtune.kind") == "study"]
+    trials = [r for r in runs if r.data.tags.get("feedtune.kind") == "trial"]
+    speed_runs = [r for r in trials if r.data.tags["feedtune.stage"] == "speed"]
+    assert sorted(r.data.params["data.decoder"] for r in speed_runs) == ["opencv", "pil"]
+    fastest = max(speed_runs, key=lambda r: r.data.metrics["train_samples_per_s"])
+    winner = fastest.data.params["data.decoder"]
+    assert _best_speed_params(client, parent.info.run_id, tmp_path / "a") == {
+        "data.decoder": winner
+    }
+    assert parent.data.tags["feedtune.best_speed_run_id"] == fastest.info.run_id
+    quality = [r for r in trials if r.data.tags["feedtune.stage"] == "quality"]
+    assert len(quality) == 2
+    assert [r.data.params["data.decoder"] for r in quality] == [winner, winner]
+
+    # Whichever decoder won, it must not just be the config's own: the quality stage resumed
+    # with the config set to the loser still trains with the winner.
+    loser = {"pil": "opencv", "opencv": "pil"}[winner]
+    _tune(
+        tmp_path,
+        data,
+        *("--study", "D", "--stage", "quality", "--n-trials", "1"),
+        *("--set", f"data.decoder={loser}"),
+        experiment="decoder",
+        config=SPEED_THEN_QUALITY,
+    )
+    again = [
+        r for r in _runs(client, "decoder") if r.info.run_id not in {x.info.run_id for x in runs}
+    ]
+    (parent2,) = [r for r in again if r.data.tags.get("feedtune.kind") == "study"]
+    (added,) = [r for r in again if r.data.tags.get("feedtune.kind") == "trial"]
+    assert parent2.data.params["data.decoder"] == loser  # the config said so
+    assert added.data.tags["feedtune.stage"] == "quality"
+    assert added.data.params["data.decoder"] == winner  # the speed stage's winner trained
+    assert _best_speed_params(client, parent2.info.run_id, tmp_path / "b") == {
+        "data.decoder": winner
+    }
+
+
+# No speed stage; the start configuration (its own learning rate) is each study's one trial.
+QUALITY_ONLY = """
+experiment: {experiment}
+augment: {{image_size: 32}}
+loader: {{batch_size: 8}}
+train: {{epochs: 3, measure_batches: 2, patience: 0}}
+search:
+  train.lr: {{float: [1.0e-7, 1.0e-2], log: true}}
+  pruner: none
+  noise_seeds: 0
+  speed_skip_wait_frac: 0
+"""
+
+
+def test_the_best_alias_stays_when_a_later_study_does_worse(tmp_path, data, mlflow_store):
+    def study(name: str, lr: str):
+        _tune(
+            tmp_path,
+            data,
+            *("--study", name, "--stage", "quality", "--n-trials", "1"),
+            *("--set", f"train.lr={lr}"),
+            experiment="alias",
+            config=QUALITY_ONLY,
+        )
+        (parent,) = [
+            r
+            for r in _runs(client, "alias")
+            if r.data.tags.get("feedtune.kind") == "study"
+            and r.data.tags["optuna.study_name"] == name
+        ]
+        return parent
+
+    client = MlflowClient()
+    good = study("first", "5.0e-3")
+    assert good.data.tags["feedtune.alias_moved"] == "true"
+    kept = client.get_model_version_by_alias("alias", "best")
+    assert kept.run_id == good.data.tags["feedtune.best_run_id"]
+    assert good.data.tags["feedtune.registered_version"] == str(kept.version)
+
+    worse = study("second", "1.0e-7")  # learns nothing in 3 epochs
+    assert worse.data.metrics["best_val_f1_macro"] < good.data.metrics["best_val_f1_macro"]
+    assert worse.data.tags["feedtune.alias_moved"] == "false"
+    assert worse.data.tags["feedtune.registered_version"] == str(kept.version)
+    now = client.get_model_version_by_alias("alias", "best")
+    assert (now.version, now.run_id) == (kept.version, kept.run_id)
