@@ -32,9 +32,6 @@ from feedtune.training.engine import (
     train_step,
 )
 
-# Above this share of end-to-end time spent waiting for batches, the loader is the bottleneck.
-LOADER_BOUND_WAIT_FRAC = 0.15
-
 
 @dataclass
 class Throughput:
@@ -61,9 +58,10 @@ class Throughput:
 
     @property
     def bottleneck(self) -> str:
-        """From the end-to-end run, not the isolated rates: on a CPU the workers and the model
-        share the cores, so two isolated rates both overstate what they get together."""
-        return "loader" if self.data_wait_frac > LOADER_BOUND_WAIT_FRAC else "model"
+        """The slower side, from the same two rates as ``predicted_samples_per_s`` (the
+        factory line: the job runs at the slower side's rate). ``data_wait_frac`` says how much
+        of the real run went to waiting, on its own."""
+        return "loader" if self.loader_samples_per_s < self.model_samples_per_s else "model"
 
     def metrics(self) -> dict[str, float]:
         out = asdict(self)
