@@ -40,7 +40,7 @@ from loader_speed import SeedDataset  # noqa: E402
 from feedtune.config import load_config  # noqa: E402
 from feedtune.data.augment import build_transform  # noqa: E402
 from feedtune.data.pipeline import build_pipeline, prepare_data  # noqa: E402
-from feedtune.training.engine import resolve_device, to_device  # noqa: E402
+from feedtune.training.devices import resolve_device, to_device  # noqa: E402
 from feedtune.training.throughput import measure_run  # noqa: E402
 from feedtune.training.trainer import train_model  # noqa: E402
 

@@ -22,7 +22,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from feedtune.config import ModelConfig  # noqa: E402
-from feedtune.training.engine import prepare_model  # noqa: E402
+from feedtune.training.devices import prepare_model  # noqa: E402
 from feedtune.training.models import build_model  # noqa: E402
 
 

@@ -109,7 +109,7 @@ def bench_speed(trials: int = 12) -> dict:
 
     from feedtune.config import load_config
     from feedtune.data.pipeline import prepare_data
-    from feedtune.training.engine import resolve_device
+    from feedtune.training.devices import resolve_device
     from feedtune.tuning import optuna_study as studies
     from feedtune.tuning.space import grid as space_grid
     from feedtune.tuning.space import inert_given, speed_space

@@ -28,7 +28,7 @@ from feedtune.data.imageio import decode_image
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.lookup import fetch_checkpoint, find_best_run
 from feedtune.training.checkpoint import model_from_checkpoint
-from feedtune.training.engine import resolve_device
+from feedtune.training.devices import resolve_device
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -13,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from feedtune.commands.tune import run_tune, verdict
 from feedtune.config import load_config
 from feedtune.data.dataset import single_torch_thread
+from feedtune.tuning.stages import StopAtDeadline
 from tests.conftest import artifact_paths, write_image_folder
 
 TINY = """
@@ -115,7 +117,7 @@ def test_the_deadline_holds_with_running_trials_included(tmp_path, data, mlflow_
         "deadline",
         "search.n_trials_quality=200",
         "search.noise_seeds=0",
-        "train.epochs=30",
+        "train.epochs=1000",  # no trial can finish before the deadline
         "search.pruner=none",
         stage="quality",
         timeout=20,
@@ -145,3 +147,13 @@ def test_a_model_bound_start_skips_the_speed_stage(tmp_path, data, mlflow_store)
     assert len(speed) == 1
     (parent,) = [r for r in runs if r.data.tags.get("feedtune.kind") == "study"]
     assert parent.data.tags["feedtune.speed_stage"] == "skipped"
+
+
+def test_the_deadline_never_stops_a_trial_after_its_last_epoch(mlflow_store):
+    seconds: list[float] = []
+    past = StopAtDeadline(time.monotonic() - 1, seconds, epochs=3)
+    past.on_epoch_start(2)
+    past.on_epoch_end(2, {})  # the last epoch: its trial is complete, not stopped
+    assert len(seconds) == 1
+    with mlflow.start_run(), pytest.raises(optuna.TrialPruned, match="deadline"):
+        past.on_epoch_end(1, {})

@@ -12,7 +12,7 @@ import torch
 from feedtune.config import load_config
 from feedtune.data.mixing import MixingCollate
 from feedtune.data.pipeline import build_pipeline, prepare_data
-from feedtune.training.engine import to_device
+from feedtune.training.devices import to_device
 from feedtune.training.trainer import train_model
 from feedtune.tuning.space import inert_settings, ordered, quality_space
 

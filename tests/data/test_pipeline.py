@@ -9,7 +9,7 @@ import torch
 from feedtune.config import load_config
 from feedtune.data.cache import working_size
 from feedtune.data.pipeline import build_pipeline, prepare_data
-from feedtune.training.engine import to_device
+from feedtune.training.devices import to_device
 from feedtune.training.trainer import train_model
 
 SMALL = ["augment.image_size=32", "loader.batch_size=8", "seed=3"]

@@ -20,7 +20,8 @@ from feedtune.config import SamplerConfig, load_config
 from feedtune.data.pipeline import build_pipeline, prepare_data
 from feedtune.data.sampling import DistributedWeightedSampler, build_sampler, epoch_draw
 from feedtune.training.distributed import Dist, init_from_env, unwrap
-from feedtune.training.engine import EpochStats, combined_stats, evaluate
+from feedtune.training.engine import EpochStats, combined_stats
+from feedtune.training.evaluation import evaluate
 from tests.conftest import REPO, env_with_src, write_image_folder
 
 
@@ -220,7 +221,7 @@ def test_torchrun_train_is_one_run_with_whole_set_metrics(tmp_path, mlflow_store
 
     from feedtune.config import load_config as load_yaml_config
     from feedtune.training.checkpoint import load_checkpoint, model_from_checkpoint
-    from feedtune.training.engine import prepare_model
+    from feedtune.training.devices import prepare_model
 
     images = write_image_folder(tmp_path / "imgs", {"red": 29, "green": 15, "blue": 11})
     config = tmp_path / "tiny.yaml"

@@ -76,7 +76,7 @@ def test_finetune_backbone_keeps_its_lower_rate_under_the_schedule():
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_channels_last_reaches_model_and_batches(channels_last: bool):
-    from feedtune.training.engine import is_channels_last
+    from feedtune.training.devices import is_channels_last
     from feedtune.training.models import SmallCNN
 
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ from feedtune.data.pipeline import build_pipeline, prepare_data
 from feedtune.progress import progress_bar
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.plots import samples_per_s_figure
-from feedtune.training.engine import prepare_model, resolve_device
+from feedtune.training.devices import prepare_model, resolve_device
 from feedtune.training.models import StandIn, build_model
 from feedtune.training.throughput import (
     Throughput,

@@ -21,8 +21,8 @@ from feedtune.tracking.recording import (
     finish_run,
     relog_missing_epochs,
 )
+from feedtune.training.devices import resolve_device
 from feedtune.training.distributed import Dist, init_from_env
-from feedtune.training.engine import resolve_device
 from feedtune.training.trainer import train_model
 
 

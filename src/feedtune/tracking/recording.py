@@ -19,7 +19,8 @@ from feedtune.data.sampling import epoch_class_counts
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.plots import bar_figure, confusion_matrix_figure
 from feedtune.training.checkpoint import load_checkpoint
-from feedtune.training.engine import Callback, resolve_device
+from feedtune.training.devices import resolve_device
+from feedtune.training.engine import Callback
 from feedtune.training.throughput import Throughput, cache_metrics, measure_run, transform_costs
 from feedtune.training.trainer import BEST, LAST, TrainOutcome
 

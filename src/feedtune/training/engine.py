@@ -1,4 +1,4 @@
-"""Training loop: one epoch of training, one evaluation, and ``fit`` with early stopping.
+"""Training loop: one train step, one epoch, and ``fit`` (train, evaluate, early stopping).
 
 It reports through callbacks and imports neither mlflow nor optuna, so the same loop serves
 ``train``, ``tune`` trials and ``finetune``.
@@ -6,7 +6,6 @@ It reports through callbacks and imports neither mlflow nor optuna, so the same 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import time
@@ -14,27 +13,25 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix, f1_score, recall_score
 from torch import nn
 
 from feedtune.config import TrainConfig
 from feedtune.progress import progress_bar
+from feedtune.training.devices import (
+    BatchAugment,
+    autocast,
+    is_channels_last,
+    prepare_model,
+    to_device,
+)
 from feedtune.training.distributed import Dist
+from feedtune.training.evaluation import EvalResult, evaluate
 from feedtune.training.models import head_parameters, set_backbone_trainable
 
 
 class StopTraining(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Raised by a callback to end ``fit`` early (e.g. a pruned trial)."""
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device: cuda requested but no CUDA device is available; use auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 @dataclass
@@ -52,17 +49,6 @@ class EpochStats:
     @property
     def data_wait_frac(self) -> float:
         return self.data_wait_s / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    acc: float
-    f1_macro: float
-    per_class_recall: list[float]
-    confusion: np.ndarray
-    y_true: np.ndarray
-    y_pred: np.ndarray
 
 
 @dataclass
@@ -96,64 +82,6 @@ class Callback:
         evaluation: EvalResult,
         improved: bool,
     ) -> None: ...
-
-
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def prepare_model(model: nn.Module, device: torch.device, *, channels_last: bool) -> nn.Module:
-    """Move ``model`` to ``device`` in the memory format its batches will be given in."""
-    model.to(device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return model.to(memory_format=fmt)
-
-
-def is_channels_last(model: nn.Module) -> bool:
-    """Whether the model's convolution weights are NHWC (then batches are made NHWC too)."""
-    for param in model.parameters():
-        if param.dim() != 4:
-            continue
-        nhwc = param.is_contiguous(memory_format=torch.channels_last)
-        if nhwc != param.is_contiguous():  # some kernels (1x1, one channel) are both: skip
-            return nhwc
-    return False
-
-
-# Turns a batch of uint8 images, their original aspect ratios and their labels, already on the
-# training device, into the model's normalized float input and its targets: the labels, or the
-# soft targets [B, K] of a mixed batch (``data.mixing.AugmentThenMix``).
-BatchAugment = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
-]
-
-
-def to_device(
-    batch: Any,
-    device: torch.device,
-    channels_last: bool,
-    augment: BatchAugment | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's images and targets on ``device``. Images collated as ``(uint8, aspects)``
-    travel as uint8 (a quarter of float32's bytes) and are augmented there by ``augment``,
-    which returns the targets too: a batch mixed on the device leaves with soft targets."""
-    images, targets = batch
-    non_blocking = device.type == "cuda"  # overlaps the copy with compute when memory is pinned
-    if isinstance(images, (list, tuple)):
-        images, aspects = images
-        images = images.to(device, non_blocking=non_blocking)
-        targets = targets.to(device, non_blocking=non_blocking)
-        if augment is None:
-            raise ValueError("a batch of uint8 images needs a batch augmentation to run on it")
-        images, targets = augment(images, aspects, targets)
-    else:
-        images = images.to(device, non_blocking=non_blocking)
-        targets = targets.to(device, non_blocking=non_blocking)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, targets
 
 
 def lr_factor(schedule: str, step: int, total_steps: int, warmup_frac: float) -> float:
@@ -206,7 +134,7 @@ def train_step(
     The one training step of feedtune: epochs and throughput probes both call it, so a probe
     measures exactly what training does."""
     device = images.device
-    with _autocast(device, amp):
+    with autocast(device, amp):
         loss = loss_fn(model(images), targets)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
@@ -284,83 +212,6 @@ def _len_or_none(loader: Iterable[Any]) -> int | None:
         return len(loader)  # type: ignore[arg-type]
     except TypeError:
         return None
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable[Any],
-    loss_fn: nn.Module,
-    *,
-    device: torch.device,
-    num_classes: int,
-    amp: bool = False,
-    progress: bool = True,
-    dist: Dist | None = None,
-) -> EvalResult:
-    """Loss, accuracy, macro-F1 (what matters on imbalanced data) and per-class recall.
-
-    With ``dist`` of several processes, ``loader`` is this process's share of the validation
-    set (``data.pipeline.build_pipeline``): every process gathers the predictions of all and
-    computes the metrics on their union, so they are those of one process evaluating it all.
-    ``model`` must then be the plain module, not its ``DistributedDataParallel`` wrapper (whose
-    forward may synchronise buffers, a collective the processes need not reach alike)."""
-    model.eval()
-    channels_last = is_channels_last(model)
-    total_loss, count = 0.0, 0
-    y_true: list[np.ndarray] = []
-    y_pred: list[np.ndarray] = []
-    batches = progress_bar(
-        loader, desc="val", unit="batch", enabled=progress, leave=False, bar_only=True
-    )
-    for batch in batches:
-        if batch is None:
-            continue
-        images, targets = to_device(batch, device, channels_last)
-        with _autocast(device, amp):
-            logits = model(images)
-        total_loss += loss_fn(logits.float(), targets).item() * targets.shape[0]
-        count += targets.shape[0]
-        y_true.append(targets.cpu().numpy())
-        y_pred.append(logits.argmax(1).cpu().numpy())
-    true = np.concatenate(y_true) if y_true else np.zeros(0, dtype=np.int64)
-    pred = np.concatenate(y_pred) if y_pred else np.zeros(0, dtype=np.int64)
-    if dist is not None and dist.enabled:
-        total_loss, count, true, pred = _gathered(dist, total_loss, count, true, pred)
-    labels = list(range(num_classes))
-    return EvalResult(
-        loss=total_loss / max(1, count),
-        acc=float((true == pred).mean()) if count else 0.0,
-        f1_macro=float(f1_score(true, pred, labels=labels, average="macro", zero_division=0)),
-        per_class_recall=[
-            float(r) for r in recall_score(true, pred, labels=labels, average=None, zero_division=0)
-        ],
-        confusion=confusion_matrix(true, pred, labels=labels),
-        y_true=true,
-        y_pred=pred,
-    )
-
-
-def _gathered(
-    dist: Dist, total_loss: float, count: int, true: np.ndarray, pred: np.ndarray
-) -> tuple[float, int, np.ndarray, np.ndarray]:
-    """The summed loss, count, targets and predictions of every process's share. Process r
-    evaluated samples r, r + W, r + 2W, ... in order: interleaving the shares back restores the
-    validation set's order (unless a process skipped a bad image; then they are concatenated)."""
-    shares = dist.all_gather((total_loss, count, true, pred))
-    total = sum(s[1] for s in shares)
-    sizes = [len(s[2]) for s in shares]
-    in_order = all(n == -(-(total - r) // dist.world_size) for r, n in enumerate(sizes))
-    if in_order:
-        true_all = np.zeros(total, dtype=true.dtype)
-        pred_all = np.zeros(total, dtype=pred.dtype)
-        for r, share in enumerate(shares):
-            true_all[r :: dist.world_size] = share[2]
-            pred_all[r :: dist.world_size] = share[3]
-    else:
-        true_all = np.concatenate([s[2] for s in shares])
-        pred_all = np.concatenate([s[3] for s in shares])
-    return float(sum(s[0] for s in shares)), total, true_all, pred_all
 
 
 def combined_stats(stats: EpochStats, dist: Dist | None) -> EpochStats:

@@ -24,13 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from feedtune.config import TrainConfig
-from feedtune.training.engine import (
-    BatchAugment,
-    build_optimizer,
-    is_channels_last,
-    to_device,
-    train_step,
-)
+from feedtune.training.devices import BatchAugment, is_channels_last, to_device
+from feedtune.training.engine import build_optimizer, train_step
 
 
 @dataclass

@@ -23,16 +23,10 @@ from feedtune.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from feedtune.training.devices import resolve_device
 from feedtune.training.distributed import Dist, unwrap
-from feedtune.training.engine import (
-    Callback,
-    EvalResult,
-    TrainState,
-    build_optimizer,
-    evaluate,
-    fit,
-    resolve_device,
-)
+from feedtune.training.engine import Callback, TrainState, build_optimizer, fit
+from feedtune.training.evaluation import EvalResult, evaluate
 from feedtune.training.models import build_model, model_args, num_outputs
 
 LAST, BEST = "last.pt", "best.pt"

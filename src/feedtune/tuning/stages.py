@@ -26,7 +26,8 @@ from feedtune.tracking.recording import (
     finish_run,
     relog_missing_epochs,
 )
-from feedtune.training.engine import Callback, prepare_model, resolve_device
+from feedtune.training.devices import prepare_model, resolve_device
+from feedtune.training.engine import Callback
 from feedtune.training.models import build_model
 from feedtune.training.throughput import measure_training
 from feedtune.training.trainer import train_model
@@ -50,9 +51,10 @@ class StopAtDeadline(Callback):
     """Stops a trial whose next epoch would end after the stage's deadline, recorded as
     pruned with the tag ``feedtune.stopped=deadline``; reports each epoch's seconds."""
 
-    def __init__(self, deadline: float | None, epoch_seconds: list[float]) -> None:
+    def __init__(self, deadline: float | None, epoch_seconds: list[float], *, epochs: int) -> None:
         self.deadline = deadline
         self.epoch_seconds = epoch_seconds
+        self.epochs = epochs  # after the last one there is nothing left to stop
         self.started = time.monotonic()
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -61,7 +63,8 @@ class StopAtDeadline(Callback):
     def on_epoch_end(self, epoch, metrics, **_: Any) -> None:
         seconds = time.monotonic() - self.started
         self.epoch_seconds.append(seconds)
-        if self.deadline is not None and time.monotonic() + seconds > self.deadline:
+        last = epoch + 1 >= self.epochs
+        if self.deadline is not None and not last and time.monotonic() + seconds > self.deadline:
             mlflow_store.set_tags({"feedtune.stopped": "deadline"})
             raise optuna_study.TrialPruned(f"stopped at the deadline after epoch {epoch + 1}")
 
@@ -239,7 +242,7 @@ class Tuner:
             callbacks=[
                 RunRecorder(cfg, self.data, folder),
                 *callbacks,
-                StopAtDeadline(self.deadline, self.epoch_seconds),
+                StopAtDeadline(self.deadline, self.epoch_seconds, epochs=cfg.train.epochs),
             ],
         )
         speed = finish_run(cfg, outcome, self.data.classes)
