@@ -160,12 +160,17 @@ def _compose(name: str, cfg: Config, *, train: bool) -> str:
 _SPEED_ONLY = {"loader.cache": "none", "augment.where": "sample", "loader.cache_limit_mb": None}
 
 
+# Quality settings the script does not emit, with their plain values.
+_NOT_EMITTED = {"augment.mix": "none", "augment.mix_alpha": 1.0}
+
+
 def _header(cfg: Config) -> str:
     """Comment naming the settings the script reproduces (inert ones left out)."""
     values = cfg.flat()
     # cuda=True keeps pin_memory, which the script applies when the user has a GPU; the script
     # augments per sample, where the library always matters.
     inert = inert_settings({**values, "augment.where": "sample"}, cuda=True) | set(_SPEED_ONLY)
+    inert |= set(_NOT_EMITTED)
     shown = [
         f"{k}={'null' if v is None else str(v).replace(' ', '')}"
         for k, v in values.items()
@@ -183,6 +188,11 @@ def _header(cfg: Config) -> str:
     lines = [intro, "Reproduces: " + "  ".join(shown)]
     if skipped:
         lines.append(f"Not reproduced (speed settings of feedtune's loader): {', '.join(skipped)}")
+    unmixed = [f"{k}={values[k]}" for k, plain in _NOT_EMITTED.items() if values.get(k) != plain]
+    if unmixed and values.get("augment.mix") != "none":
+        lines.append(
+            f"Not reproduced (add torchvision v2 MixUp/CutMix yourself): {', '.join(unmixed)}"
+        )
     wrapped = [
         textwrap.fill(
             line, _WIDTH, initial_indent="# ", subsequent_indent="#   ", break_on_hyphens=False
