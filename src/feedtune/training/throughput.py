@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -92,21 +92,10 @@ def probe_sides(
     """(loader samples/s, model samples/s, loader start-up s, seconds spent) from ``rounds``
     interleaved rounds of ``batches`` batches each, medians of the rounds."""
     start = time.perf_counter()
-    model, optimizer, loss_fn, amp = _probe_parts(model, device, train_cfg)
-    channels_last = is_channels_last(model)
     it = _batches(loader)
     batch = next(it)
     startup = time.perf_counter() - start
-    on_device = to_device(batch, device, channels_last, augment)
-
-    def step() -> int:
-        # Augmentation on the device is device work: with it, each step augments anew.
-        images, targets = (
-            on_device if augment is None else to_device(batch, device, channels_last, augment)
-        )
-        train_step(model, optimizer, loss_fn, images, targets, amp=amp)
-        return len(targets)
-
+    step = _model_step(model, batch, device=device, train_cfg=train_cfg, augment=augment)
     step()  # warm-up
     loader_rates, model_rates = [], []
     for _ in range(rounds):
@@ -191,6 +180,31 @@ def _probe_parts(
     return model, build_optimizer(model, cfg), loss_fn, cfg.amp and device.type == "cuda"
 
 
+def _model_step(
+    model: nn.Module,
+    batch: Any,
+    *,
+    device: torch.device,
+    train_cfg: TrainConfig | None,
+    augment: BatchAugment | None,
+) -> Callable[[], int]:
+    """One probe step of the model's side, repeatable: the run's train step on ``batch`` on
+    the device (moved once). A batch augmentation on the device is device work, so with one
+    each step augments anew. Returns the samples it trained on."""
+    model, optimizer, loss_fn, amp = _probe_parts(model, device, train_cfg)
+    channels_last = is_channels_last(model)
+    on_device = to_device(batch, device, channels_last, augment)
+
+    def step() -> int:
+        images, targets = (
+            on_device if augment is None else to_device(batch, device, channels_last, augment)
+        )
+        train_step(model, optimizer, loss_fn, images, targets, amp=amp)
+        return len(targets)
+
+    return step
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -208,30 +222,15 @@ def measure_model(
 ) -> float:
     """Samples/s of train steps on one batch already on the device (the model's appetite; a
     batch augmentation on the device is part of it)."""
-    model, optimizer, loss_fn, amp = _probe_parts(model, device, train_cfg)
-    channels_last = is_channels_last(model)
-    images, targets = to_device(batch, device, channels_last, augment)
-
-    def step() -> None:
-        if augment is None:
-            train_step(model, optimizer, loss_fn, images, targets, amp=amp)
-        else:
-            train_step(
-                model,
-                optimizer,
-                loss_fn,
-                *to_device(batch, device, channels_last, augment),
-                amp=amp,
-            )
-
+    step = _model_step(model, batch, device=device, train_cfg=train_cfg, augment=augment)
     for _ in range(warmup):
         step()
     _sync(device)
-    start = time.perf_counter()
+    start, samples = time.perf_counter(), 0
     for _ in range(steps):
-        step()
+        samples += step()
     _sync(device)
-    return steps * len(targets) / (time.perf_counter() - start)
+    return samples / (time.perf_counter() - start)
 
 
 def measure_training(
