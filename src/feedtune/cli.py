@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from feedtune.config import (
     DEFAULT_CONFIG_PATH,
@@ -154,7 +155,7 @@ def _positive_or_none(value: float | None) -> float | None:
     return None if value is None or value < 0 else value
 
 
-def _verdict_line(result: object, metric: str) -> str:
+def _verdict_line(result: Any, metric: str) -> str:
     """The study's answer in words: did the winner beat the start configuration?"""
     start, sd, best = result.start_value, result.noise_sd, result.best_value
     if start is None:
