@@ -56,7 +56,11 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="feedtune", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="feedtune",
+        description="Find how to feed a PyTorch image classifier: augmentation, sampler and "
+        "DataLoader settings, tuned with Optuna and tracked in MLflow.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="write the embedded dataset (data/<name>/) if missing")
