@@ -155,5 +155,7 @@ def test_the_deadline_never_stops_a_trial_after_its_last_epoch(mlflow_store):
     past.on_epoch_start(2)
     past.on_epoch_end(2, {})  # the last epoch: its trial is complete, not stopped
     assert len(seconds) == 1
+    mlflow.set_tracking_uri(mlflow_store)  # earlier tests leave another store's experiment
+    mlflow.set_experiment("deadline-unit")
     with mlflow.start_run(), pytest.raises(optuna.TrialPruned, match="deadline"):
         past.on_epoch_end(1, {})
