@@ -14,7 +14,6 @@ from typing import Any
 from feedtune.config import Config
 from feedtune.data.inspection import format_report, inspect_data
 from feedtune.data.pipeline import prepare_data
-from feedtune.data.sources import load_table
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.inspect_plots import inspection_figures
 
@@ -48,9 +47,8 @@ def run_inspect(cfg: Config, *, progress: bool = True) -> str:
     """
     cfg = cfg.replace({"data.on_bad_image": "skip"})
     data = prepare_data(cfg, progress=progress)
-    table = load_table(data.source)  # every file, the bad ones too
     found = inspect_data(
-        table,
+        data.table,
         data.split,
         image_size=cfg.augment.image_size,
         decoder=cfg.data.decoder,

@@ -40,6 +40,7 @@ class PreparedData:
     classes: list[str]
     split: Split
     bad: pd.DataFrame
+    table: pd.DataFrame  # every listed file, the bad ones too (as read from the source)
 
 
 def resolve_source(cfg: Config, *, progress: bool = True) -> Path:
@@ -64,7 +65,9 @@ def prepare_data(cfg: Config, *, progress: bool = True) -> PreparedData:
         table, on_bad_image=cfg.data.on_bad_image, progress=progress, **size_limits(cfg)
     )
     split = make_split(scan.good, cfg.split, seed=cfg.seed)
-    return PreparedData(source=source, classes=class_names(table), split=split, bad=scan.bad)
+    return PreparedData(
+        source=source, classes=class_names(table), split=split, bad=scan.bad, table=table
+    )
 
 
 @dataclass
