@@ -336,18 +336,27 @@ def search_runs(
     *,
     filter_string: str = "",
     order_by: list[str] | None = None,
-    max_results: int = 1000,
+    max_results: int | None = 1000,
 ) -> list[Any]:
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+    """Runs of ``experiment`` (none when it does not exist); ``max_results=None`` reads every
+    page of the search."""
+    exp_id = experiment_id(experiment)
+    if exp_id is None:
         return []
-    return client.search_runs(
-        [exp.experiment_id],
-        filter_string=filter_string,
-        order_by=order_by or [],
-        max_results=max_results,
-    )
+    client = MlflowClient()
+    found, token = [], None
+    while True:
+        page = client.search_runs(
+            [exp_id],
+            filter_string=filter_string,
+            order_by=order_by or [],
+            max_results=max_results or 1000,
+            page_token=token,
+        )
+        found += page
+        token = page.token
+        if max_results is not None or not token:
+            return found
 
 
 def checkpoint_uri(run: Any, name: str = "best.pt") -> str:
@@ -401,19 +410,11 @@ def close_dead_runs(experiment: str) -> list[str]:
     """Mark KILLED the RUNNING runs whose process on this machine is gone (killed with SIGKILL,
     machine lost power): file stores have no heartbeat, so feedtune checks at start-up. Every
     page of the search is read, not only the first."""
-    exp_id = experiment_id(experiment)
-    if exp_id is None:
-        return []
+    # Every page first: closing runs while paging would shift the pages.
+    running = search_runs(
+        experiment, filter_string="attributes.status = 'RUNNING'", max_results=None
+    )
     client = MlflowClient()
-    running, token = [], None
-    while True:  # every page first: closing runs while paging would shift the pages
-        page = client.search_runs(
-            [exp_id], filter_string="attributes.status = 'RUNNING'", page_token=token
-        )
-        running += page
-        token = page.token
-        if not token:
-            break
     closed = []
     for run in running:
         tags = run.data.tags
