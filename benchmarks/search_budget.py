@@ -38,9 +38,7 @@ def _study_run(tmp: Path, experiment: str):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs(
-        [exp.experiment_id], filter_string="tags.`feedtune.kind` = 'study'"
-    )
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`feedtune.kind` = 'study'")
     return client, runs[0]
 
 
@@ -64,8 +62,9 @@ def _trials(journal: Path, study: str, full_epochs: int) -> dict:
 
 
 def _tune(tmp: Path, study: str, *args: str) -> dict:
-    wall = _feedtune(tmp, "tune", "--storage", f"journal:{tmp / 'o.journal'}", "--study", study,
-                     *args)
+    wall = _feedtune(
+        tmp, "tune", "--storage", f"journal:{tmp / 'o.journal'}", "--study", study, *args
+    )
     return {"wall_s": round(wall, 1)}
 
 
@@ -115,13 +114,19 @@ def bench_cold_start(seeds: list[int]) -> dict:
         for seed in seeds:
             study = f"cold{seed}"
             row = _tune(
-                tmp, study, "--config", "experiments/cold-start.yaml",
-                "--set", f"search.sampler_seed={seed}",
+                tmp,
+                study,
+                "--config",
+                "experiments/cold-start.yaml",
+                "--set",
+                f"search.sampler_seed={seed}",
             )
             exp = client.get_experiment_by_name(cold_cfg.experiment)
             run = client.search_runs(
                 [exp.experiment_id],
-                filter_string=f"tags.`feedtune.kind` = 'study' and tags.`optuna.study_name` = '{study}'",
+                filter_string=(
+                    f"tags.`feedtune.kind` = 'study' and tags.`optuna.study_name` = '{study}'"
+                ),
             )
             run = run[0] if run else _latest_study(client, exp.experiment_id)
             best = client.get_run(run.data.tags["feedtune.best_run_id"])

@@ -34,6 +34,7 @@ from feedtune.data.dataset import ImageDataset
 from feedtune.data.imageio import BadImageError, decode_image
 from feedtune.data.loader import build_loader
 from feedtune.data.pipeline import build_pipeline, prepare_data
+from feedtune.data.squares import SquashedImage, ToWorkingUint8
 from feedtune.training.throughput import cache_metrics
 from tests.conftest import write_image_folder
 
@@ -114,6 +115,38 @@ def test_resized_cache_keeps_working_resolution_and_aspect(tmp_path):
     est = estimate_cache(ds.paths, mode="resized", min_decode_size=target, target=target)
     assert est.nbytes == cache.nbytes
     assert cache.nbytes < build_cache(ds, _cfg("decoded"), image_size=IMAGE_SIZE).nbytes
+
+
+@pytest.mark.parametrize("mode", ["decoded", "resized"])
+def test_a_cache_of_squares_holds_what_the_per_sample_squash_makes(tmp_path, mode):
+    side = working_size(IMAGE_SIZE)
+    ds = _dataset(_mixed_folder(tmp_path / "m"), min_decode_size=side)
+    cache = build_cache(ds, _cfg(mode), image_size=IMAGE_SIZE, progress=False, square=side)
+    assert cache.square == side and f"square={side}" in repr(cache)
+    to_square = ToWorkingUint8(side)
+    for i, path in enumerate(ds.paths):
+        got = cache.get(i)
+        assert isinstance(got, SquashedImage)
+        expected, aspect = to_square(decode_image(path, min_size=side))
+        assert got.pixels.dtype == torch.uint8 and torch.equal(got.pixels, expected)
+        assert got.aspect == aspect  # the original shape, not the square's
+        # through the dataset's own transform: passed as is, ready to collate
+        pixels, kept = to_square(got)
+        assert pixels is got.pixels and kept == aspect
+    assert cache.nbytes == len(ds) * 3 * side * side
+    est = estimate_cache(ds.paths, mode=mode, min_decode_size=side, target=side, square=side)
+    assert est.nbytes == cache.nbytes
+    # the squares travel to spawned workers by handle, as the images do
+    copy = ForkingPickler.loads(ForkingPickler.dumps(cache))
+    assert torch.equal(copy.get(1).pixels, cache.get(1).pixels) and copy.get(1).aspect < 1
+
+
+def test_a_cache_of_squares_refuses_a_square_of_another_side(tmp_path):
+    side = working_size(IMAGE_SIZE)
+    ds = _dataset(_mixed_folder(tmp_path / "m"), min_decode_size=side)
+    cache = build_cache(ds, _cfg("resized"), image_size=IMAGE_SIZE, square=side)
+    with pytest.raises(ValueError, match=rf"expected \(3, {side + 1}, {side + 1}\)"):
+        ToWorkingUint8(side + 1)(cache.get(0))
 
 
 def test_estimate_over_the_limit_refuses_before_decoding(tmp_path, monkeypatch):

@@ -20,10 +20,11 @@ SMALL = ["augment.image_size=32", "loader.batch_size=8", "seed=3"]
 CPU = torch.device("cpu")
 
 
-def _pipeline(folder, *overrides):
+def _pipeline(folder, *overrides, on="device"):
+    """``on``: where ``augment.where: batch`` runs (``device``: the CUDA path, on CPU tensors)."""
     cfg = load_config(None, [f"data.path={folder}", *SMALL, *overrides])
     data = prepare_data(cfg, progress=False)
-    return cfg, data, build_pipeline(cfg, data, cuda=False)
+    return cfg, data, build_pipeline(cfg, data, cuda=False, batch_augment_on=on)
 
 
 def _train_batches(pipeline):
@@ -75,6 +76,22 @@ def test_batch_path_mixes_the_augmented_floats_as_the_targets_say(tiny_folder):
         lam = targets[i, labels[i]]
         assert torch.allclose(targets[i, labels[i - 1]], 1 - lam)
         assert torch.allclose(images[i], lam * plain[i] + (1 - lam) * plain[i - 1], atol=1e-5)
+
+
+def test_batch_path_in_the_loader_workers_ships_soft_targets(tiny_folder):
+    torch.manual_seed(0)
+    _, data, pipeline = _pipeline(
+        tiny_folder, "augment.mix=mixup", "augment.where=batch", "loader.num_workers=2", on="loader"
+    )
+    k, mixed_rows = len(data.classes), 0
+    for images, targets in (b for b in pipeline.train_loader if b is not None):
+        assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
+        assert targets.dtype == torch.float32 and targets.shape == (len(images), k)
+        assert torch.allclose(targets.sum(1), torch.ones(len(images)), atol=1e-5)
+        mixed_rows += int((targets.max(1).values < 1 - 1e-6).sum())
+    assert mixed_rows > 0
+    collate = pickle.loads(pickle.dumps(pipeline.train_loader.collate_fn))  # spawned workers
+    assert collate([None, None]) is None
 
 
 def test_sample_path_collate_survives_pickling_for_spawned_workers(tiny_folder):

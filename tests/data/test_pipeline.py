@@ -8,6 +8,7 @@ import torch
 
 from feedtune.config import load_config
 from feedtune.data.cache import working_size
+from feedtune.data.mixing import AugmentingCollate
 from feedtune.data.pipeline import build_pipeline, prepare_data
 from feedtune.training.devices import to_device
 from feedtune.training.trainer import train_model
@@ -15,15 +16,18 @@ from feedtune.training.trainer import train_model
 SMALL = ["augment.image_size=32", "loader.batch_size=8", "seed=3"]
 
 
-def _pipeline(folder, *overrides):
+def _pipeline(folder, *overrides, on=None):
     cfg = load_config(None, [f"data.path={folder}", *SMALL, *overrides])
     data = prepare_data(cfg, progress=False)
-    return cfg, data, build_pipeline(cfg, data, cuda=False)
+    return cfg, data, build_pipeline(cfg, data, cuda=False, batch_augment_on=on)
 
 
 @pytest.mark.parametrize("policy", ["none", "basic", "color", "geometric"])
 def test_batch_where_moves_uint8_and_the_model_sees_normalized_floats(tiny_folder, policy):
-    cfg, _, pipeline = _pipeline(tiny_folder, "augment.where=batch", f"augment.policy={policy}")
+    # The CUDA path (the policy after the transfer), run on CPU tensors.
+    cfg, _, pipeline = _pipeline(
+        tiny_folder, "augment.where=batch", f"augment.policy={policy}", on="device"
+    )
     (images, aspects), targets = next(iter(pipeline.train_loader))
     side = working_size(32)
     assert images.dtype == torch.uint8 and images.shape == (8, 3, side, side)
@@ -38,6 +42,48 @@ def test_batch_where_moves_uint8_and_the_model_sees_normalized_floats(tiny_folde
     # Validation stays on the per-sample eval path, floats at the training size.
     val_images, _ = next(iter(pipeline.val_loader))
     assert val_images.dtype == torch.float32 and val_images.shape[1:] == (3, 32, 32)
+
+
+def _first_batches(pipeline, n=2):
+    it = iter(pipeline.train_loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_on_the_cpu_the_batch_policy_runs_in_the_loader_workers(tiny_folder):
+    over = ["augment.where=batch", "augment.policy=basic", "loader.num_workers=2"]
+    _, _, pipeline = _pipeline(tiny_folder, *over)
+    assert pipeline.batch_augment is None  # nothing left for the training process to do
+    assert isinstance(pipeline.train_loader.collate_fn, AugmentingCollate)
+    batches = _first_batches(pipeline)
+    for images, targets in batches:
+        assert images.dtype == torch.float32 and images.shape == (8, 3, 32, 32)
+        assert targets.dtype == torch.int64 and targets.shape == (8,)
+        assert images.abs().max() < 5  # normalized
+        x, y = to_device((images, targets), torch.device("cpu"), False, None)
+        assert x is images and y is targets  # moved as is
+    # The workers draw from RNGs the loader seeds: the same seed repeats the same batches.
+    again = _first_batches(_pipeline(tiny_folder, *over)[2])
+    for (a, ya), (b, yb) in zip(batches, again, strict=True):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    other = _first_batches(_pipeline(tiny_folder, *over, "seed=4")[2])
+    assert not torch.equal(batches[0][0], other[0][0])
+
+
+@pytest.mark.parametrize("cache", ["none", "decoded", "resized"])
+def test_the_loader_path_gives_the_device_path_s_batches(tiny_folder, cache):
+    # Policy none draws nothing: both paths, and every cache, must give the same pixels
+    # (squares cached from the decoded images are what the per-sample squash makes).
+    over = ["augment.where=batch", "augment.policy=none", "sampler.kind=random"]
+    _, _, on_device = _pipeline(tiny_folder, *over, on="device")
+    _, _, in_loader = _pipeline(tiny_folder, *over, f"loader.cache={cache}", on="loader")
+    if cache != "none":
+        assert in_loader.train_set.cache.square == working_size(32)
+        assert in_loader.val_set.cache.square is None  # validation stays per sample
+    (uint8, aspects), labels = next(iter(on_device.train_loader))
+    want, _ = on_device.batch_augment(uint8, aspects, labels)
+    got, got_labels = next(iter(in_loader.train_loader))
+    assert torch.equal(got_labels, labels)
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_batch_where_refuses_a_policy_it_cannot_draw(tiny_folder):

@@ -1,8 +1,16 @@
+import time
+
 import pytest
 import torch
 
 from feedtune.config import ModelConfig
-from feedtune.training.models import build_model, head_parameters, num_outputs, replace_head
+from feedtune.training.models import (
+    StandIn,
+    build_model,
+    head_parameters,
+    num_outputs,
+    replace_head,
+)
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "resnet18", "mobilenet_v3_small"])
@@ -91,3 +99,23 @@ def test_a_checkpoint_from_before_model_depth_still_loads(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), old(x))
+
+
+def test_a_stand_in_overlaps_the_host_s_work_with_its_own_as_a_gpu_does():
+    # 10 samples at 1,000/s: 10 ms of "device" per step. The host's 4 ms of its own per step
+    # (fetching, the optimizer) run while the device works, so 20 steps take ~200 ms, not ~280.
+    model = StandIn(3, samples_per_s=1000)
+    x = torch.zeros(10, 3, 4, 4)
+    model(x)
+    start = time.perf_counter()
+    for _ in range(20):
+        time.sleep(0.004)
+        model(x)
+    elapsed = time.perf_counter() - start
+    assert 0.19 < elapsed < 0.26
+    # A host slower than the device sets the pace: the device never makes it wait.
+    start = time.perf_counter()
+    for _ in range(5):
+        time.sleep(0.02)
+        model(x)
+    assert time.perf_counter() - start < 0.13

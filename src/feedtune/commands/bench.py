@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from feedtune.config import Config
-from feedtune.data.cache import ImageCache, attach_cache, build_cache
+from feedtune.data.cache import ImageCache, attach_cache, build_cache, working_size
 from feedtune.data.dataset import single_torch_thread
 from feedtune.data.pipeline import build_pipeline, prepare_data
 from feedtune.progress import progress_bar
@@ -72,16 +72,22 @@ def cell_config(cfg: Config, cell: dict[str, Any]) -> Config:
 
 
 def _cache_for(
-    mode: str, dataset: Any, cfg: Config, caches: dict[str, ImageCache], *, progress: bool
+    mode: str, dataset: Any, cfg: Config, caches: dict[tuple, ImageCache], *, progress: bool
 ) -> ImageCache | None:
-    """One cache per mode for the whole grid: its content does not depend on the other axes."""
+    """One cache per mode and image layout for the whole grid (``augment.where: batch`` keeps
+    working squares): the time to read it does not depend on the other axes."""
     if mode == "none":
         return None
-    if mode not in caches:
-        caches[mode] = build_cache(
-            dataset, cfg.loader, image_size=cfg.augment.image_size, progress=progress
+    square = working_size(cfg.augment.image_size) if cfg.augment.where == "batch" else None
+    if (mode, square) not in caches:
+        caches[mode, square] = build_cache(
+            dataset,
+            cfg.loader,
+            image_size=cfg.augment.image_size,
+            progress=progress,
+            square=square,
         )
-    return caches[mode]
+    return caches[mode, square]
 
 
 def measure_cell(
@@ -91,14 +97,15 @@ def measure_cell(
     *,
     model: torch.nn.Module,
     device: torch.device,
-    caches: dict[str, ImageCache],
+    caches: dict[tuple, ImageCache],
     appetite: dict[tuple, float],
     progress: bool = False,
 ) -> dict[str, Any]:
     """One row of the table: the cell's settings, its rates, verdict and cache cost.
 
-    ``caches`` (mode -> cache) and ``appetite`` ((batch size, where) -> model samples/s) are
-    filled on first use and shared by the cells: neither depends on the other axes.
+    ``caches`` ((mode, square) -> cache) and ``appetite`` ((batch size, where) -> model
+    samples/s) are filled on first use and shared by the cells: neither depends on the other
+    axes.
     """
     ccfg = cell_config(cfg, cell)
     # Build without a cache, then attach the grid's shared one (filled once per mode).
@@ -207,7 +214,7 @@ def run_bench(cfg: Config, *, progress: bool = True) -> pd.DataFrame:
     cells = grid(cfg)
     for cell in cells:  # a bad grid value fails now, naming its key, not after minutes
         cell_config(cfg, cell)
-    caches: dict[str, ImageCache] = {}
+    caches: dict[tuple, ImageCache] = {}
     appetite: dict[tuple, float] = {}
     rows = []
     shown = None if rate is None else (int(rate) if float(rate).is_integer() else rate)

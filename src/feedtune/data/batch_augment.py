@@ -1,8 +1,8 @@
 """Augmentation of whole uint8 batches: the ``resize_first`` sample path, applied per batch.
 
 The sample path (``augment.build_transform``) resizes, crops, flips and jitters each image in
-the loader workers. Here the workers only squash every image to one working square
-(:class:`ToWorkingUint8`, which records the original aspect) so that images collate, and
+the loader workers. Here the loader only delivers every image squashed to one working square
+with its original aspect (``data.squares``) so that images collate, and
 :class:`BatchAugment` does the rest once per batch, on whatever device the batch is on: each
 sample's parameters are drawn as torchvision draws them, crop + flip (+ affine) are one
 ``grid_sample``, colour jitter is a few batched tensor ops.
@@ -22,8 +22,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -40,8 +38,10 @@ from feedtune.data.augment_policies import (
     resize_size,
 )
 from feedtune.data.cache import working_size
+from feedtune.data.squares import ToWorkingUint8  # re-exported: the loader half of this path
 
 __all__ = ["BATCH_POLICIES", "BatchAugment", "BatchParams", "ToWorkingUint8", "build_batch_augment"]
+
 
 # Policies whose batch version draws the same transforms as the sample path.
 BATCH_POLICIES = ("none", "basic", "color", "geometric")
@@ -49,42 +49,6 @@ BATCH_POLICIES = ("none", "basic", "color", "geometric")
 _GRAY = (0.2989, 0.587, 0.114)
 # RandomResizedCrop's attempts before it falls back to a central crop.
 _CROP_TRIES = 10
-
-
-class ToWorkingUint8:
-    """Loader-side: ``(H, W, 3)`` uint8 RGB array -> ``(uint8 [3, n, n] tensor, W / H)``.
-
-    Squashing to a fixed square lets a batch collate whatever the image shapes; the returned
-    aspect lets :class:`BatchAugment` undo the squash when it places crops. Shrinking uses
-    ``INTER_AREA`` (antialiased), growing ``INTER_LINEAR``; an axis that shrinks while the other
-    grows is shrunk first on its own, so each axis gets the right filter.
-    """
-
-    def __init__(self, working: int):
-        if working < 1:
-            raise ValueError(f"working size must be >= 1, got {working}")
-        self.working = int(working)
-
-    def __call__(self, image: np.ndarray) -> tuple[Tensor, float]:
-        if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
-            got = getattr(image, "shape", type(image).__name__)
-            raise ValueError(f"expected an RGB (H, W, 3) uint8 array, got {got}")
-        if image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 image, got {image.dtype}")
-        n = self.working
-        h, w = image.shape[:2]
-        image = np.ascontiguousarray(image)
-        if h > n > w:
-            image = cv2.resize(image, (w, n), interpolation=cv2.INTER_AREA)
-        elif w > n > h:
-            image = cv2.resize(image, (n, h), interpolation=cv2.INTER_AREA)
-        shrink = image.shape[0] >= n and image.shape[1] >= n
-        mode = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-        out = cv2.resize(image, (n, n), interpolation=mode)
-        return torch.from_numpy(out).permute(2, 0, 1), w / h
-
-    def __repr__(self) -> str:
-        return f"ToWorkingUint8(working={self.working})"
 
 
 @dataclass

@@ -12,6 +12,10 @@ decode. Modes:
   change slightly (one extra area resize), shapes keep their aspect ratio; the transforms then
   run on small images. Images already smaller are stored as decoded (no upscaling).
 
+With ``square=n`` (the training set of ``augment.where: batch``) either mode stores each image
+squashed to the ``n x n`` working square with its aspect ratio (``data.squares``), exactly what
+``ToWorkingUint8`` makes of the decoded image per sample: the loader then only slices memory.
+
 The memory a cache will take is estimated from the image headers and checked against
 ``loader.cache_limit_mb`` before anything is decoded (over it: ``CacheTooLargeError``), then
 against the free space of the shared-memory filesystem (``/dev/shm`` on Linux, 64 MB in a
@@ -40,6 +44,7 @@ import torch
 from feedtune.config import LoaderConfig
 from feedtune.data.augment_policies import CROP_FRACTION
 from feedtune.data.imageio import BadImageError, _jpeg_scale, decode_image, image_size
+from feedtune.data.squares import SquashedImage, squash
 from feedtune.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -85,6 +90,7 @@ class ImageCache:
 
     Attributes:
         mode: ``decoded`` or ``resized``.
+        square: the side of the stored squares (``get`` returns ``SquashedImage``), or None.
         nbytes: bytes of pixel data held.
         fill_seconds: wall time of ``build_cache`` (header scan, decoding, copying).
         bad: index -> reason for the images that could not be decoded.
@@ -100,6 +106,7 @@ class ImageCache:
         bad: dict[int, str],
         mode: str,
         fill_seconds: float,
+        aspects: np.ndarray | None = None,
     ) -> None:
         self.buffer = buffer  # shared-memory tensor: pickles to workers by handle, not by value
         self.offsets = offsets
@@ -108,11 +115,18 @@ class ImageCache:
         self.bad = bad
         self.mode = mode
         self.fill_seconds = fill_seconds
+        self.aspects = aspects  # width / height of each original image, when squares are kept
         self._view()
 
     def _view(self) -> None:
         self._pixels = self.buffer.numpy()
         self._pixels.flags.writeable = False  # a transform writing in place must not corrupt it
+
+    @property
+    def square(self) -> int | None:
+        if self.aspects is None:
+            return None
+        return int(self.shapes[0, 0]) if len(self) else 0
 
     @property
     def nbytes(self) -> int:
@@ -121,13 +135,18 @@ class ImageCache:
     def __len__(self) -> int:
         return len(self.shapes)
 
-    def get(self, index: int) -> np.ndarray:
-        """The ``(H, W, 3) uint8`` image ``index`` (read-only view into the shared buffer)."""
+    def get(self, index: int) -> np.ndarray | SquashedImage:
+        """The ``(H, W, 3) uint8`` image ``index`` (read-only view into the shared buffer), or
+        for a cache of squares its ``SquashedImage`` (a ``[3, n, n]`` view: copy before
+        writing to it, as collating does)."""
         reason = self.bad.get(index)
         if reason is not None:
             raise BadImageError(self.paths[index], reason)
         h, w = self.shapes[index]
         start = self.offsets[index]
+        if self.aspects is not None:
+            pixels = self.buffer[start : start + h * w * 3].view(3, h, w)
+            return SquashedImage(pixels, float(self.aspects[index]))
         return self._pixels[start : start + h * w * 3].reshape(h, w, 3)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -141,8 +160,9 @@ class ImageCache:
         self._view()
 
     def __repr__(self) -> str:
+        square = "" if self.aspects is None else f", square={self.square}"
         return (
-            f"ImageCache(mode={self.mode!r}, images={len(self)}, bad={len(self.bad)}, "
+            f"ImageCache(mode={self.mode!r}{square}, images={len(self)}, bad={len(self.bad)}, "
             f"mb={self.nbytes / MIB:.1f}, fill_seconds={self.fill_seconds:.2f})"
         )
 
@@ -186,7 +206,12 @@ def _resized_hw(h: int, w: int, target: int) -> tuple[int, int]:
 
 
 def estimate_cache(
-    paths: list[str], *, mode: str, min_decode_size: int | None, target: int
+    paths: list[str],
+    *,
+    mode: str,
+    min_decode_size: int | None,
+    target: int,
+    square: int | None = None,
 ) -> CacheEstimate:
     """Shapes each image will have in the cache, from headers only (no decoding)."""
     shapes = np.zeros((len(paths), 2), dtype=np.int64)
@@ -197,7 +222,10 @@ def estimate_cache(
         except (BadImageError, OSError) as exc:
             bad[i] = getattr(exc, "reason", None) or str(exc)
             continue
-        shapes[i] = _resized_hw(h, w, target) if mode == "resized" else (h, w)
+        if square is not None:
+            shapes[i] = (square, square)
+        else:
+            shapes[i] = _resized_hw(h, w, target) if mode == "resized" else (h, w)
     return CacheEstimate(shapes=shapes, bad=bad)
 
 
@@ -218,6 +246,7 @@ def build_cache(
     reserved_bytes: int = 0,
     shm_path: str | os.PathLike[str] | None = SHM_PATH,
     shm_margin_bytes: int | None = None,
+    square: int | None = None,
 ) -> ImageCache | None:
     """Decode ``dataset``'s images into a shared cache (``cfg.cache``), or None for ``none``
     and for a cache that does not fit in shared memory (a warning says why and what to change).
@@ -237,6 +266,8 @@ def build_cache(
         shm_margin_bytes: bytes to leave free there for the loader's batches; default
             ``shm_margin(free)``. Tests set it from the folder's real free space to make a
             cache not fit without filling a disk.
+        square: store every image squashed to this working square with its aspect ratio
+            (``data.squares``); ``get`` then returns a ``SquashedImage``.
 
     Raises:
         CacheTooLargeError: the estimate exceeds ``loader.cache_limit_mb``.
@@ -253,6 +284,7 @@ def build_cache(
         mode=cfg.cache,
         min_decode_size=_decode_min_size(dataset, mode=cfg.cache, target=target),
         target=target,
+        square=square,
     )
     limit = cfg.cache_limit_mb * MIB
     if estimate.nbytes + reserved_bytes > limit:
@@ -267,7 +299,9 @@ def build_cache(
         estimate, cfg, paths=paths, target=target, path=shm_path, margin=shm_margin_bytes
     ):
         return None
-    cache = _fill(dataset, paths, estimate, mode=cfg.cache, target=target, progress=progress)
+    cache = _fill(
+        dataset, paths, estimate, mode=cfg.cache, target=target, progress=progress, square=square
+    )
     cache.fill_seconds = time.perf_counter() - start
     log.info("filled %r", cache)
     return cache
@@ -324,6 +358,7 @@ def _fill(
     mode: str,
     target: int,
     progress: bool,
+    square: int | None = None,
 ) -> ImageCache:
     decoder = getattr(dataset, "decoder", "pil")
     min_decode = _decode_min_size(dataset, mode=mode, target=target)
@@ -333,13 +368,16 @@ def _fill(
         "max_bytes": getattr(dataset, "max_bytes", None),
     }
 
-    def load(i: int) -> np.ndarray | str:
+    def load(i: int) -> np.ndarray | tuple[np.ndarray, float] | str:
         if i in estimate.bad:
             return estimate.bad[i]
         try:
             image = decode_image(paths[i], backend=decoder, min_size=min_decode, **limits)
         except BadImageError as exc:
             return exc.reason
+        if square is not None:
+            pixels, aspect = squash(image, square)
+            return np.ascontiguousarray(pixels.transpose(2, 0, 1)), aspect  # CHW: batch layout
         if mode == "resized":
             h, w = _resized_hw(*image.shape[:2], target)
             if (h, w) != image.shape[:2]:
@@ -349,6 +387,7 @@ def _fill(
     buffer = _shared_uint8(estimate.nbytes)
     offsets = np.zeros(len(paths) + 1, dtype=np.int64)
     shapes = np.zeros((len(paths), 2), dtype=np.int64)
+    aspects = None if square is None else np.ones(len(paths), dtype=np.float64)
     bad: dict[int, str] = {}
     # Pillow, libjpeg and OpenCV release the GIL: threads decode in parallel in this process.
     threads = max(1, len(os.sched_getaffinity(0)))
@@ -368,16 +407,29 @@ def _fill(
                 bad[i] = result
                 log.warning("bad image skipped: %s (%s)", paths[i], result)
             else:
+                if aspects is not None:
+                    result, aspects[i] = result
                 size = result.size
                 if pos + size > buffer.numel():  # header and decoder disagree: grow, copy once
                     bigger = _shared_uint8(max(pos + size, int(buffer.numel() * 1.25)))
                     bigger[:pos].copy_(buffer[:pos])
                     buffer = bigger
                 buffer[pos : pos + size].numpy()[:] = result.reshape(-1)
-                shapes[i] = result.shape[:2]
+                shapes[i] = result.shape[1:] if aspects is not None else result.shape[:2]
                 pos += size
             offsets[i + 1] = pos
-    return ImageCache(buffer, offsets, shapes, paths=paths, bad=bad, mode=mode, fill_seconds=0.0)
+    if aspects is not None:
+        shapes[:] = square  # bad images too: every entry describes an n x n square
+    return ImageCache(
+        buffer,
+        offsets,
+        shapes,
+        paths=paths,
+        bad=bad,
+        mode=mode,
+        fill_seconds=0.0,
+        aspects=aspects,
+    )
 
 
 def attach_cache(dataset: Any, cache: ImageCache | None) -> None:
@@ -395,11 +447,15 @@ def cache_datasets(
     progress: bool = False,
     shm_path: str | os.PathLike[str] | None = SHM_PATH,
     shm_margin_bytes: int | None = None,
+    squares: list[int | None] | None = None,
 ) -> list[ImageCache]:
     """Build and attach a cache to each dataset; one ``loader.cache_limit_mb`` for them all.
-    A dataset whose cache does not fit in shared memory (see ``build_cache``) stays uncached."""
+    A dataset whose cache does not fit in shared memory (see ``build_cache``) stays uncached.
+    ``squares[i]``: keep dataset ``i``'s images as working squares of that side (None: as
+    images)."""
     caches: list[ImageCache] = []
-    for dataset in datasets:
+    squares = squares if squares is not None else [None] * len(datasets)
+    for dataset, square in zip(datasets, squares, strict=True):
         held = sum(c.nbytes for c in caches)
         cache = build_cache(
             dataset,
@@ -409,6 +465,7 @@ def cache_datasets(
             reserved_bytes=held,
             shm_path=shm_path,
             shm_margin_bytes=shm_margin_bytes,
+            square=square,
         )
         if cache is not None:
             attach_cache(dataset, cache)

@@ -1,10 +1,10 @@
 """Batch mixing (MixUp, CutMix): pairs of training images and their labels blended into one
 image and a soft target, with torchvision's v2 batch transforms.
 
-Mixing needs a whole batch, so it runs after collation: in the loader's collate function when
-the policy runs per sample (``augment.where: sample``), and on the device after the batch
-augmentation when it runs per batch (``augment.where: batch``); in both places it sees the
-normalized float images the model is fed. Only training batches are mixed: validation keeps
+Mixing needs a whole batch, so it runs after collation, after the policy, on the normalized
+float images the model is fed: in the loader's collate function when the policy runs per
+sample (``augment.where: sample``), and right after the batch augmentation when it runs per
+batch (``augment.where: batch``: on the device, or in the collate function on a CPU). Only training batches are mixed: validation keeps
 hard labels, which its metrics need.
 """
 
@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 from torchvision.transforms import v2
+
+from torch.utils.data import get_worker_info
 
 from feedtune.config import AugmentConfig
 from feedtune.data.loader import collate_skipping_none
@@ -88,3 +90,33 @@ class AugmentThenMix:
         if self.mix is not None:
             images, targets = self.mix(images, targets)
         return images, targets
+
+
+class AugmentingCollate:
+    """A DataLoader ``collate_fn`` for ``augment.where: batch`` when the training device is the
+    CPU: collates the uint8 squares, then runs ``step`` (an :class:`AugmentThenMix`) on them.
+
+    The batch policy then runs in the loader workers, in parallel with the model's step, rather
+    than in the training process after it. In a worker the per-sample parameters come from the
+    worker's RNG (which the DataLoader seeds from its generator, so a run repeats); without
+    workers, from ``step.generator``."""
+
+    def __init__(
+        self, step: AugmentThenMix, base_collate: Callable[[list[Any]], Any] = collate_skipping_none
+    ):
+        self.step = step
+        self.base_collate = base_collate
+
+    def __call__(self, batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        collated = self.base_collate(batch)
+        if collated is None:  # every sample of the batch was a bad image
+            return None
+        (images, aspects), targets = collated
+        generator = None if get_worker_info() is not None else self.step.generator
+        images = self.step.augment(images, aspects, generator=generator)
+        if self.step.mix is not None:
+            images, targets = self.step.mix(images, targets)
+        return images, targets
+
+    def __repr__(self) -> str:
+        return f"AugmentingCollate(augment={self.step.augment!r}, mix={self.step.mix!r})"

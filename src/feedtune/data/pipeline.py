@@ -15,15 +15,16 @@ from torch.utils.data import DataLoader, Subset
 
 from feedtune.config import PROJECT_ROOT, Config
 from feedtune.data.augment import Transform, build_transform
-from feedtune.data.batch_augment import ToWorkingUint8, build_batch_augment
+from feedtune.data.batch_augment import build_batch_augment
 from feedtune.data.cache import cache_datasets, working_size
 from feedtune.data.dataset import ImageDataset, scan_images
 from feedtune.data.embedded import dataset_root, ensure_dataset
 from feedtune.data.loader import build_loader
-from feedtune.data.mixing import AugmentThenMix, MixingCollate, build_mix
+from feedtune.data.mixing import AugmentingCollate, AugmentThenMix, MixingCollate, build_mix
 from feedtune.data.sampling import build_sampler
 from feedtune.data.sources import class_names, load_table
 from feedtune.data.split import Split, make_split
+from feedtune.data.squares import ToWorkingUint8
 
 # (uint8 images, aspect ratios, labels) on the device -> (the model's normalized float input,
 # its targets: the labels, or soft targets [B, K] when ``augment.mix`` blends the batch).
@@ -75,9 +76,12 @@ class Pipeline:
     """Datasets and loaders of one configuration.
 
     ``train_transform`` is the per-sample train pipeline (what ``augment.where: sample`` runs,
-    and what describes the augmentation either way); with ``where: batch`` the train loader
-    yields uint8 batches and ``batch_augment`` runs the policy on them on the device. Either
-    way ``augment.mix`` blends training batches after the policy (``data.mixing``)."""
+    and what describes the augmentation either way). With ``where: batch`` the dataset yields
+    uint8 working squares and the policy runs on whole batches: on a CUDA device the train
+    loader yields uint8 batches and ``batch_augment`` runs the policy on them after the
+    transfer; on the CPU the loader's collate function runs it (in the workers, beside the
+    model's step) and ``batch_augment`` is None. Either way ``augment.mix`` blends training
+    batches after the policy (``data.mixing``)."""
 
     train_set: ImageDataset
     val_set: ImageDataset
@@ -97,12 +101,19 @@ def build_pipeline(
     progress: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    batch_augment_on: str | None = None,
 ) -> Pipeline:
     """The loaders of process ``rank`` of ``world_size``: its share of every training epoch
     (``build_sampler``) and the validation images ``rank, rank + world_size, ...`` in order,
     without the padding repeats of ``DistributedSampler``, so that the predictions of all
     processes together are the whole validation set exactly once. ``train_set`` and
-    ``val_set`` stay whole."""
+    ``val_set`` stay whole.
+
+    ``batch_augment_on`` (``augment.where: batch`` only): ``device`` or ``loader``; None picks
+    ``device`` with CUDA and ``loader`` on the CPU, where the workers are the spare CPU."""
+    on = batch_augment_on or ("device" if cuda else "loader")
+    if on not in ("device", "loader"):
+        raise ValueError(f"batch_augment_on: got {on!r}, allowed: device, loader")
     common = {
         "decoder": cfg.data.decoder,
         "on_bad_image": cfg.data.on_bad_image,
@@ -116,10 +127,14 @@ def build_pipeline(
     per_sample: Any = train_transform
     mix = build_mix(cfg.augment, num_classes=len(data.classes))
     train_collate = None
+    square = None
     if cfg.augment.where == "batch":
         augment = build_batch_augment(cfg.augment, train=True)
         batch_augment = AugmentThenMix(augment, generator=augment_gen, mix=mix)
-        per_sample = ToWorkingUint8(working_size(cfg.augment.image_size))
+        square = working_size(cfg.augment.image_size)
+        per_sample = ToWorkingUint8(square)
+        if on == "loader":
+            train_collate, batch_augment = AugmentingCollate(batch_augment), None
     elif mix is not None:
         train_collate = MixingCollate(mix)
     train_set = ImageDataset(data.split.train, data.classes, per_sample, **common)
@@ -128,7 +143,11 @@ def build_pipeline(
     )
     # Both sets: val is read every epoch, and sees the same preprocessing as train.
     cache_datasets(
-        [train_set, val_set], cfg.loader, image_size=cfg.augment.image_size, progress=progress
+        [train_set, val_set],
+        cfg.loader,
+        image_size=cfg.augment.image_size,
+        progress=progress,
+        squares=[square, None],  # the train set of where=batch: kept squashed, ready to collate
     )
     sampler_gen = torch.Generator().manual_seed(cfg.seed)
     sampler = build_sampler(

@@ -29,6 +29,9 @@ from feedtune.training.distributed import Dist
 from feedtune.training.evaluation import EvalResult, evaluate
 from feedtune.training.models import head_parameters, set_backbone_trainable
 
+# Steps between updates of the progress bar's loss (each update waits for the device).
+POSTFIX_EVERY = 20
+
 
 class StopTraining(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Raised by a callback to end ``fit`` early (e.g. a pruned trial)."""
@@ -167,7 +170,8 @@ def train_one_epoch(
     ``set_lr(step)`` is called before each optimizer step (the learning-rate schedule)."""
     model.train()
     channels_last = is_channels_last(model)
-    total_loss, samples, steps, wait = 0.0, 0, 0, 0.0
+    loss_sum: torch.Tensor | None = None
+    samples, steps, wait = 0, 0, 0.0
     total = max_steps if max_steps is not None else _len_or_none(loader)
     bar = progress_bar(
         total=total, desc=desc, unit="batch", enabled=progress, leave=False, bar_only=True
@@ -188,16 +192,20 @@ def train_one_epoch(
             set_lr(steps)
         loss = train_step(model, optimizer, loss_fn, images, targets, scaler=scaler, amp=amp)
         n = targets.shape[0]
-        total_loss += loss.item() * n
+        # Summed on the device: reading the loss every step (``.item()``) would make the host
+        # wait for each step to finish before it fetches and hands over the next batch.
+        loss_sum = loss.float() * n if loss_sum is None else loss_sum + loss.float() * n
         samples += n
         steps += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{total_loss / samples:.3f}")
+        if steps % POSTFIX_EVERY == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / samples:.3f}")
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     bar.close()
     del iterator  # shuts non-persistent workers down now rather than at garbage collection
+    total_loss = 0.0 if loss_sum is None else loss_sum.item()
     return EpochStats(
         loss=total_loss / max(1, samples),
         samples=samples,

@@ -52,17 +52,27 @@ class SmallCNN(nn.Module):
 
 class StandIn(nn.Module):
     """A model that eats ``samples_per_s`` samples per second without using the CPU, as a GPU
-    step does: it sleeps for its batch's share of a second, then applies a tiny linear head
-    (so the loss has a gradient and the optimizer a step). What-if for ``feedtune bench``:
-    would this loader keep a faster model fed?"""
+    step does. What-if for ``feedtune bench``: would this loader keep a faster model fed?
+
+    Each batch occupies a virtual device for its share of a second. As on a GPU, whose
+    kernels run after the host has queued them, the host waits only when the device is still
+    busy with the previous batch: the host's own work for a step (fetching the batch, the
+    optimizer's bookkeeping) overlaps the device's work, and a step costs ``batch /
+    samples_per_s`` seconds whenever the host keeps up. A tiny linear head gives the loss a
+    gradient and the optimizer a step."""
 
     def __init__(self, num_classes: int, *, samples_per_s: float) -> None:
         super().__init__()
         self.samples_per_s = samples_per_s
         self.head = nn.Linear(3, num_classes)
+        self._busy_until = 0.0  # perf_counter time at which the virtual device is free
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(x.shape[0] / self.samples_per_s)
+        now = time.perf_counter()
+        if self._busy_until > now:
+            time.sleep(self._busy_until - now)
+            now = self._busy_until
+        self._busy_until = now + x.shape[0] / self.samples_per_s
         return self.head(x.float().mean(dim=(2, 3)))
 
 
