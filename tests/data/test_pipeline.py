@@ -11,6 +11,7 @@ from feedtune.data.cache import working_size
 from feedtune.data.mixing import AugmentingCollate
 from feedtune.data.pipeline import build_pipeline, prepare_data
 from feedtune.training.devices import to_device
+from feedtune.training.engine import Callback
 from feedtune.training.trainer import train_model
 
 SMALL = ["augment.image_size=32", "loader.batch_size=8", "seed=3"]
@@ -101,3 +102,31 @@ def test_batch_where_trains_and_repeats_with_the_seed(tiny_folder, tmp_path):
         assert outcome.state.epoch == 1
         losses.append(outcome.state.history[0]["train_loss"])
     assert np.isfinite(losses[0]) and losses[0] == losses[1]
+
+
+def test_an_interrupted_training_stops_its_loader_workers_at_once(tiny_folder, tmp_path):
+    # A pruned trial or a deadline ends training with an exception. Its traceback keeps the
+    # loaders alive; their persistent workers must still stop now, not when the garbage
+    # collector finds them (then each took a 5 s timeout to be killed).
+    cfg, data, _ = _pipeline(
+        tiny_folder,
+        "loader.num_workers=2",
+        "loader.persistent_workers=true",
+        "train.epochs=2",
+        "train.measure_batches=0",
+    )
+    workers = []
+
+    class Interrupt(Callback):
+        def on_fit_start(self, pipeline, *, resumed):
+            self.pipeline = pipeline
+
+        def on_epoch_end(self, epoch, metrics, **_):
+            for loader in (self.pipeline.train_loader, self.pipeline.val_loader):
+                workers.extend(loader._iterator._workers)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train_model(cfg, data, folder=tmp_path, progress=False, callbacks=[Interrupt()])
+    assert len(workers) == 4 and stopped.traceback  # the frames are still held here
+    assert not any(w.is_alive() for w in workers)

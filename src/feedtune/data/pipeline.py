@@ -92,6 +92,23 @@ class Pipeline:
     batch_augment: BatchAugmentFn | None = None
     generators: list[torch.Generator] = field(default_factory=list)
 
+    def close(self) -> None:
+        """Stop the loaders' persistent worker processes now.
+
+        Left to the garbage collector, a loader caught in a reference cycle (an exception's
+        traceback holds the training frames) can be finalized after its own queues: its
+        workers never receive the order to stop, and each costs a 5 s join timeout before
+        it is killed (measured: 20 s after every pruned trial with 2+2 workers). DataLoader
+        has no public close, so this shuts down the iterator it keeps for persistent
+        workers; the loaders still work afterwards (they start new workers)."""
+        for loader in (self.train_loader, self.val_loader):
+            iterator = getattr(loader, "_iterator", None)
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            if iterator is not None:
+                loader._iterator = None
+
 
 def build_pipeline(
     cfg: Config,

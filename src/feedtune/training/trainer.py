@@ -175,20 +175,26 @@ def train_model(
     ]
     if dist.is_main:
         own.append(Checkpointing(cfg, data.classes, folder))
-    state = fit(
-        model,
-        pipeline.train_loader,
-        pipeline.val_loader,
-        cfg.train,
-        num_classes=len(data.classes),
-        optimizer=optimizer,
-        device=device,
-        state=state,
-        callbacks=[*own, *callbacks],
-        progress=progress,
-        augment=pipeline.batch_augment,
-        dist=dist,
-    )
+    try:
+        state = fit(
+            model,
+            pipeline.train_loader,
+            pipeline.val_loader,
+            cfg.train,
+            num_classes=len(data.classes),
+            optimizer=optimizer,
+            device=device,
+            state=state,
+            callbacks=[*own, *callbacks],
+            progress=progress,
+            augment=pipeline.batch_augment,
+            dist=dist,
+        )
+    except BaseException:
+        # A pruned trial, a deadline, Ctrl-C: the exception's traceback keeps the loaders
+        # alive in a reference cycle, so stop their workers now (see Pipeline.close).
+        pipeline.close()
+        raise
     best_path = folder / BEST
     best_state = load_checkpoint(best_path)["model_state"] if dist.is_main else None
     model.load_state_dict(dist.broadcast(best_state))
