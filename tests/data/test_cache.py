@@ -339,3 +339,43 @@ def test_cache_limit_is_checked_before_shared_memory(tmp_path):
             shm_path=tmp_path,
             shm_margin_bytes=free,
         )
+
+
+def test_a_memo_reuses_a_matching_cache_and_keeps_only_the_latest(tmp_path, monkeypatch):
+    side = working_size(IMAGE_SIZE)
+    table = _mixed_folder(tmp_path / "m")
+    ds = _dataset(table, min_decode_size=side)
+    memo = cache_mod.CacheMemo()
+    (first,) = cache_datasets([ds], _cfg("resized"), image_size=IMAGE_SIZE, memo=memo)
+    assert memo.reused == []
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    # The next trial with the same images and cache settings decodes nothing...
+    with monkeypatch.context() as patch:
+        patch.setattr(cache_mod, "decode_image", no_decoding)
+        again = _dataset(table, min_decode_size=side)
+        (second,) = cache_datasets([again], _cfg("resized"), image_size=IMAGE_SIZE, memo=memo)
+    assert second is first and memo.reused == [first] and again.cache is first
+    # ...another layout fills its own, and the memo lets the old one go.
+    (squares,) = cache_datasets(
+        [ds], _cfg("resized"), image_size=IMAGE_SIZE, memo=memo, squares=[side]
+    )
+    assert squares is not first and squares.square == side and memo.reused == []
+    (third,) = cache_datasets([ds], _cfg("resized"), image_size=IMAGE_SIZE, memo=memo)
+    assert third is not first
+
+
+def test_a_pipeline_that_reuses_a_cache_reports_no_fill_time(tiny_folder):
+    cfg = load_config(
+        None, [f"data.path={tiny_folder}", "augment.image_size=32", "loader.cache=resized"]
+    )
+    data = prepare_data(cfg, progress=False)
+    memo = cache_mod.CacheMemo()
+    first = build_pipeline(cfg, data, cuda=False, caches=memo)
+    second = build_pipeline(cfg.replace({"train.lr": 0.01}), data, cuda=False, caches=memo)
+    assert second.train_set.cache is first.train_set.cache
+    assert second.val_set.cache is first.val_set.cache
+    assert cache_metrics(first)["cache_fill_s"] > 0 and cache_metrics(second)["cache_fill_s"] == 0
+    assert cache_metrics(second)["cache_mb"] == cache_metrics(first)["cache_mb"]

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from feedtune.config import PROJECT_ROOT, Config
 from feedtune.data.augment import Transform, build_transform
 from feedtune.data.batch_augment import build_batch_augment
-from feedtune.data.cache import cache_datasets, working_size
+from feedtune.data.cache import CacheMemo, cache_datasets, working_size
 from feedtune.data.dataset import ImageDataset, scan_images
 from feedtune.data.embedded import dataset_root, ensure_dataset
 from feedtune.data.loader import build_loader
@@ -91,6 +91,7 @@ class Pipeline:
     train_transform: Transform
     batch_augment: BatchAugmentFn | None = None
     generators: list[torch.Generator] = field(default_factory=list)
+    cache_fill_s: float = 0.0  # filling this pipeline's caches (0 for caches reused)
 
     def close(self) -> None:
         """Stop the loaders' persistent worker processes now.
@@ -119,6 +120,7 @@ def build_pipeline(
     rank: int = 0,
     world_size: int = 1,
     batch_augment_on: str | None = None,
+    caches: CacheMemo | None = None,
 ) -> Pipeline:
     """The loaders of process ``rank`` of ``world_size``: its share of every training epoch
     (``build_sampler``) and the validation images ``rank, rank + world_size, ...`` in order,
@@ -127,7 +129,9 @@ def build_pipeline(
     ``val_set`` stay whole.
 
     ``batch_augment_on`` (``augment.where: batch`` only): ``device`` or ``loader``; None picks
-    ``device`` with CUDA and ``loader`` on the CPU, where the workers are the spare CPU."""
+    ``device`` with CUDA and ``loader`` on the CPU, where the workers are the spare CPU.
+    ``caches``: reuse the previous pipeline's image caches where they match (a study's
+    trials), rather than decoding every image again for each."""
     on = batch_augment_on or ("device" if cuda else "loader")
     if on not in ("device", "loader"):
         raise ValueError(f"batch_augment_on: got {on!r}, allowed: device, loader")
@@ -159,13 +163,15 @@ def build_pipeline(
         data.split.val, data.classes, build_transform(cfg.augment, train=False), **common
     )
     # Both sets: val is read every epoch, and sees the same preprocessing as train.
-    cache_datasets(
+    filled = cache_datasets(
         [train_set, val_set],
         cfg.loader,
         image_size=cfg.augment.image_size,
         progress=progress,
         squares=[square, None],  # the train set of where=batch: kept squashed, ready to collate
+        memo=caches,
     )
+    reused = caches.reused if caches is not None else []
     sampler_gen = torch.Generator().manual_seed(cfg.seed)
     sampler = build_sampler(
         cfg.sampler,
@@ -196,4 +202,5 @@ def build_pipeline(
         train_transform=train_transform,
         batch_augment=batch_augment,
         generators=[sampler_gen, train_loader.generator, augment_gen],
+        cache_fill_s=sum(c.fill_seconds for c in filled if all(c is not r for r in reused)),
     )

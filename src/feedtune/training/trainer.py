@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from feedtune.config import Config
+from feedtune.data.cache import CacheMemo
 from feedtune.data.pipeline import Pipeline, PreparedData, build_pipeline
 from feedtune.training.checkpoint import (
     load_checkpoint,
@@ -130,6 +131,7 @@ def train_model(
     model: nn.Module | None = None,
     finetune: bool = False,
     dist: Dist | None = None,
+    caches: CacheMemo | None = None,
 ) -> TrainOutcome:
     """Train ``cfg`` on ``data``, checkpointing into ``folder``; ``resume`` is a checkpoint
     payload to continue from. Returns the best model (weights of the best epoch).
@@ -142,7 +144,9 @@ def train_model(
     ``dist``: this process's place among several (torchrun). Each trains on its share of every
     epoch, on its own GPU when CUDA; only the main process writes checkpoints into ``folder``
     (the others' stays empty) and each receives the best weights from it at the end. Every
-    process gets the same metrics, and the plain (unwrapped) model."""
+    process gets the same metrics, and the plain (unwrapped) model.
+
+    ``caches``: image caches kept between calls (a study's trials; see ``build_pipeline``)."""
     dist = dist or Dist()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -153,6 +157,7 @@ def train_model(
         cuda=device.type == "cuda",
         rank=dist.rank,
         world_size=dist.world_size,
+        caches=caches,
     )
     if model is None:
         model = build_model(cfg.model, num_classes=len(data.classes))

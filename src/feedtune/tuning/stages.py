@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from feedtune.config import Config
+from feedtune.data.cache import CacheMemo
 from feedtune.data.pipeline import PreparedData, build_pipeline
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.liveness import worker_info
@@ -77,11 +78,13 @@ def trial_tags(stage: str, study_name: str, number: int) -> dict[str, str]:
     }
 
 
-def speed_trial(cfg: Config, data: PreparedData, *, steps: int) -> dict[str, float]:
+def speed_trial(
+    cfg: Config, data: PreparedData, *, steps: int, caches: CacheMemo | None = None
+) -> dict[str, float]:
     """A fixed number of real training steps with ``cfg``'s loader; no validation."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.train.device)
-    pipeline = build_pipeline(cfg, data, cuda=device.type == "cuda")
+    pipeline = build_pipeline(cfg, data, cuda=device.type == "cuda", caches=caches)
     model = prepare_model(
         build_model(cfg.model, num_classes=len(data.classes)),
         device,
@@ -129,6 +132,8 @@ class Tuner:
         self.speed_params: dict[str, Any] = {}
         self.settings = cfg.flat()  # the config's own values, dotted
         self.cuda = resolve_device(cfg.train.device).type == "cuda"
+        # Trials with the same cache settings (every quality trial) share one filled cache.
+        self.caches = CacheMemo()
         self.deadline: float | None = None
         self.epoch_seconds: list[float] = []  # of every quality epoch run here
         self.speed_skipped = ""  # why the speed stage stopped after its first trial, if it did
@@ -179,7 +184,9 @@ class Tuner:
         ) as run:
             claim(trial, run.info.run_id)
             mlflow_store.log_config(tcfg)
-            result = speed_trial(tcfg, self.data, steps=self.cfg.search.speed_steps)
+            result = speed_trial(
+                tcfg, self.data, steps=self.cfg.search.speed_steps, caches=self.caches
+            )
             mlflow_store.log_metrics(result)
             for key, value in result.items():
                 trial.set_user_attr(key, value)
@@ -239,6 +246,7 @@ class Tuner:
             folder=folder,
             resume=resume,
             progress=self.progress,
+            caches=self.caches,
             callbacks=[
                 RunRecorder(cfg, self.data, folder),
                 *callbacks,
