@@ -6,9 +6,10 @@
     .venv/bin/python benchmarks/feed_speed.py cost        # (e) measure_s / a default train's time
 
 (a) Loader alone, policy ``basic``, the same images: the seed's loader (PIL + torchvision
-    Compose, no workers) against feedtune's fastest loader. With ``augment.where: batch`` the
-    batch augmentation runs in the timed loop (on the CPU here), so both sides deliver the
-    same normalized float batches. Interleaved rounds, medians.
+    Compose, no workers) against feedtune's loaders (resized cache, OpenCV, 0-2 workers, per
+    sample or per batch). On the CPU ``augment.where: batch`` runs the batch augmentation in
+    the loader's collate function (in the workers), so every side delivers the same
+    normalized float batches. Interleaved rounds, medians.
 (b) ``feedtune bench --model-rate 5000``: a stand-in model that eats 5,000 samples/s without the
     CPU; the grid includes the seed default (no workers, no cache, PIL, per sample).
 (c, d) One setting (the default recipe with the best loader), measured 10 times as a training
@@ -129,7 +130,7 @@ def bench_standin(rate: float = 5000) -> dict:
     }
 
 
-def bench_repeat(repeats: int = 10, steps: int = 60) -> dict:
+def bench_repeat(repeats: int = 10, steps: int = 60, extra: list[str] | None = None) -> dict:
     over = [
         "loader.num_workers=1",
         "loader.persistent_workers=true",
@@ -138,6 +139,7 @@ def bench_repeat(repeats: int = 10, steps: int = 60) -> dict:
         "augment.where=batch",
         f"train.max_steps_per_epoch={steps}",
         "train.epochs=2",
+        *(extra or []),
     ]
     cfg = load_config(DEFAULT, over)
     data = prepare_data(cfg, progress=False)
@@ -161,6 +163,7 @@ def bench_repeat(repeats: int = 10, steps: int = 60) -> dict:
         abs(r.predicted_samples_per_s - r.train_samples_per_s) / r.train_samples_per_s for r in rows
     ]
     return {
+        "settings": over,
         "train_over_model": [round(x, 3) for x in ratio],
         "train_le_1_05_model": sum(x <= 1.05 for x in ratio),
         "predicted_error": [round(x, 3) for x in error],
@@ -199,12 +202,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("which", choices=["loader", "standin", "repeat", "cost"])
     parser.add_argument("--batch-size", type=int, default=64, help="loader: both sides' batch")
+    parser.add_argument("--set", action="append", default=[], help="repeat: another setting")
     args = parser.parse_args()
     which = args.which
     fn = {
         "loader": lambda: bench_loader(batch_size=args.batch_size),
         "standin": bench_standin,
-        "repeat": bench_repeat,
+        "repeat": lambda: bench_repeat(extra=args.set),
     }
     result = {**fn, "cost": bench_cost}[which]()
     print(json.dumps(result, indent=2, default=str))

@@ -185,18 +185,25 @@ def _log_study(study: Any, folder: str, metric: str = "train_samples_per_s") -> 
 
 
 def _log_rung_spearman(study: Any, cfg: Config) -> None:
-    rho = optuna_study.rung_spearman(
-        study, rung_epochs=cfg.search.min_epochs, full_epochs=cfg.train.epochs
-    )
+    epochs = {"rung_epochs": cfg.search.min_epochs, "full_epochs": cfg.train.epochs}
+    n = len(optuna_study.rung_pairs(study, **epochs))
+    rho = optuna_study.rung_spearman(study, **epochs)
     if rho is None:
+        log.info(
+            "rung_spearman not computed: %d trial(s) ran all %d epochs, it needs 3 with "
+            "different scores (a longer --timeout promotes more)",
+            n,
+            cfg.train.epochs,
+        )
         return
     mlflow_store.log_metrics({"rung_spearman": rho})
     if rho < RUNG_SPEARMAN_WARN:
         log.warning(
-            "the ranking after %d epoch(s) predicted the final one poorly (Spearman %.2f): "
-            "raise search.min_epochs",
+            "the ranking after %d epoch(s) predicted the final one poorly (Spearman %.2f over "
+            "%d trials): raise search.min_epochs",
             cfg.search.min_epochs,
             rho,
+            n,
         )
 
 

@@ -358,23 +358,31 @@ def figures(study: optuna.Study, *, pareto_x: str, pareto_y: str) -> dict[str, A
     return out
 
 
-def rung_spearman(study: optuna.Study, *, rung_epochs: int, full_epochs: int) -> float | None:
-    """Rank correlation between the score after ``rung_epochs`` and the final score, among the
-    trials that ran all ``full_epochs``: does the cheap budget rank configurations as the full
-    one does? None with fewer than 3 such trials."""
-    from scipy.stats import spearmanr
-
-    full = [
-        t
+def rung_pairs(
+    study: optuna.Study, *, rung_epochs: int, full_epochs: int
+) -> list[tuple[float, float]]:
+    """(score after ``rung_epochs``, final score) of every complete trial that ran all
+    ``full_epochs``."""
+    return [
+        (t.intermediate_values[rung_epochs], t.value)
         for t in complete_trials(study)
         if t.intermediate_values
         and max(t.intermediate_values) >= full_epochs
         and rung_epochs in t.intermediate_values
     ]
-    if len(full) < 3:
+
+
+def rung_spearman(study: optuna.Study, *, rung_epochs: int, full_epochs: int) -> float | None:
+    """Rank correlation between the score after ``rung_epochs`` and the final score, among the
+    trials that ran all ``full_epochs``: does the cheap budget rank configurations as the full
+    one does? None with fewer than 3 such trials, or when either side has no spread."""
+    from scipy.stats import spearmanr
+
+    pairs = rung_pairs(study, rung_epochs=rung_epochs, full_epochs=full_epochs)
+    if len(pairs) < 3:
         return None
-    rho = spearmanr([t.intermediate_values[rung_epochs] for t in full], [t.value for t in full])
-    value = float(rho.statistic)
+    rung, final = zip(*pairs, strict=True)
+    value = float(spearmanr(rung, final).statistic)
     return None if math.isnan(value) else value
 
 
