@@ -165,6 +165,12 @@ def _verdict_line(result: Any, metric: str) -> str:
     if start is None:
         return "the start configuration was not trained in this study: no comparison"
     noise = f"noise sd {sd:.4f}" if sd is not None else "noise unknown (one run of the start)"
+    if getattr(result, "winner_is_start", False):
+        return (
+            f"the best trial is the start configuration itself ({best:.4f}; with its other "
+            f"seeds {start:.4f}, {noise}): no other configuration beat it, keep your settings "
+            "or give the search more time"
+        )
     if result.winner_vs_start == "better":
         return (
             f"the winner beats the start configuration: {metric} {best:.4f} vs {start:.4f} "

@@ -11,7 +11,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from feedtune.commands.tune import run_tune, verdict
+from feedtune.cli import _verdict_line
+from feedtune.commands.tune import TuneResult, run_tune, verdict
 from feedtune.config import load_config
 from feedtune.data.dataset import single_torch_thread
 from feedtune.tuning.stages import StopAtDeadline
@@ -98,7 +99,7 @@ def test_rungs_promote_only_the_top_and_the_winner_is_judged_against_the_noise(
     assert {"start_val_f1_macro", "noise_val_f1_macro_sd", "best_val_f1_macro"} <= set(metrics)
     assert tags["feedtune.winner_vs_start"] == result.winner_vs_start
     margin = metrics["best_val_f1_macro"] - metrics["start_val_f1_macro"]
-    better = margin > 2 * metrics["noise_val_f1_macro_sd"]
+    better = margin > 2 * metrics["noise_val_f1_macro_sd"] and not result.winner_is_start
     assert tags["feedtune.winner_vs_start"] == ("better" if better else "within_noise")
 
 
@@ -106,6 +107,8 @@ def test_better_only_beyond_twice_the_noise():
     assert verdict(0.80, [0.70, 0.72]) == pytest.approx((0.71, 0.01414, "better"), abs=1e-4)
     assert verdict(0.73, [0.70, 0.72])[2] == "within_noise"
     assert verdict(0.99, [0.70])[1:] == (None, "within_noise")  # one run: no noise estimate
+    # The start's own lucky seed wins no verdict over its unlucky ones.
+    assert verdict(0.80, [0.80, 0.60, 0.62], best_is_start=True)[2] == "within_noise"
 
 
 @pytest.mark.slow
@@ -159,3 +162,10 @@ def test_the_deadline_never_stops_a_trial_after_its_last_epoch(mlflow_store):
     mlflow.set_experiment("deadline-unit")
     with mlflow.start_run(), pytest.raises(optuna.TrialPruned, match="deadline"):
         past.on_epoch_end(1, {})
+
+
+def test_the_closing_line_says_when_the_start_itself_won():
+    result = TuneResult("run", "s", "journal:x", "best", 0.8, {}, start_value=0.7, noise_sd=0.1)
+    result.winner_vs_start, result.winner_is_start = "within_noise", True
+    line = _verdict_line(result, "val_f1_macro")
+    assert "the start configuration itself" in line and "keep your settings" in line

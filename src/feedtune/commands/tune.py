@@ -40,16 +40,20 @@ class TuneResult:
     start_value: float | None = None
     noise_sd: float | None = None
     winner_vs_start: str = ""  # better | within_noise
+    winner_is_start: bool = False  # the best trial is the start configuration's own
     speed_skipped: str = ""
 
 
-def verdict(best: float, start_scores: list[float]) -> tuple[float, float | None, str]:
+def verdict(
+    best: float, start_scores: list[float], *, best_is_start: bool = False
+) -> tuple[float, float | None, str]:
     """(start score, noise sd, better|within_noise): ``better`` only when the best beats the
     start configuration's mean by more than ``NOISE_MARGIN_SD`` standard deviations of the
-    start configuration's own runs (at least two needed)."""
+    start configuration's own runs (at least two needed), and is not one of those runs
+    (``best_is_start``: a lucky seed of the start is no reason to change anything)."""
     start = float(np.mean(start_scores))
     sd = float(np.std(start_scores, ddof=1)) if len(start_scores) >= 2 else None
-    better = sd is not None and best - start > NOISE_MARGIN_SD * sd
+    better = not best_is_start and sd is not None and best - start > NOISE_MARGIN_SD * sd
     return start, sd, "better" if better else "within_noise"
 
 
@@ -156,7 +160,7 @@ def run_tune(
             _log_rung_spearman(quality, cfg)
             best = optuna_study.best_trial(quality)
             if best is not None:
-                _log_verdict(result, best.value, quality, noise, cfg.search.metric)
+                _log_verdict(result, best, quality, noise, cfg.search.metric)
                 result.best_run_id = best.user_attrs.get("mlflow_run_id")
                 result.best_value = best.value
                 result.best_params = {**tuner.speed_params, **best.params}
@@ -208,15 +212,18 @@ def _log_rung_spearman(study: Any, cfg: Config) -> None:
 
 
 def _log_verdict(
-    result: TuneResult, best: float, study: Any, noise: list[float], metric: str
+    result: TuneResult, best: Any, study: Any, noise: list[float], metric: str
 ) -> None:
-    """Start score, noise and whether the winner beat the start configuration, on the parent
-    run and in ``result``."""
+    """Start score, noise and whether the winner (``best``, a trial) beat the start
+    configuration, on the parent run and in ``result``."""
     start = optuna_study.start_trial(study)
     scores = ([start.value] if start is not None else []) + noise
     if not scores:
         return
-    result.start_value, result.noise_sd, result.winner_vs_start = verdict(best, scores)
+    result.winner_is_start = start is not None and best.number == start.number
+    result.start_value, result.noise_sd, result.winner_vs_start = verdict(
+        best.value, scores, best_is_start=result.winner_is_start
+    )
     metrics = {f"start_{metric}": result.start_value}
     if result.noise_sd is not None:
         metrics[f"noise_{metric}_sd"] = result.noise_sd
