@@ -86,3 +86,22 @@ def test_a_run_is_measured_from_its_own_epochs_and_short_probes():
     )
     assert 0 < result.measure_s < 30
     assert {"predicted_samples_per_s", "measure_s", "feed_ratio"} <= set(result.metrics())
+
+
+def test_the_model_is_never_slower_than_the_epochs_saw_it_consume():
+    from feedtune.training.throughput import measure_run
+
+    # The probe finds the model at ~1/0.05 s x 8 = ~160 samples/s; the epochs saw it consume
+    # 400 samples/s between its waits (300 samples/s with a quarter of the time waiting).
+    loader = build_loader(_Slow(0.0), LoaderConfig(batch_size=8), seed=0)
+    history = [
+        {"epoch": 0, "epoch_samples_per_s": 30.0, "epoch_data_wait_frac": 0.9},
+        {"epoch": 1, "epoch_samples_per_s": 300.0, "epoch_data_wait_frac": 0.25},
+    ]
+    result = measure_run(_Model(0.05), loader, history, device=torch.device("cpu"), batches=3)
+    assert result.model_samples_per_s == 400.0
+    assert result.train_samples_per_s <= result.model_samples_per_s
+    # A probe faster than what the epochs saw (a loader took CPU from the model) stands.
+    crowded = [{**h, "epoch_samples_per_s": h["epoch_samples_per_s"] / 300} for h in history]
+    quick = measure_run(_Model(0.0), loader, crowded, device=torch.device("cpu"), batches=3)
+    assert quick.model_samples_per_s > 4 / 3  # what the epochs saw: 1 / 0.75
