@@ -41,8 +41,8 @@ from loader_speed import SeedDataset  # noqa: E402
 from feedtune.config import load_config  # noqa: E402
 from feedtune.data.augment import build_transform  # noqa: E402
 from feedtune.data.pipeline import build_pipeline, prepare_data  # noqa: E402
-from feedtune.training.devices import resolve_device, to_device  # noqa: E402
-from feedtune.training.throughput import measure_run  # noqa: E402
+from feedtune.training.devices import resolve_device  # noqa: E402
+from feedtune.training.throughput import measure_loader, measure_run  # noqa: E402
 from feedtune.training.trainer import train_model  # noqa: E402
 
 DEFAULT = REPO / "experiments" / "default.yaml"
@@ -57,30 +57,13 @@ def _seed_loader(cfg, data) -> DataLoader:
     return DataLoader(dataset, batch_size=cfg.loader.batch_size, shuffle=True, num_workers=0)
 
 
-def _rate(loader, augment, *, batches: int) -> float:
-    """Samples/s of normalized float batches: the loader, plus the batch augmentation."""
-    it = iter(loader)
-    for _ in range(2):
-        next(it)
-    samples, t0 = 0, time.perf_counter()
-    for _ in range(batches):
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            batch = next(it)
-        images, _ = to_device(batch, torch.device("cpu"), False, augment)
-        samples += images.shape[0]
-    return samples / (time.perf_counter() - t0)
-
-
 def bench_loader(rounds: int = 5, batches: int = 30, batch_size: int = 64) -> dict:
     # The yardstick's loader runs on one torch thread, as its script sets; feedtune's on the
     # torch threads its training process has (the default: one per core).
     threads = torch.get_num_threads()
     cfg = load_config(DEFAULT, ["augment.policy=basic", f"loader.batch_size={batch_size}"])
     data = prepare_data(cfg, progress=False)
-    loaders = {"seed": (_seed_loader(cfg, data), None)}
+    loaders = {"seed": _seed_loader(cfg, data)}
     for workers in (0, 1, 2):
         for where in ("sample", "batch"):
             over = {
@@ -91,12 +74,13 @@ def bench_loader(rounds: int = 5, batches: int = 30, batch_size: int = 64) -> di
                 "augment.where": where,
             }
             pipe = build_pipeline(cfg.replace(over), data, cuda=False)
-            loaders[f"w{workers}-{where}"] = (pipe.train_loader, pipe.batch_augment)
+            # On the CPU every loader delivers normalized floats: where=batch augments in it.
+            loaders[f"w{workers}-{where}"] = pipe.train_loader
     rates = {name: [] for name in loaders}
     for _ in range(rounds):
-        for name, (loader, augment) in loaders.items():
+        for name, loader in loaders.items():
             torch.set_num_threads(1 if name == "seed" else threads)
-            rates[name].append(_rate(loader, augment, batches=batches))
+            rates[name].append(measure_loader(loader, batches=batches)[0])
     medians = {k: statistics.median(v) for k, v in rates.items()}
     best = max((k for k in medians if k != "seed"), key=medians.get)
     return {

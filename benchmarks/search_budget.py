@@ -33,13 +33,19 @@ sys.path.insert(0, str(REPO / "src"))
 from tune_benchmarks import _feedtune  # noqa: E402  (same subprocess runner)
 
 
-def _study_run(tmp: Path, experiment: str):
+def _client(tmp: Path):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+
+
+def _study_run(client, experiment: str, study: str):
+    """The parent run of ``study`` (``feedtune.kind=study``) in ``experiment``."""
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`feedtune.kind` = 'study'")
-    return client, runs[0]
+    return client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`feedtune.kind` = 'study' and tags.`optuna.study_name` = '{study}'",
+    )[0]
 
 
 def _trials(journal: Path, study: str, full_epochs: int) -> dict:
@@ -77,7 +83,7 @@ def bench_job(runs: int) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             row = _tune(tmp, "job")
-            client, run = _study_run(tmp, cfg.experiment)
+            run = _study_run(_client(tmp), cfg.experiment, "job")
             m, tags = run.data.metrics, run.data.tags
             row.update(_trials(tmp / "o.journal", "job", cfg.train.epochs))
             row.update(
@@ -104,9 +110,7 @@ def bench_cold_start(seeds: list[int]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         recipe_s = _feedtune(tmp, "train")
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+        client = _client(tmp)
         recipe = client.search_runs(
             [client.get_experiment_by_name(recipe_cfg.experiment).experiment_id]
         )[0]
@@ -121,14 +125,7 @@ def bench_cold_start(seeds: list[int]) -> dict:
                 "--set",
                 f"search.sampler_seed={seed}",
             )
-            exp = client.get_experiment_by_name(cold_cfg.experiment)
-            run = client.search_runs(
-                [exp.experiment_id],
-                filter_string=(
-                    f"tags.`feedtune.kind` = 'study' and tags.`optuna.study_name` = '{study}'"
-                ),
-            )
-            run = run[0] if run else _latest_study(client, exp.experiment_id)
+            run = _study_run(client, cold_cfg.experiment, study)
             best = client.get_run(run.data.tags["feedtune.best_run_id"])
             row.update(_trials(tmp / "o.journal", study, cold_cfg.train.epochs))
             row.update(
@@ -159,14 +156,6 @@ def bench_cold_start(seeds: list[int]) -> dict:
             "median_minus_recipe": round(median - recipe_f1, 4),
             "target_met": median >= recipe_f1 - 0.03,
         }
-
-
-def _latest_study(client, experiment_id: str):
-    return client.search_runs(
-        [experiment_id],
-        filter_string="tags.`feedtune.kind` = 'study'",
-        order_by=["attributes.start_time DESC"],
-    )[0]
 
 
 def main() -> None:

@@ -70,7 +70,9 @@ class AugmentThenMix:
     model's normalized floats, then ``mix`` (when set) blends them and their labels.
 
     ``(images, aspects, targets) -> (images, targets)``, so that soft targets leave with the
-    images they describe; ``generator`` draws the augmentation's per-sample parameters."""
+    images they describe; ``generator`` draws the augmentation's per-sample parameters, except
+    in a loader worker, where the worker's RNG does (the DataLoader seeds it from its
+    generator, so a run repeats)."""
 
     def __init__(
         self,
@@ -86,7 +88,8 @@ class AugmentThenMix:
     def __call__(
         self, images: torch.Tensor, aspects: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        images = self.augment(images, aspects, generator=self.generator)
+        generator = None if get_worker_info() is not None else self.generator
+        images = self.augment(images, aspects, generator=generator)
         if self.mix is not None:
             images, targets = self.mix(images, targets)
         return images, targets
@@ -97,9 +100,7 @@ class AugmentingCollate:
     CPU: collates the uint8 squares, then runs ``step`` (an :class:`AugmentThenMix`) on them.
 
     The batch policy then runs in the loader workers, in parallel with the model's step, rather
-    than in the training process after it. In a worker the per-sample parameters come from the
-    worker's RNG (which the DataLoader seeds from its generator, so a run repeats); without
-    workers, from ``step.generator``."""
+    than in the training process after it."""
 
     def __init__(
         self, step: AugmentThenMix, base_collate: Callable[[list[Any]], Any] = collate_skipping_none
@@ -112,11 +113,7 @@ class AugmentingCollate:
         if collated is None:  # every sample of the batch was a bad image
             return None
         (images, aspects), targets = collated
-        generator = None if get_worker_info() is not None else self.step.generator
-        images = self.step.augment(images, aspects, generator=generator)
-        if self.step.mix is not None:
-            images, targets = self.step.mix(images, targets)
-        return images, targets
+        return self.step(images, aspects, targets)
 
     def __repr__(self) -> str:
         return f"AugmentingCollate(augment={self.step.augment!r}, mix={self.step.mix!r})"

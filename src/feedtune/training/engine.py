@@ -170,7 +170,7 @@ def train_one_epoch(
     ``set_lr(step)`` is called before each optimizer step (the learning-rate schedule)."""
     model.train()
     channels_last = is_channels_last(model)
-    loss_sum: torch.Tensor | None = None
+    loss_sum = torch.zeros((), device=device)
     samples, steps, wait = 0, 0, 0.0
     total = max_steps if max_steps is not None else _len_or_none(loader)
     bar = progress_bar(
@@ -194,7 +194,7 @@ def train_one_epoch(
         n = targets.shape[0]
         # Summed on the device: reading the loss every step (``.item()``) would make the host
         # wait for each step to finish before it fetches and hands over the next batch.
-        loss_sum = loss.float() * n if loss_sum is None else loss_sum + loss.float() * n
+        loss_sum += loss.float() * n
         samples += n
         steps += 1
         bar.update(1)
@@ -205,9 +205,8 @@ def train_one_epoch(
     seconds = time.perf_counter() - start
     bar.close()
     del iterator  # shuts non-persistent workers down now rather than at garbage collection
-    total_loss = 0.0 if loss_sum is None else loss_sum.item()
     return EpochStats(
-        loss=total_loss / max(1, samples),
+        loss=loss_sum.item() / max(1, samples),
         samples=samples,
         steps=steps,
         seconds=seconds,

@@ -67,14 +67,18 @@ class Throughput:
         return out
 
 
-def epoch_rates(history: list[dict[str, float]]) -> tuple[float, float]:
-    """(samples/s end to end, share of time waiting for batches) of a run's own epochs: the
-    median over the epochs after the first (which pays for first-time set-up), or the only
-    epoch there is."""
+def _steady_epochs(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The timed epochs after the first (which pays for first-time set-up), or the only one."""
     rows = [h for h in history if "epoch_samples_per_s" in h]
     if not rows:
         raise ValueError("no timed epoch in the history")
-    steady = rows[1:] or rows
+    return rows[1:] or rows
+
+
+def epoch_rates(history: list[dict[str, float]]) -> tuple[float, float]:
+    """(samples/s end to end, share of time waiting for batches) of a run's own epochs: the
+    median over the steady epochs."""
+    steady = _steady_epochs(history)
     return (
         float(np.median([h["epoch_samples_per_s"] for h in steady])),
         float(np.median([h["epoch_data_wait_frac"] for h in steady])),
@@ -83,11 +87,8 @@ def epoch_rates(history: list[dict[str, float]]) -> tuple[float, float]:
 
 def epoch_compute_rate(history: list[dict[str, float]]) -> float:
     """Samples/s of a run's own steps, their waits for batches left out: how fast the model
-    consumed whenever it had data (median over the epochs ``epoch_rates`` uses)."""
-    rows = [h for h in history if "epoch_samples_per_s" in h]
-    if not rows:
-        raise ValueError("no timed epoch in the history")
-    steady = rows[1:] or rows
+    consumed whenever it had data (median over the steady epochs)."""
+    steady = _steady_epochs(history)
     return float(
         np.median(
             [h["epoch_samples_per_s"] / max(1.0 - h["epoch_data_wait_frac"], 1e-9) for h in steady]
