@@ -165,7 +165,7 @@ def _verdict_line(result: Any, metric: str) -> str:
     if start is None:
         return "the start configuration was not trained in this study: no comparison"
     noise = f"noise sd {sd:.4f}" if sd is not None else "noise unknown (one run of the start)"
-    if getattr(result, "winner_is_start", False):
+    if result.winner_is_start:
         return (
             f"the best trial is the start configuration itself ({best:.4f}; with its other "
             f"seeds {start:.4f}, {noise}): no other configuration beat it, keep your settings "
