@@ -51,7 +51,7 @@ def source_run(args: argparse.Namespace) -> tuple[str, bool]:
         REPO / "experiments" / "default.yaml", ["train.measure_batches=0", *args.source_overrides]
     )
     run_id = run_train(cfg, progress=args.progress)
-    tracking.register_if_better(run_id, SOURCE_EXPERIMENT)
+    tracking.register_if_better(run_id, SOURCE_EXPERIMENT, metric="best_val_f1_macro")
     return run_id, True
 
 

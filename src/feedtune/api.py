@@ -54,8 +54,8 @@ class BestModel:
 
     def _array(self, image: Any) -> np.ndarray:
         if isinstance(image, (str, os.PathLike)):
-            # Decoded as train.build_pipeline decodes validation images (large JPEGs at reduced
-            # scale), so a file gets the prediction it got during validation.
+            # Decoded as the feed decodes validation images (large JPEGs at reduced scale), so
+            # a file gets the prediction it got during validation.
             return decode_image(
                 image,
                 backend=self.config.data.decoder,

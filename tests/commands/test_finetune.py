@@ -147,7 +147,7 @@ def test_load_best_finds_the_best_run_then_the_alias_and_a_fresh_process_agrees(
         assert not best.model.training and best.config.experiment == "src"
 
         # The alias wins over a better run.
-        moved, _ = tracking.register_if_better(bad, "src")
+        moved, _ = tracking.register_if_better(bad, "src", metric="best_val_f1_macro")
         assert moved
         best = feedtune.load_best("src", store, device="cpu")
         assert best.run_id == bad

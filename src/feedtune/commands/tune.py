@@ -167,7 +167,7 @@ def run_tune(
                 mlflow_store.set_tags({"feedtune.best_run_id": result.best_run_id})
                 mlflow_store.log_metrics({f"best_{cfg.search.metric}": best.value})
                 mlflow_store.log_json(result.best_params, "study/best_params.json")
-                moved, version = mlflow_store.register_if_better(result.best_run_id, cfg.experiment)
+                moved, version = register_best(result.best_run_id, cfg)
                 mlflow_store.set_tags(
                     {
                         "feedtune.registered_version": version or "",
@@ -175,6 +175,14 @@ def run_tune(
                     }
                 )
     return result
+
+
+def register_best(run_id: str, cfg: Config) -> tuple[bool, str | None]:
+    """Register ``run_id``'s model under the experiment's name with alias ``best`` unless the
+    run the alias points at scored at least as well on the study's own metric."""
+    return mlflow_store.register_if_better(
+        run_id, cfg.experiment, metric=f"best_{cfg.search.metric}"
+    )
 
 
 def _log_study(study: Any, folder: str, metric: str = "train_samples_per_s") -> None:

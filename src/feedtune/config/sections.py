@@ -133,8 +133,7 @@ class ModelConfig:
     # 24: ~1.3x the train steps/s of 32 on 2 CPU cores (BENCHMARKS.md, "Model speed").
     width: int = field(default=24, metadata=_limits(4, 512))
     # Conv blocks of small_cnn, each halving the feature map: 5 sees a whole 64 px image;
-    # 4 (the fixed depth before this key) learned shapes ~1.5x slower (BENCHMARKS.md,
-    # "Default recipe").
+    # 4 learned shapes ~1.5x slower (BENCHMARKS.md, "Default recipe").
     depth: int = field(default=5, metadata=_limits(1, 8))
 
 

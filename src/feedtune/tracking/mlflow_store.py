@@ -164,13 +164,6 @@ def start_run(
         mlflow.end_run("FINISHED")
 
 
-def active_run_id() -> str:
-    run = mlflow.active_run()
-    if run is None:
-        raise RuntimeError("no active MLflow run")
-    return run.info.run_id
-
-
 def log_params(flat: dict[str, Any]) -> None:
     params = {k: ("null" if v is None else str(v))[:_PARAM_LIMIT] for k, v in flat.items()}
     mlflow.log_params(params)
@@ -302,7 +295,7 @@ def get_run(run_id: str) -> Any:
 
 
 def register_if_better(
-    run_id: str, name: str, *, metric: str = "best_val_f1_macro", alias: str = "best"
+    run_id: str, name: str, *, metric: str, alias: str = "best"
 ) -> tuple[bool, str | None]:
     """Register ``runs:/<run_id>/model`` as ``name`` and point ``alias`` at it, unless the run
     the alias already points at scored at least as well. Returns (moved, version)."""

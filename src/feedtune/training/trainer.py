@@ -192,6 +192,7 @@ def train_model(
             state=state,
             callbacks=[*own, *callbacks],
             progress=progress,
+            metric=cfg.search.metric,
             augment=pipeline.batch_augment,
             dist=dist,
         )

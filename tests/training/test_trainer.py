@@ -1,0 +1,40 @@
+"""The trainer on its own: real images, real loader, no MLflow and no Optuna."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from feedtune.config import load_config
+from feedtune.data.pipeline import prepare_data
+from feedtune.training.checkpoint import load_checkpoint
+from feedtune.training.trainer import BEST, train_model
+
+
+def _cfg(data: Path, **overrides):
+    return load_config(
+        None,
+        [
+            f"data.path={data}",
+            "augment.image_size=32",
+            "loader.batch_size=8",
+            "train.epochs=4",
+            "train.patience=0",
+            "train.measure_batches=0",
+            *(f"{k}={v}" for k, v in overrides.items()),
+        ],
+    )
+
+
+@pytest.mark.parametrize("metric", ["val_acc", "val_f1_macro"])
+def test_the_search_metric_picks_the_best_epoch_and_checkpoint(
+    tiny_folder, tmp_path, one_torch_thread, metric
+):
+    cfg = _cfg(tiny_folder, **{"search.metric": metric, "train.lr": 0.003})
+    outcome = train_model(cfg, prepare_data(cfg, progress=False), folder=tmp_path, progress=False)
+    history = outcome.state.history
+    scores = [h[metric] for h in history]
+    assert outcome.state.best_metric == max(scores)
+    assert outcome.state.best_epoch == scores.index(max(scores))
+    assert load_checkpoint(tmp_path / BEST)["metrics"][metric] == max(scores)
