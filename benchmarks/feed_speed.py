@@ -38,9 +38,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from loader_speed import SeedDataset  # noqa: E402
 
-from feedtune.config import load_config  # noqa: E402
-from feedtune.data.augment import build_transform  # noqa: E402
-from feedtune.data.pipeline import build_pipeline, prepare_data  # noqa: E402
+from feedtune.config import load_config, with_overrides  # noqa: E402
+from feedtune.feed.augment.per_sample import build_transform  # noqa: E402
+from feedtune.feed.feed import build_pipeline  # noqa: E402
+from feedtune.sources.prepare import prepare_data  # noqa: E402
 from feedtune.training.devices import resolve_device  # noqa: E402
 from feedtune.training.throughput import measure_loader, measure_run  # noqa: E402
 from feedtune.training.trainer import train_model  # noqa: E402
@@ -73,7 +74,7 @@ def bench_loader(rounds: int = 5, batches: int = 30, batch_size: int = 64) -> di
                 "data.decoder": "opencv",
                 "augment.where": where,
             }
-            pipe = build_pipeline(cfg.replace(over), data, cuda=False)
+            pipe = build_pipeline(with_overrides(cfg, over), data, cuda=False)
             # On the CPU every loader delivers normalized floats: where=batch augments in it.
             loaders[f"w{workers}-{where}"] = pipe.train_loader
     rates = {name: [] for name in loaders}

@@ -36,10 +36,11 @@ from torch.utils.data import DataLoader, Dataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from feedtune.config import Config, load_config  # noqa: E402
-from feedtune.data.augment import build_transform  # noqa: E402
-from feedtune.data.cache import attach_cache, build_cache  # noqa: E402
-from feedtune.data.pipeline import PreparedData, build_pipeline, prepare_data  # noqa: E402
+from feedtune.config import Config, load_config, with_overrides  # noqa: E402
+from feedtune.feed.augment.per_sample import build_transform  # noqa: E402
+from feedtune.feed.cache import attach_cache, build_cache  # noqa: E402
+from feedtune.feed.feed import build_pipeline  # noqa: E402
+from feedtune.sources.prepare import PreparedData, prepare_data  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0))
 # Speed settings tried for "best" (the transform policy stays the config's: speed settings must
@@ -82,7 +83,7 @@ def feedtune_loader(cfg: Config, data: PreparedData) -> DataLoader:
     (mode, decoder) and shared, as ``feedtune bench`` does."""
     # persistent workers: repeated measurements reuse them (start-up is excluded anyway)
     plain = {"loader.persistent_workers": cfg.loader.num_workers > 0, "loader.cache": "none"}
-    pipeline = build_pipeline(cfg.replace(plain), data, cuda=False)
+    pipeline = build_pipeline(with_overrides(cfg, plain), data, cuda=False)
     if cfg.loader.cache != "none":
         key = (cfg.loader.cache, cfg.data.decoder)
         if key not in _CACHES:
@@ -154,7 +155,7 @@ def part_ab(cfg: Config, data: PreparedData, args: argparse.Namespace) -> dict[s
     default_name = "feedtune defaults: num_workers=0, no cache"
     loaders = {seed_name: seed_loader(cfg, data), default_name: feedtune_loader(cfg, data)}
     for c in BEST_CANDIDATES:
-        loaders[_label(c)] = feedtune_loader(cfg.replace(c), data)
+        loaders[_label(c)] = feedtune_loader(with_overrides(cfg, c), data)
     rates, cores = side_by_side(loaders, batches=args.batches, rounds=args.rounds)
     med = {name: median(r) for name, r in rates.items()}
     used = {name: median(c) for name, c in cores.items()}
@@ -204,7 +205,7 @@ def part_ab(cfg: Config, data: PreparedData, args: argparse.Namespace) -> dict[s
 def _copy_rate(settings: dict[str, Any], start_at: float, batches: int) -> float:
     """One independent copy of the one-process loader (run in its own process): its median
     samples/s over 3 measurements that start, in every copy, at ``start_at``."""
-    cfg = load_config(REPO / "experiments" / "default.yaml").replace(settings)
+    cfg = with_overrides(load_config(REPO / "experiments" / "default.yaml"), settings)
     loader = feedtune_loader(cfg, prepare_data(cfg, progress=False))
     timed(loader, batches=5)  # warm: caches filled, kernels chosen
     time.sleep(max(0.0, start_at - time.time()))
@@ -223,7 +224,7 @@ def parallel_copies(settings: dict[str, Any], *, copies: int, batches: int) -> l
 
 
 def part_c(cfg: Config, data: PreparedData, best: dict[str, Any], args: argparse.Namespace) -> None:
-    loader = feedtune_loader(cfg.replace(best), data)
+    loader = feedtune_loader(with_overrides(cfg, best), data)
     print("\n### (c) repeatability: 5 repeats of one loader measurement (best settings)\n")
     print(f"| batches (x{cfg.loader.batch_size} samples) | seconds each | mean samples/s | CV |")
     print("|---:|---:|---:|---:|")
@@ -270,7 +271,9 @@ def part_d(cfg: Config, data: PreparedData, best: dict[str, Any], args: argparse
                 settings = {**best, "loader.cache": cache}
                 settings |= {"augment.policy": policy, "augment.library": library}
                 loaders = {
-                    order: feedtune_loader(cfg.replace({**settings, "augment.order": order}), data)
+                    order: feedtune_loader(
+                        with_overrides(cfg, {**settings, "augment.order": order}), data
+                    )
                     for order in ("resize_first", "augment_first")
                 }
                 rates, _ = side_by_side(loaders, batches=args.batches_d, rounds=args.rounds_d)

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from feedtune.config import load_config  # noqa: E402
-from feedtune.data.pipeline import prepare_data  # noqa: E402
+from feedtune.sources.prepare import prepare_data  # noqa: E402
 from feedtune.training.engine import Callback  # noqa: E402
 from feedtune.training.trainer import train_model  # noqa: E402
 

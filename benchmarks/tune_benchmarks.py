@@ -107,8 +107,8 @@ def bench_speed(trials: int = 12) -> dict:
     """Best train_samples_per_s found by TPE in <= `trials` vs the exhaustive grid's best."""
     import optuna
 
-    from feedtune.config import load_config
-    from feedtune.data.pipeline import prepare_data
+    from feedtune.config import load_config, with_overrides
+    from feedtune.sources.prepare import prepare_data
     from feedtune.training.devices import resolve_device
     from feedtune.tuning import optuna_study as studies
     from feedtune.tuning.space import grid as space_grid
@@ -121,7 +121,7 @@ def bench_speed(trials: int = 12) -> dict:
     steps = cfg.search.speed_steps
 
     def objective(params: dict) -> float:
-        return speed_trial(cfg.replace(params), data, steps=steps)["train_samples_per_s"]
+        return speed_trial(with_overrides(cfg, params), data, steps=steps)["train_samples_per_s"]
 
     inert = inert_given(cfg.flat(), cuda=resolve_device(cfg.train.device).type == "cuda")
     grid = space_grid(space, inert)  # cells that differ only in inert settings count once
@@ -157,7 +157,7 @@ def bench_overhead(repeats: int = 2) -> dict:
     import mlflow
 
     from feedtune.config import load_config
-    from feedtune.data.pipeline import prepare_data
+    from feedtune.sources.prepare import prepare_data
     from feedtune.tracking import mlflow_store as tracking
     from feedtune.tracking.recording import RunRecorder, log_run_results
     from feedtune.training.trainer import train_model

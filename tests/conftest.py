@@ -16,7 +16,7 @@ from PIL import Image
 
 # Tiny models on a busy 2-core VM: two OpenMP threads spin against each other (~10x slower
 # steps), so tests that train run torch on one thread, with the library's own context manager.
-from feedtune.data.dataset import single_torch_thread
+from feedtune.feed.dataset import single_torch_thread
 
 REPO = Path(__file__).resolve().parents[1]
 

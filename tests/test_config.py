@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from feedtune.config import Config, ConfigError, config_from_dict, load_config, parse_override
+from feedtune.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    parse_override,
+    with_overrides,
+)
 from feedtune.tuning.space import speed_space
 from tests.conftest import REPO, env_with_src
 
@@ -100,10 +107,10 @@ def test_flat_params_and_replace():
     cfg = Config()
     flat = cfg.flat()
     assert flat["loader.num_workers"] == 0 and "search.n_trials_speed" not in flat
-    changed = cfg.replace({"loader.num_workers": 2})
+    changed = with_overrides(cfg, {"loader.num_workers": 2})
     assert changed.loader.num_workers == 2 and cfg.loader.num_workers == 0
     with pytest.raises(ConfigError):
-        cfg.replace({"loader.num_workers": -3})
+        with_overrides(cfg, {"loader.num_workers": -3})
 
 
 def test_parse_override_needs_equals():

@@ -270,7 +270,7 @@ def _sabotage_workers(monkeypatch, action):
     """Make every DataLoader worker (never the main process) run ``action`` on its first image."""
     import torch.utils.data
 
-    from feedtune.data.dataset import ImageDataset
+    from feedtune.feed.dataset import ImageDataset
 
     original = ImageDataset.load_image
 

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from feedtune.config import DEFAULT_EXPERIMENT, Config
-from feedtune.data.augment import Transform, build_transform
-from feedtune.data.cache import working_size
-from feedtune.data.imageio import decode_image
+from feedtune.feed.augment.per_sample import Transform, build_transform
+from feedtune.feed.geometry import working_size
+from feedtune.sources.imageio import decode_image
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.lookup import fetch_checkpoint, find_best_run
 from feedtune.training.checkpoint import model_from_checkpoint

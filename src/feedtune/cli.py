@@ -19,6 +19,7 @@ from feedtune.config import (
     Config,
     ConfigError,
     load_config,
+    with_overrides,
 )
 
 # Workers can take the Optuna storage URL (which may hold a password) from the environment
@@ -247,7 +248,7 @@ def _run(args: argparse.Namespace) -> int:
         from feedtune.commands.bench import run_bench
 
         if _positive_or_none(args.model_rate) is not None:
-            cfg = cfg.replace({"bench.model_rate": args.model_rate})
+            cfg = with_overrides(cfg, {"bench.model_rate": args.model_rate})
         run_bench(cfg, progress=progress)
         return 0
     if args.command == "finetune":

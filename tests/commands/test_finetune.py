@@ -25,8 +25,8 @@ import feedtune
 from feedtune.cli import main as feedtune_main
 from feedtune.commands.finetune import prepare_model, run_finetune
 from feedtune.commands.train import run_train
-from feedtune.config import load_config
-from feedtune.data.imageio import decode_image
+from feedtune.config import load_config, with_overrides
+from feedtune.sources.imageio import decode_image
 from feedtune.tracking import mlflow_store as tracking
 from feedtune.tracking.lookup import fetch_checkpoint, resolve_run_id
 from feedtune.training.checkpoint import CheckpointError, load_checkpoint
@@ -267,7 +267,7 @@ def test_finetune_replaces_the_head_freezes_the_backbone_and_records_lineage(
             assert torch.equal(param.detach(), frozen[name]), name
 
     # Same classes in the same order: the trained head is kept, and freeze=none trains it all.
-    same = prepare_model(before, cfg.replace({"model.freeze": "none"}), before["classes"])
+    same = prepare_model(before, with_overrides(cfg, {"model.freeze": "none"}), before["classes"])
     assert not same.head_replaced
     assert torch.equal(
         same.model.classifier[1].weight, before["model_state"]["classifier.1.weight"]

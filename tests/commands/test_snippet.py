@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 
 from feedtune.commands.snippet import config_from_params, feeding_snippet, snippet_from_params
-from feedtune.config import Config, parse_override
-from feedtune.data.augment import build_transform
-from feedtune.data.augment_policies import POLICIES
-from feedtune.data.dataset import ImageDataset
-from feedtune.data.loader import build_loader
-from feedtune.data.sampling import build_sampler, class_weights
+from feedtune.config import Config, parse_override, with_overrides
+from feedtune.feed.augment.per_sample import build_transform
+from feedtune.feed.augment.policies import POLICIES
+from feedtune.feed.dataset import ImageDataset
+from feedtune.feed.loader import build_loader
+from feedtune.feed.sampling import build_sampler, class_weights
 
 # Different sizes and aspects, one large enough for reduced-size JPEG decoding.
 SIZES = [(96, 80), (50, 120), (400, 300), (64, 64), (33, 47), (150, 90)]
@@ -77,7 +77,7 @@ print(json.dumps({
 
 
 def config(overrides: list[str]) -> Config:
-    return Config().replace(dict(parse_override(o) for o in overrides))
+    return with_overrides(Config(), dict(parse_override(o) for o in overrides))
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,10 @@ def test_snippet_from_params_reads_params_as_mlflow_stores_them():
             "loader.batch_size=4",
             "train.lr=1e-05",
         ]
-    ).replace({"experiment": "2024"})  # YAML reads an int: the text is kept, as a string key
+    )
+    cfg = with_overrides(
+        cfg, {"experiment": "2024"}
+    )  # YAML reads an int: the text is kept, as a string key
     # What mlflow_store.log_config logs: every value a string, None as "null".
     params = {k: "null" if v is None else str(v) for k, v in cfg.flat().items()}
     params["study.trial"] = "3"  # not a setting: skipped

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from feedtune.cli import _verdict_line
 from feedtune.commands.tune import TuneResult, run_tune, verdict
 from feedtune.config import load_config
-from feedtune.data.dataset import single_torch_thread
+from feedtune.feed.dataset import single_torch_thread
 from feedtune.tuning.stages import StopAtDeadline
 from tests.conftest import artifact_paths, write_image_folder
 

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 import feedtune
 from feedtune.cli import main
-from feedtune.config import Config
+from feedtune.config import Config, with_overrides
 from feedtune.training.checkpoint import save_checkpoint
 from feedtune.training.models import build_model, model_args
 
@@ -19,7 +19,7 @@ CLASSES = ["a", "b"]
 
 
 def _run(experiment: str, kind: str, f1: float, tmp_path) -> str:
-    cfg = Config().replace({"experiment": experiment, "model.width": 4, "model.depth": 2})
+    cfg = with_overrides(Config(), {"experiment": experiment, "model.width": 4, "model.depth": 2})
     model = build_model(cfg.model, num_classes=len(CLASSES))
     payload = {
         "model_state": model.state_dict(),

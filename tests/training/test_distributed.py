@@ -17,8 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from feedtune.config import SamplerConfig, load_config
-from feedtune.data.pipeline import build_pipeline, prepare_data
-from feedtune.data.sampling import DistributedWeightedSampler, build_sampler, epoch_draw
+from feedtune.feed.feed import build_pipeline
+from feedtune.feed.sampling import DistributedWeightedSampler, build_sampler, epoch_draw
+from feedtune.sources.prepare import prepare_data
 from feedtune.training.distributed import Dist, init_from_env, unwrap
 from feedtune.training.engine import EpochStats, combined_stats
 from feedtune.training.evaluation import evaluate

@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from feedtune.config import LoaderConfig
-from feedtune.data.loader import build_loader
+from feedtune.feed.loader import build_loader
 from feedtune.training.throughput import measure
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from feedtune.config import load_config
-from feedtune.data.pipeline import prepare_data
+from feedtune.sources.prepare import prepare_data
 from feedtune.training.checkpoint import load_checkpoint
 from feedtune.training.trainer import BEST, train_model
 

@@ -21,11 +21,13 @@ from typing import Any
 import pandas as pd
 import torch
 
-from feedtune.config import Config
-from feedtune.data.cache import ImageCache, attach_cache, build_cache, working_size
-from feedtune.data.dataset import single_torch_thread
-from feedtune.data.pipeline import build_pipeline, prepare_data
+from feedtune.config import Config, with_overrides
+from feedtune.feed.cache import ImageCache, attach_cache, build_cache
+from feedtune.feed.dataset import single_torch_thread
+from feedtune.feed.feed import build_pipeline
+from feedtune.feed.geometry import working_size
 from feedtune.progress import progress_bar
+from feedtune.sources.prepare import prepare_data
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.plots import samples_per_s_figure
 from feedtune.training.devices import prepare_model, resolve_device
@@ -68,7 +70,7 @@ def grid(cfg: Config) -> list[dict[str, Any]]:
 
 
 def cell_config(cfg: Config, cell: dict[str, Any]) -> Config:
-    return cfg.replace({AXES[axis]: value for axis, value in cell.items()})
+    return with_overrides(cfg, {AXES[axis]: value for axis, value in cell.items()})
 
 
 def _cache_for(
@@ -110,7 +112,7 @@ def measure_cell(
     ccfg = cell_config(cfg, cell)
     # Build without a cache, then attach the grid's shared one (filled once per mode).
     pipeline = build_pipeline(
-        ccfg.replace({"loader.cache": "none"}), data, cuda=device.type == "cuda"
+        with_overrides(ccfg, {"loader.cache": "none"}), data, cuda=device.type == "cuda"
     )
     cache = _cache_for(ccfg.loader.cache, pipeline.train_set, ccfg, caches, progress=progress)
     attach_cache(pipeline.train_set, cache)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from feedtune.config import PROJECT_ROOT
-from feedtune.data.embedded import dataset_root, ensure_dataset
+from feedtune.synthetic.embedded import dataset_root, ensure_dataset
 
 
 def run_data(name: str, *, root: str | None = None, seed: int = 0, progress: bool = True) -> Path:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from feedtune.config import DEFAULT_EXPERIMENT, Config
-from feedtune.data.pipeline import prepare_data
+from feedtune.config import DEFAULT_EXPERIMENT, Config, with_overrides
+from feedtune.sources.prepare import prepare_data
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.lookup import fetch_checkpoint, resolve_run_id
 from feedtune.tracking.recording import RunRecorder, finish_run
@@ -57,7 +57,7 @@ def effective_config(cfg: Config, payload: dict[str, Any]) -> Config:
                 value,
             )
     overrides = {f"model.{key}": value for key, value in source.items()}
-    return cfg.replace({**overrides, "model.pretrained": False})
+    return with_overrides(cfg, {**overrides, "model.pretrained": False})
 
 
 def prepare_model(payload: dict[str, Any], cfg: Config, classes: list[str]) -> FinetuneStart:

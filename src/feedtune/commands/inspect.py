@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from feedtune.config import Config
-from feedtune.data.inspection import format_report, inspect_data
-from feedtune.data.pipeline import prepare_data
+from feedtune.config import Config, with_overrides
+from feedtune.feed.geometry import working_size
+from feedtune.sources.inspection import format_report, inspect_data
+from feedtune.sources.prepare import prepare_data
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.inspect_plots import inspection_figures
 
@@ -45,12 +46,13 @@ def run_inspect(cfg: Config, *, progress: bool = True) -> str:
     Bad files are always skipped here, even with ``data.on_bad_image=raise``: the point is to
     list all of them, not to stop at the first.
     """
-    cfg = cfg.replace({"data.on_bad_image": "skip"})
+    cfg = with_overrides(cfg, {"data.on_bad_image": "skip"})
     data = prepare_data(cfg, progress=progress)
     found = inspect_data(
         data.table,
         data.split,
         image_size=cfg.augment.image_size,
+        working_size=working_size(cfg.augment.image_size),
         decoder=cfg.data.decoder,
         progress=progress,
     )

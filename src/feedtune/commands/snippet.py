@@ -16,10 +16,10 @@ import textwrap
 import types
 from typing import Any, NamedTuple, cast
 
-from feedtune.config import Config, ConfigError, parse_override
-from feedtune.data import augment_policies as ap
-from feedtune.data import loader
-from feedtune.data.cache import working_size
+from feedtune.config import Config, ConfigError, parse_override, with_overrides
+from feedtune.feed import loader
+from feedtune.feed.augment import policies as ap
+from feedtune.feed.geometry import working_size
 from feedtune.tuning.space import inert_settings
 
 __all__ = ["config_from_params", "feeding_snippet", "snippet_from_params"]
@@ -341,11 +341,11 @@ def config_from_params(params: dict[str, str]) -> Config:
         raw = params[key]
         _, value = parse_override(f"{key}={raw}")
         try:
-            cfg = cfg.replace({key: value})
+            cfg = with_overrides(cfg, {key: value})
         except ConfigError:
             if value == raw:
                 raise
-            cfg = cfg.replace({key: raw})
+            cfg = with_overrides(cfg, {key: raw})
     return cfg
 
 

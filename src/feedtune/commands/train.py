@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from feedtune.config import Config, config_from_dict
-from feedtune.data.pipeline import PreparedData, prepare_data
+from feedtune.sources.prepare import PreparedData, prepare_data
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.recording import (
     RunRecorder,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from feedtune.config import PROJECT_ROOT, Config
-from feedtune.data.pipeline import prepare_data
+from feedtune.sources.prepare import prepare_data
 from feedtune.tracking import mlflow_store
 from feedtune.tuning import optuna_study
 from feedtune.tuning.space import covers, quality_space, speed_space

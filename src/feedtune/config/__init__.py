@@ -2,7 +2,13 @@
 ``--set`` overrides (``loading``). Defaults live in code, each with the reason for its value;
 every error names the offending key and says what is allowed."""
 
-from feedtune.config.loading import SECTIONS, config_from_dict, load_config, parse_override
+from feedtune.config.loading import (
+    SECTIONS,
+    config_from_dict,
+    load_config,
+    parse_override,
+    with_overrides,
+)
 from feedtune.config.sections import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_EXPERIMENT,
@@ -43,4 +49,5 @@ __all__ = [
     "config_from_dict",
     "load_config",
     "parse_override",
+    "with_overrides",
 ]

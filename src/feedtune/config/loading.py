@@ -266,3 +266,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             )
         _set_dotted(data, key, value, source=f"--set {text}")
     return config_from_dict(data)
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A new validated Config: ``cfg`` with dotted ``overrides`` applied (a trial's params)."""
+    d = cfg.to_dict()
+    for key, value in overrides.items():
+        _set_dotted(d, key, value, source="override")
+    return config_from_dict(d)

@@ -282,15 +282,6 @@ class Config:
             obj = getattr(obj, part)
         return obj
 
-    def replace(self, overrides: dict[str, Any]) -> Config:
-        """A new validated Config with dotted overrides applied."""
-        from feedtune.config.loading import _set_dotted, config_from_dict  # validates on load
-
-        d = self.to_dict()
-        for key, value in overrides.items():
-            _set_dotted(d, key, value, source="override")
-        return config_from_dict(d)
-
 
 def _search_to_dict(search: SearchConfig) -> dict[str, Any]:
     out: dict[str, Any] = {k: spec.to_dict() for k, spec in search.space.items()}

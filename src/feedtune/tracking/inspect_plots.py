@@ -12,8 +12,8 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from feedtune.data.imageio import BadImageError, decode_image  # noqa: E402
-from feedtune.data.inspection import Inspection  # noqa: E402
+from feedtune.sources.imageio import BadImageError, decode_image  # noqa: E402
+from feedtune.sources.inspection import Inspection  # noqa: E402
 
 SIDE_COLOURS = {"train": "tab:blue", "val": "tab:orange"}
 # Example grid: images per class, and classes shown (one row each) before the grid is cut.

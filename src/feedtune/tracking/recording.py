@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 
 from feedtune.config import Config
-from feedtune.data.augment import save_sample_grid
-from feedtune.data.dataset import single_torch_thread
-from feedtune.data.imageio import decode_image
-from feedtune.data.pipeline import Pipeline, PreparedData
-from feedtune.data.sampling import epoch_class_counts
+from feedtune.feed.augment.per_sample import save_sample_grid
+from feedtune.feed.dataset import single_torch_thread
+from feedtune.feed.feed import Pipeline
+from feedtune.feed.sampling import epoch_class_counts
+from feedtune.sources.imageio import decode_image
+from feedtune.sources.prepare import PreparedData
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.plots import bar_figure, confusion_matrix_figure
 from feedtune.training.checkpoint import load_checkpoint

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from feedtune.config import Config
-from feedtune.data.cache import CacheMemo
-from feedtune.data.pipeline import Pipeline, PreparedData, build_pipeline
+from feedtune.feed.cache import CacheMemo
+from feedtune.feed.feed import Pipeline, build_pipeline
+from feedtune.sources.prepare import PreparedData
 from feedtune.training.checkpoint import (
     load_checkpoint,
     rng_state,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from feedtune.config import ParamSpec, SearchConfig
-from feedtune.data.batch_augment import BATCH_POLICIES
+from feedtune.feed.augment.batch import BATCH_POLICIES
 
 SPEED_KEYS = (
     "loader.num_workers",

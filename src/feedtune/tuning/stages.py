@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from feedtune.config import Config
-from feedtune.data.cache import CacheMemo
-from feedtune.data.pipeline import PreparedData, build_pipeline
+from feedtune.config import Config, with_overrides
+from feedtune.feed.cache import CacheMemo
+from feedtune.feed.feed import build_pipeline
+from feedtune.sources.prepare import PreparedData
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.liveness import worker_info
 from feedtune.tracking.recording import (
@@ -173,7 +174,7 @@ class Tuner:
 
     def speed_objective(self, trial: Any) -> float:
         params = optuna_study.suggest(trial, space.speed_space(self.cfg.search), self.inert())
-        tcfg = self.cfg.replace(params)
+        tcfg = with_overrides(self.cfg, params)
         name = f"{self.study_base}-speed"
         with mlflow_store.start_run(
             "trial",
@@ -203,7 +204,9 @@ class Tuner:
         return result["train_samples_per_s"]
 
     def quality_cfg(self, params: dict[str, Any]) -> Config:
-        return self.cfg.replace(space.consistent(self.settings, {**self.speed_params, **params}))
+        return with_overrides(
+            self.cfg, space.consistent(self.settings, {**self.speed_params, **params})
+        )
 
     def quality_objective(self, trial: Any) -> float:
         params = optuna_study.suggest(trial, space.quality_space(self.cfg.search), self.inert())
@@ -266,7 +269,7 @@ class Tuner:
         metric = f"best_{self.cfg.search.metric}"
         scores = []
         for seed in seeds:
-            cfg = self.quality_cfg({}).replace({"seed": seed})
+            cfg = with_overrides(self.quality_cfg({}), {"seed": seed})
             tags = {"feedtune.stage": "noise", "optuna.study_name": f"{self.study_base}-quality"}
             try:
                 with (

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from feedtune.data import embedded as shapes
-from feedtune.data.embedded import (
+from feedtune.synthetic import embedded as shapes
+from feedtune.synthetic.embedded import (
     EMBEDDED,
     class_counts,
     dataset_root,
@@ -194,7 +194,7 @@ def test_dataset_root() -> None:
 
 def _ensure_in_subprocess(root: Path, *, seed: int, n_images: int) -> subprocess.Popen:
     code = (
-        "import sys; from feedtune.data.embedded import ensure_dataset; "
+        "import sys; from feedtune.synthetic.embedded import ensure_dataset; "
         f"ensure_dataset('shapes', sys.argv[1], seed={seed}, progress=False, n_images={n_images})"
     )
     return subprocess.Popen([sys.executable, "-c", code, str(root)], stderr=subprocess.PIPE)

@@ -21,10 +21,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from feedtune.data.cache import working_size
-from feedtune.data.imageio import BadImageError, check_image, image_size
-from feedtune.data.split import Split
 from feedtune.progress import progress_bar
+from feedtune.sources.imageio import BadImageError, check_image, image_size
+from feedtune.sources.split import Split
 
 # Largest/smallest class above this: plain random sampling starves the small classes.
 IMBALANCE_LIMIT = 3.0
@@ -54,6 +53,7 @@ class Inspection:
     advice: list[str]
     root: str
     image_size: int
+    working_size: int
     decoder: str
 
     @property
@@ -79,12 +79,14 @@ def inspect_data(
     split: Split,
     *,
     image_size: int,
+    working_size: int,
     decoder: str = "pil",
     progress: bool = True,
 ) -> Inspection:
     """Read every file of ``table`` (from ``load_table``) and relate it to ``split``.
 
-    ``image_size`` is ``augment.image_size`` (the size advice compares against it);
+    ``image_size`` is ``augment.image_size`` and ``working_size`` the side images are kept
+    at for it (the size advice compares against both);
     ``decoder`` is kept for the example grid, so it shows what training decodes.
     """
     side = {p: "train" for p in split.train["path"]} | {p: "val" for p in split.val["path"]}
@@ -102,7 +104,15 @@ def inspect_data(
     files = pd.DataFrame(rows, columns=COLUMNS)
     files[["width", "height"]] = files[["width", "height"]].astype("Int64")
     root = str(split.summary.get("root", ""))
-    found = Inspection(files, {}, [], root=root, image_size=image_size, decoder=decoder)
+    found = Inspection(
+        files,
+        {},
+        [],
+        root=root,
+        image_size=image_size,
+        working_size=working_size,
+        decoder=decoder,
+    )
     found.summary = _summarise(found, has_groups="group" in table.columns)
     found.advice = _advise(found)
     found.summary["advice"] = found.advice
@@ -166,7 +176,7 @@ def _summarise(found: Inspection, *, has_groups: bool) -> dict[str, Any]:
         "imbalance_ratio": round(max(present) / min(present), 3) if present else 1.0,
         "sizes": {
             "image_size": found.image_size,
-            "working_size": working_size(found.image_size),
+            "working_size": found.working_size,
             "width": _stats(good["width"]),
             "height": _stats(good["height"]),
             "shorter_side": _stats(short),

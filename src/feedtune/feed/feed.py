@@ -1,74 +1,32 @@
-"""The data side of a run, assembled: source -> table -> bad-file scan -> split (``prepare_data``,
-once per command) and datasets -> cache -> sampler -> loaders (``build_pipeline``, once per
-configuration)."""
+"""The feed of one configuration, assembled from prepared data (``sources.prepare``):
+datasets -> cache -> sampler -> loaders (``build_pipeline``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from feedtune.config import PROJECT_ROOT, Config
-from feedtune.data.augment import Transform, build_transform
-from feedtune.data.batch_augment import build_batch_augment
-from feedtune.data.cache import CacheMemo, cache_datasets, working_size
-from feedtune.data.dataset import ImageDataset, scan_images
-from feedtune.data.embedded import dataset_root, ensure_dataset
-from feedtune.data.loader import build_loader
-from feedtune.data.mixing import AugmentingCollate, AugmentThenMix, MixingCollate, build_mix
-from feedtune.data.sampling import build_sampler
-from feedtune.data.sources import class_names, load_table
-from feedtune.data.split import Split, make_split
-from feedtune.data.squares import ToWorkingUint8
+from feedtune.config import Config
+from feedtune.feed.augment.batch import build_batch_augment
+from feedtune.feed.augment.mixing import AugmentingCollate, AugmentThenMix, MixingCollate, build_mix
+from feedtune.feed.augment.per_sample import Transform, build_transform
+from feedtune.feed.augment.squares import ToWorkingUint8
+from feedtune.feed.cache import CacheMemo, cache_datasets
+from feedtune.feed.dataset import ImageDataset
+from feedtune.feed.geometry import working_size
+from feedtune.feed.loader import build_loader
+from feedtune.feed.sampling import build_sampler
+from feedtune.sources.prepare import PreparedData, size_limits
 
 # (uint8 images, aspect ratios, labels) on the device -> (the model's normalized float input,
 # its targets: the labels, or soft targets [B, K] when ``augment.mix`` blends the batch).
 BatchAugmentFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
 ]
-
-
-@dataclass
-class PreparedData:
-    """The table, its bad files and the split: computed once, shared by a study's trials."""
-
-    source: Path
-    classes: list[str]
-    split: Split
-    bad: pd.DataFrame
-    table: pd.DataFrame  # every listed file, the bad ones too (as read from the source)
-
-
-def resolve_source(cfg: Config, *, progress: bool = True) -> Path:
-    """``data.path`` if set, else the embedded dataset (written on first use)."""
-    if cfg.data.path:
-        path = Path(cfg.data.path).expanduser()
-        return path if path.is_absolute() else (Path.cwd() / path)
-    root = dataset_root(cfg.data.name, PROJECT_ROOT)
-    ensure_dataset(cfg.data.name, root, seed=cfg.data.generator_seed, progress=progress)
-    return root
-
-
-def size_limits(cfg: Config) -> dict[str, int]:
-    """The file-size and pixel limits every image check and decode applies."""
-    return {"max_pixels": cfg.data.max_pixels, "max_bytes": cfg.data.max_file_mb * 2**20}
-
-
-def prepare_data(cfg: Config, *, progress: bool = True) -> PreparedData:
-    source = resolve_source(cfg, progress=progress)
-    table = load_table(source)
-    scan = scan_images(
-        table, on_bad_image=cfg.data.on_bad_image, progress=progress, **size_limits(cfg)
-    )
-    split = make_split(scan.good, cfg.split, seed=cfg.seed)
-    return PreparedData(
-        source=source, classes=class_names(table), split=split, bad=scan.bad, table=table
-    )
 
 
 @dataclass

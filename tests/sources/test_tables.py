@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from feedtune.data.sources import DataSourceError, class_names, load_table
+from feedtune.sources.tables import DataSourceError, class_names, load_table
 
 # Content does not matter to load_table (it never decodes); a few real JPEG bytes suffice.
 JPEG = bytes.fromhex("ffd8ffe000104a46494600010100000100010000ffd9")
@@ -247,7 +247,7 @@ def test_fifo_with_an_image_name_is_skipped_and_counted(tmp_path, caplog):
     root = tmp_path / "imgs"
     a, b = touch(root / "cat" / "a.jpg"), touch(root / "dog" / "b.jpg")
     os.mkfifo(root / "cat" / "x.jpg")
-    with caplog.at_level("WARNING", logger="feedtune.data.sources"):
+    with caplog.at_level("WARNING", logger="feedtune.sources.tables"):
         table = load_table(root)
     assert _rows(table) == [(str(a), "cat"), (str(b), "dog")]
     assert "skipped 1 file(s)" in caplog.text and "not regular files" in caplog.text
@@ -273,7 +273,7 @@ def test_csv_same_file_via_symlink_keeps_one_row(tmp_path, caplog):
     csv = write_csv(
         tmp_path / "m.csv", "path,label\na.jpg,cat\nlink.jpg,cat\nb.jpg,dog\nalias/a.jpg,cat\n"
     )
-    with caplog.at_level("WARNING", logger="feedtune.data.sources"):
+    with caplog.at_level("WARNING", logger="feedtune.sources.tables"):
         table = load_table(csv)
     assert _rows(table) == [(str(a), "cat"), (str(b), "dog")]  # the first listed row is kept
     assert "2 repeated row(s)" in caplog.text and "data row 2 (link.jpg)" in caplog.text

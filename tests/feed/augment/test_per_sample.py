@@ -13,9 +13,9 @@ import torch
 import yaml
 from PIL import Image
 
-from feedtune.data.augment import Transform, build_transform, save_sample_grid
-from feedtune.data.augment_policies import POLICIES
 from feedtune.config import AugmentConfig
+from feedtune.feed.augment.per_sample import Transform, build_transform, save_sample_grid
+from feedtune.feed.augment.policies import POLICIES
 
 LIBRARIES = ("torchvision", "albumentations")
 ORDERS = ("resize_first", "augment_first")

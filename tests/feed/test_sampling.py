@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from feedtune.config import SamplerConfig
-from feedtune.data.sampling import build_sampler, epoch_class_counts
+from feedtune.feed.sampling import build_sampler, epoch_class_counts
 
 
 def _targets():

@@ -31,8 +31,8 @@ from albumentations.pytorch import ToTensorV2
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
-# Eval crop covers 87.5% of the resized shorter side: torchvision's 224-of-256 convention.
-CROP_FRACTION = 0.875
+from feedtune.feed.geometry import resize_size
+
 # Random resized crop: scale lower bound goes from 0.9 (m=0) to 0.35 (m=1); usual aspect range.
 CROP_SCALE_AT_0, CROP_SCALE_AT_1 = 0.9, 0.35
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -51,11 +51,6 @@ RANDAUG_MAX = {"shear": 0.3, "translate": 150 / 331, "rotate": 30.0, "enhance": 
 TRIVIAL_MAX = {"shear": 0.99, "translate_px": 32, "rotate": 135.0, "enhance": 0.99, "bits": 6}
 
 POLICIES = ("none", "basic", "color", "geometric", "randaugment", "trivialaugment", "heavy")
-
-
-def resize_size(image_size: int) -> int:
-    """Shorter side before the centre crop (eval) or random crop (``resize_first``): ~1.14 * S."""
-    return round(image_size / CROP_FRACTION)
 
 
 def crop_scale(magnitude: float) -> tuple[float, float]:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from feedtune.config import AugmentConfig
-from feedtune.data.augment_policies import (
+from feedtune.feed.augment.policies import (
     CROP_RATIO,
     JITTER,
     ROTATE,
@@ -35,10 +35,11 @@ from feedtune.data.augment_policies import (
     TRANSLATE,
     ZOOM,
     crop_scale,
-    resize_size,
 )
-from feedtune.data.cache import working_size
-from feedtune.data.squares import ToWorkingUint8  # re-exported: the loader half of this path
+from feedtune.feed.augment.squares import (
+    ToWorkingUint8,  # re-exported: the loader half of this path
+)
+from feedtune.feed.geometry import resize_size, working_size
 
 __all__ = ["BATCH_POLICIES", "BatchAugment", "BatchParams", "ToWorkingUint8", "build_batch_augment"]
 

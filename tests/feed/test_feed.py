@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from feedtune.config import load_config
-from feedtune.data.cache import working_size
-from feedtune.data.mixing import AugmentingCollate
-from feedtune.data.pipeline import build_pipeline, prepare_data
+from feedtune.feed.augment.mixing import AugmentingCollate
+from feedtune.feed.feed import build_pipeline
+from feedtune.feed.geometry import working_size
+from feedtune.sources.prepare import prepare_data
 from feedtune.training.devices import to_device
 from feedtune.training.engine import Callback
 from feedtune.training.trainer import train_model

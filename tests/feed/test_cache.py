@@ -17,10 +17,11 @@ import torch
 import torch.multiprocessing  # noqa: F401 - registers torch's shared-memory pickling
 from PIL import Image
 
-from feedtune.config import AugmentConfig, LoaderConfig, load_config
-from feedtune.data import cache as cache_mod
-from feedtune.data.augment import build_transform
-from feedtune.data.cache import (
+from feedtune.config import AugmentConfig, LoaderConfig, load_config, with_overrides
+from feedtune.feed import cache as cache_mod
+from feedtune.feed.augment.per_sample import build_transform
+from feedtune.feed.augment.squares import SquashedImage, ToWorkingUint8
+from feedtune.feed.cache import (
     CacheTooLargeError,
     attach_cache,
     build_cache,
@@ -30,11 +31,11 @@ from feedtune.data.cache import (
     shm_margin,
     working_size,
 )
-from feedtune.data.dataset import ImageDataset
-from feedtune.data.imageio import BadImageError, decode_image
-from feedtune.data.loader import build_loader
-from feedtune.data.pipeline import build_pipeline, prepare_data
-from feedtune.data.squares import SquashedImage, ToWorkingUint8
+from feedtune.feed.dataset import ImageDataset
+from feedtune.feed.feed import build_pipeline
+from feedtune.feed.loader import build_loader
+from feedtune.sources.imageio import BadImageError, decode_image
+from feedtune.sources.prepare import prepare_data
 from feedtune.training.throughput import cache_metrics
 from tests.conftest import write_image_folder
 
@@ -243,7 +244,7 @@ def test_pipeline_caches_train_and_val_and_reports_cost(tiny_folder):
     assert metrics["cache_fill_s"] > 0
     x, y = next(iter(pipeline.train_loader))
     assert x.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE) and len(x) == len(y) > 1
-    plain = build_pipeline(cfg.replace({"loader.cache": "none"}), data, cuda=False)
+    plain = build_pipeline(with_overrides(cfg, {"loader.cache": "none"}), data, cuda=False)
     assert plain.train_set.cache is None and cache_metrics(plain) == {}
 
 
@@ -291,7 +292,7 @@ def test_cache_that_does_not_fit_in_shared_memory_is_skipped_with_a_warning(
     assert need > 2 * 2**20
     # A real folder's real free space, all of it kept for the loader: no cache fits there.
     free = shutil.disk_usage(tmp_path).free
-    with caplog.at_level("WARNING", logger="feedtune.data.cache"):
+    with caplog.at_level("WARNING", logger="feedtune.feed.cache"):
         caches = cache_datasets(
             [ds], _cfg(mode), image_size=image_size, shm_path=tmp_path, shm_margin_bytes=free
         )
@@ -320,7 +321,7 @@ def test_cache_is_built_when_shared_memory_has_room(tmp_path, caplog):
     assert free is not None and free == pytest.approx(shutil.disk_usage(tmp_path).free, rel=0.01)
     for shm_path in (tmp_path, missing, None):
         ds = _dataset(table)
-        with caplog.at_level("WARNING", logger="feedtune.data.cache"):
+        with caplog.at_level("WARNING", logger="feedtune.feed.cache"):
             caches = cache_datasets([ds], _cfg("decoded"), image_size=IMAGE_SIZE, shm_path=shm_path)
         assert caches == [ds.cache] and ds.cache.nbytes == expected.nbytes
         assert all(np.array_equal(ds.cache.get(i), expected.get(i)) for i in range(len(ds)))
@@ -374,7 +375,7 @@ def test_a_pipeline_that_reuses_a_cache_reports_no_fill_time(tiny_folder):
     data = prepare_data(cfg, progress=False)
     memo = cache_mod.CacheMemo()
     first = build_pipeline(cfg, data, cuda=False, caches=memo)
-    second = build_pipeline(cfg.replace({"train.lr": 0.01}), data, cuda=False, caches=memo)
+    second = build_pipeline(with_overrides(cfg, {"train.lr": 0.01}), data, cuda=False, caches=memo)
     assert second.train_set.cache is first.train_set.cache
     assert second.val_set.cache is first.val_set.cache
     assert cache_metrics(first)["cache_fill_s"] > 0 and cache_metrics(second)["cache_fill_s"] == 0

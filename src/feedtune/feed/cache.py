@@ -42,17 +42,14 @@ import numpy as np
 import torch
 
 from feedtune.config import LoaderConfig
-from feedtune.data.augment_policies import CROP_FRACTION
-from feedtune.data.imageio import BadImageError, _jpeg_scale, decode_image, image_size
-from feedtune.data.squares import SquashedImage, squash
+from feedtune.feed.augment.squares import SquashedImage, squash
+from feedtune.feed.geometry import working_size
 from feedtune.progress import progress_bar
+from feedtune.sources.imageio import BadImageError, decode_image, image_size, jpeg_scale
 
 log = logging.getLogger(__name__)
 
 MODES = ("none", "decoded", "resized")
-# Working resolution = this x the eval resize (S / 0.875): room for a random resized crop to
-# zoom in ~1.25x before it has to upsample (FFCV stores ImageNet at ~1.4x its 224 crops).
-WORKING_SCALE = 1.25
 MIB = 2**20
 # Where torch's shared memory lives on Linux (shm_open); absent on macOS, where it is not checked.
 SHM_PATH = "/dev/shm"
@@ -61,11 +58,6 @@ SHM_PATH = "/dev/shm"
 SHM_MARGIN_FRACTION = 0.1
 SHM_MIN_MARGIN = 16 * MIB
 _JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-def working_size(image_size: int) -> int:
-    """Shorter side of a ``resized`` cache entry and target of reduced-size JPEG decoding."""
-    return max(image_size, round(image_size / CROP_FRACTION * WORKING_SCALE))
 
 
 class CacheTooLargeError(ValueError):
@@ -185,7 +177,7 @@ def _decoded_hw(path: str, min_size: int | None) -> tuple[int, int]:
     if min_size is not None:
         with open(path, "rb") as f:
             is_jpeg = f.read(3) == _JPEG_MAGIC
-        scale = _jpeg_scale((w, h), min_size) if is_jpeg else 1
+        scale = jpeg_scale((w, h), min_size) if is_jpeg else 1
         w, h = math.ceil(w / scale), math.ceil(h / scale)
     return h, w
 

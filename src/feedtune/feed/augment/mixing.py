@@ -4,8 +4,8 @@ image and a soft target, with torchvision's v2 batch transforms.
 Mixing needs a whole batch, so it runs after collation, after the policy, on the normalized
 float images the model is fed: in the loader's collate function when the policy runs per
 sample (``augment.where: sample``), and right after the batch augmentation when it runs per
-batch (``augment.where: batch``: on the device, or in the collate function on a CPU). Only training batches are mixed: validation keeps
-hard labels, which its metrics need.
+batch (``augment.where: batch``: on the device, or in the collate function on a CPU). Only
+training batches are mixed: validation keeps hard labels, which its metrics need.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils.data import get_worker_info
 from torchvision.transforms import v2
 
-from torch.utils.data import get_worker_info
-
 from feedtune.config import AugmentConfig
-from feedtune.data.loader import collate_skipping_none
+from feedtune.feed.loader import collate_skipping_none
 
 # (float images [B, C, H, W], int64 labels [B]) -> (mixed images, float soft targets [B, K]).
 Mix = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

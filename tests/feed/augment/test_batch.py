@@ -15,16 +15,16 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from feedtune.config import AugmentConfig
-from feedtune.data.augment import build_transform
-from feedtune.data.augment_policies import TorchvisionOps, resize_size
-from feedtune.data.batch_augment import (
+from feedtune.feed.augment.batch import (
     BATCH_POLICIES,
     BatchAugment,
     BatchParams,
     ToWorkingUint8,
     build_batch_augment,
 )
-from feedtune.data.cache import working_size
+from feedtune.feed.augment.per_sample import build_transform
+from feedtune.feed.augment.policies import TorchvisionOps
+from feedtune.feed.geometry import resize_size, working_size
 
 S = 32
 N_DRAWS = 4000

@@ -1,21 +1,18 @@
 """Map-style Dataset: decode one image, apply one transform. Batching and workers are the
-DataLoader's job (see ``loader.py``); bad files are found here, before training starts."""
+DataLoader's job (see ``loader.py``); bad files were found before (``sources.prepare``)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from feedtune.data.imageio import BadImageError, check_image, decode_image
-from feedtune.progress import progress_bar
+from feedtune.sources.imageio import BadImageError, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -104,39 +101,3 @@ class ImageDataset(Dataset):
             return [self[i] for i in indices]
         with single_torch_thread():
             return [self[i] for i in indices]
-
-
-@dataclass
-class ScanResult:
-    good: pd.DataFrame
-    bad: pd.DataFrame  # columns path, label, reason
-
-
-def scan_images(
-    table: pd.DataFrame,
-    *,
-    on_bad_image: str = "skip",
-    progress: bool = True,
-    max_pixels: int | None = None,
-    max_bytes: int | None = None,
-) -> ScanResult:
-    """Cheap structural check of every file (header + end marker, no decoding).
-
-    ``skip`` drops and reports bad files; ``raise`` raises ``BadImageError`` for the first.
-    Files that are not regular, larger than ``max_bytes`` or with more than ``max_pixels``
-    pixels are bad files too (None: ``check_image``'s defaults, those of the config).
-    """
-    reasons: list[str | None] = []
-    for path in progress_bar(
-        table["path"], desc="checking images", unit="img", enabled=progress, leave=False
-    ):
-        reason = check_image(path, max_pixels=max_pixels, max_bytes=max_bytes)
-        if reason is not None and on_bad_image == "raise":
-            raise BadImageError(path, reason)
-        reasons.append(reason)
-    mask = np.array([r is None for r in reasons], dtype=bool)
-    bad = table.loc[~mask, ["path", "label"]].copy()
-    bad["reason"] = [r for r in reasons if r is not None]
-    for path, reason in zip(bad["path"], bad["reason"], strict=True):
-        log.warning("bad image skipped: %s (%s)", Path(path), reason)
-    return ScanResult(good=table.loc[mask].reset_index(drop=True), bad=bad.reset_index(drop=True))

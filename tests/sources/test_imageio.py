@@ -15,8 +15,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from feedtune.config import ConfigError, DataConfig, load_config
-from feedtune.data.dataset import ImageDataset, scan_images
-from feedtune.data.imageio import (
+from feedtune.feed.dataset import ImageDataset
+from feedtune.sources.imageio import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     EMPTY,
@@ -30,6 +30,7 @@ from feedtune.data.imageio import (
     decode_image,
     image_size,
 )
+from feedtune.sources.prepare import scan_images
 
 BACKENDS = ["pil", "opencv"]
 RED, WHITE, BLACK = (255, 0, 0), (255, 255, 255), (0, 0, 0)
@@ -380,7 +381,7 @@ def test_bad_image_error_from_dataloader_message():
 
 
 def test_opencv_backend_decodes_plain_jpeg_only(tmp_path, monkeypatch):
-    import feedtune.data.imageio as imageio
+    import feedtune.sources.imageio as imageio
 
     calls = []
     real = imageio._decode_opencv

@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from feedtune.data.shapes_render import PlannedImage, render
 from feedtune.progress import progress_bar
+from feedtune.synthetic.shapes_render import PlannedImage, render
 
 __all__ = [
     "EMBEDDED",

@@ -29,7 +29,7 @@ import yaml
 from torchvision.transforms import v2
 
 from feedtune.config import AugmentConfig
-from feedtune.data.augment_policies import AlbumentationsOps, TorchvisionOps, build_stages
+from feedtune.feed.augment.policies import AlbumentationsOps, TorchvisionOps, build_stages
 
 Step = Callable[[Any], Any]
 

@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import Dataset
 
 from feedtune.config import LoaderConfig
-from feedtune.data.loader import build_loader, collate_skipping_none
+from feedtune.feed.loader import build_loader, collate_skipping_none
 
 
 class _Numbers(Dataset):

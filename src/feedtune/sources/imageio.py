@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from feedtune.data.image_checks import (
+from feedtune.sources.image_checks import (
     _HEAD,
     _JPEG_MAGIC,
     _TAIL,
@@ -179,7 +179,7 @@ def decode_image(
         raise BadImageError(path, problem)
     try:
         orientation = _orientation(im)
-        scale = _jpeg_scale(im.size, min_size) if data.startswith(_JPEG_MAGIC) else 1
+        scale = jpeg_scale(im.size, min_size) if data.startswith(_JPEG_MAGIC) else 1
         if backend == "opencv" and data.startswith(_JPEG_MAGIC) and im.mode != "CMYK":
             rgb = _decode_opencv(data, scale)
             if rgb is None:
@@ -309,7 +309,7 @@ def _orient(rgb: np.ndarray, orientation: int) -> np.ndarray:
     return rgb
 
 
-def _jpeg_scale(size: tuple[int, int], min_size: int | None) -> int:
+def jpeg_scale(size: tuple[int, int], min_size: int | None) -> int:
     """Largest DCT scale 8/4/2 that keeps the shorter side >= ``min_size``, else 1."""
     if min_size is None:
         return 1

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from feedtune.config import SplitConfig
-from feedtune.data.split import make_split
+from feedtune.sources.split import make_split
 
 
 def _table(n_groups_per_class: dict[str, int], per_group: int = 5) -> pd.DataFrame:

@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 from feedtune.config import SplitConfig
-from feedtune.data.dataset import scan_images
-from feedtune.data.inspection import COLUMNS, EXCLUDED, Inspection, format_report, inspect_data
-from feedtune.data.sources import load_table
-from feedtune.data.split import make_split
+from feedtune.feed.geometry import working_size
+from feedtune.sources.inspection import COLUMNS, EXCLUDED, Inspection, format_report, inspect_data
+from feedtune.sources.prepare import scan_images
+from feedtune.sources.split import make_split
+from feedtune.sources.tables import load_table
 from tests.conftest import write_image_folder
 
 N_COPIES = 5
@@ -37,7 +38,13 @@ def _inspect(root: Path, *, image_size: int = 16, val_fraction: float = 0.2) -> 
     table = load_table(root)
     scan = scan_images(table, progress=False)
     split = make_split(scan.good, SplitConfig(val_fraction=val_fraction), seed=42)
-    return inspect_data(table, split, image_size=image_size, progress=False)
+    return inspect_data(
+        table,
+        split,
+        image_size=image_size,
+        working_size=working_size(image_size),
+        progress=False,
+    )
 
 
 @pytest.fixture

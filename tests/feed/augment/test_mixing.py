@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from feedtune.config import load_config
-from feedtune.data.mixing import MixingCollate
-from feedtune.data.pipeline import build_pipeline, prepare_data
+from feedtune.feed.augment.mixing import MixingCollate
+from feedtune.feed.feed import build_pipeline
+from feedtune.sources.prepare import prepare_data
 from feedtune.training.devices import to_device
 from feedtune.training.trainer import train_model
 from feedtune.tuning.space import inert_settings, ordered, quality_space

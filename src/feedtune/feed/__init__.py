@@ -1,0 +1,1 @@
+"""From images to device-ready batches: augmentation, cache, sampling, loaders, the Feed."""

@@ -1,0 +1,1 @@
+"""Augmentation: per-sample and batch policies, working squares, batch mixing."""

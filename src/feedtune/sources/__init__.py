@@ -1,0 +1,1 @@
+"""What the user's images are: listings, decoding and checks, the split, inspection."""

@@ -1,0 +1,1 @@
+"""The embedded dataset: rendered locally, never downloaded."""
