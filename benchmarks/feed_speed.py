@@ -40,7 +40,7 @@ from loader_speed import SeedDataset  # noqa: E402
 
 from feedtune.config import load_config, with_overrides  # noqa: E402
 from feedtune.feed.augment.per_sample import build_transform  # noqa: E402
-from feedtune.feed.feed import build_pipeline  # noqa: E402
+from feedtune.feed.feed import build_feed  # noqa: E402
 from feedtune.sources.prepare import prepare_data  # noqa: E402
 from feedtune.training.devices import resolve_device  # noqa: E402
 from feedtune.training.throughput import measure_loader, measure_run  # noqa: E402
@@ -74,9 +74,9 @@ def bench_loader(rounds: int = 5, batches: int = 30, batch_size: int = 64) -> di
                 "data.decoder": "opencv",
                 "augment.where": where,
             }
-            pipe = build_pipeline(with_overrides(cfg, over), data, cuda=False)
+            feed = build_feed(with_overrides(cfg, over), data, torch.device("cpu"))
             # On the CPU every loader delivers normalized floats: where=batch augments in it.
-            loaders[f"w{workers}-{where}"] = pipe.train_loader
+            loaders[f"w{workers}-{where}"] = feed.train.loader
     rates = {name: [] for name in loaders}
     for _ in range(rounds):
         for name, loader in loaders.items():
@@ -132,20 +132,21 @@ def bench_repeat(repeats: int = 10, steps: int = 60, extra: list[str] | None = N
     ]
     cfg = load_config(DEFAULT, over)
     data = prepare_data(cfg, progress=False)
+    device = resolve_device(cfg.train.device)
     rows = []
     for _ in range(repeats):
+        feed = build_feed(cfg, data, device)
         with tempfile.TemporaryDirectory() as tmp:
-            out = train_model(cfg, data, folder=Path(tmp), progress=False)
-        pipe = out.pipeline
+            out = train_model(cfg, feed, folder=Path(tmp), progress=False)
+        # The probes run on the feed the run trained from, as log_throughput does.
         result = measure_run(
             out.model,
-            pipe.train_loader,
+            feed.train,
             out.state.history,
-            device=resolve_device("cpu"),
             batches=cfg.train.measure_batches,
             train_cfg=cfg.train,
-            augment=pipe.batch_augment,
         )
+        feed.close()
         rows.append(result)
     ratio = [r.train_samples_per_s / r.model_samples_per_s for r in rows]
     error = [

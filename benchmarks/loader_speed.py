@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO / "src"))
 from feedtune.config import Config, load_config, with_overrides  # noqa: E402
 from feedtune.feed.augment.per_sample import build_transform  # noqa: E402
 from feedtune.feed.cache import attach_cache, build_cache  # noqa: E402
-from feedtune.feed.feed import build_pipeline  # noqa: E402
+from feedtune.feed.feed import build_feed  # noqa: E402
 from feedtune.sources.prepare import PreparedData, prepare_data  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0))
@@ -83,15 +83,15 @@ def feedtune_loader(cfg: Config, data: PreparedData) -> DataLoader:
     (mode, decoder) and shared, as ``feedtune bench`` does."""
     # persistent workers: repeated measurements reuse them (start-up is excluded anyway)
     plain = {"loader.persistent_workers": cfg.loader.num_workers > 0, "loader.cache": "none"}
-    pipeline = build_pipeline(with_overrides(cfg, plain), data, cuda=False)
+    feed = build_feed(with_overrides(cfg, plain), data, torch.device("cpu"))
     if cfg.loader.cache != "none":
         key = (cfg.loader.cache, cfg.data.decoder)
         if key not in _CACHES:
             _CACHES[key] = build_cache(
-                pipeline.train_set, cfg.loader, image_size=cfg.augment.image_size
+                feed.train_set, cfg.loader, image_size=cfg.augment.image_size
             )
-        attach_cache(pipeline.train_set, _CACHES[key])
-    return pipeline.train_loader
+        attach_cache(feed.train_set, _CACHES[key])
+    return feed.train.loader
 
 
 def _cpu_seconds() -> float:
@@ -239,13 +239,15 @@ def part_c(cfg: Config, data: PreparedData, best: dict[str, Any], args: argparse
 
 def part_e(cfg: Config, data: PreparedData, args: argparse.Namespace) -> None:
     """CV of the whole ``throughput.measure`` (loader, model, end to end) that ``train`` logs."""
+    from feedtune.feed.device import DeviceLoader
     from feedtune.training.devices import resolve_device
     from feedtune.training.models import build_model
     from feedtune.training.throughput import measure
 
     model = build_model(cfg.model, num_classes=len(data.classes))
-    loader = feedtune_loader(cfg, data)
-    device = resolve_device(cfg.train.device)
+    # The CPU loader of (a)-(d) feeding the model on the training device, in the model's own
+    # memory format (build_model's NCHW), with no step on the device: what this part measured.
+    train = DeviceLoader(feedtune_loader(cfg, data), resolve_device(cfg.train.device))
     keys = ("loader_samples_per_s", "model_samples_per_s", "train_samples_per_s")
     print("\n### (e) repeatability of `throughput.measure` (train.measure_batches), defaults\n")
     print("| measure_batches | seconds each | " + " | ".join(f"CV {k}" for k in keys) + " |")
@@ -253,7 +255,7 @@ def part_e(cfg: Config, data: PreparedData, args: argparse.Namespace) -> None:
     for length in args.lengths_e:
         runs, start = [], time.perf_counter()
         for _ in range(5):
-            runs.append(measure(model, loader, device=device, batches=length).metrics())
+            runs.append(measure(model, train, batches=length).metrics())
         each = (time.perf_counter() - start) / 5
         cvs = [
             statistics.stdev(r[k] for r in runs) / statistics.mean(r[k] for r in runs) for k in keys

@@ -4,8 +4,11 @@
 
 One Optuna trial trains the default recipe with 2 persistent loader workers for 5 steps and
 is pruned at the end of its epoch, as successive halving prunes; then the garbage collection
-Optuna runs after every trial is timed. Before ``Pipeline.close`` it took ~20 s (each worker
-waited out a 5 s join timeout); it should take well under a second.
+Optuna runs after every trial is timed. Before ``Feed.close`` (then ``Pipeline.close``) it took
+~20 s (each worker waited out a 5 s join timeout); it should take well under a second.
+
+The callback stops training with ``StopTraining("pruned")`` and the objective turns that into
+``optuna.TrialPruned`` at the trial's edge, as ``tuning.stages`` does.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from feedtune.config import load_config  # noqa: E402
+from feedtune.feed.feed import build_feed  # noqa: E402
 from feedtune.sources.prepare import prepare_data  # noqa: E402
-from feedtune.training.engine import Callback  # noqa: E402
+from feedtune.training.devices import resolve_device  # noqa: E402
+from feedtune.training.engine import Callback, StopTraining  # noqa: E402
 from feedtune.training.trainer import train_model  # noqa: E402
 
 SETTINGS = [
@@ -40,7 +45,7 @@ SETTINGS = [
 
 class PruneAtEpochEnd(Callback):
     def on_epoch_end(self, epoch, metrics, **_):
-        raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
+        raise StopTraining("pruned", f"pruned after epoch {epoch + 1}")
 
 
 def main() -> None:
@@ -49,10 +54,17 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(REPO / "experiments" / "default.yaml", [*SETTINGS, *args.set])
     data = prepare_data(cfg, progress=False)
+    device = resolve_device(cfg.train.device)
 
     def objective(trial: optuna.Trial) -> float:
-        with tempfile.TemporaryDirectory() as tmp:
-            train_model(cfg, data, folder=Path(tmp), progress=False, callbacks=[PruneAtEpochEnd()])
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                feed = build_feed(cfg, data, device)
+                train_model(
+                    cfg, feed, folder=Path(tmp), progress=False, callbacks=[PruneAtEpochEnd()]
+                )
+        except StopTraining as stop:
+            raise optuna.TrialPruned(str(stop)) from stop
         return 0.0
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

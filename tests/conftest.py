@@ -57,6 +57,23 @@ def tiny_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "imgs", {"a": 24, "b": 12, "c": 8}, groups_of=4)
 
 
+TINY_RUN = ["augment.image_size=32", "loader.batch_size=8", "train.measure_batches=0"]
+
+
+def tiny_feed(folder: Path, *overrides: str, policy_on: str | None = None):
+    """(config, prepared data, Feed on the CPU) for the images in ``folder``: 32 px, batches
+    of 8, then ``overrides`` (dotted ``key=value``)."""
+    import torch
+
+    from feedtune.config import load_config
+    from feedtune.feed.feed import build_feed
+    from feedtune.sources.prepare import prepare_data
+
+    cfg = load_config(None, [f"data.path={folder}", *TINY_RUN, *overrides])
+    data = prepare_data(cfg, progress=False)
+    return cfg, data, build_feed(cfg, data, torch.device("cpu"), policy_on=policy_on)
+
+
 @pytest.fixture(scope="session")
 def _empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """MLflow's schema migrations take seconds: run them once, copy the file per test."""

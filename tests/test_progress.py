@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,36 +11,21 @@ import pytest
 
 from feedtune.progress import LineProgress, progress_bar
 from feedtune.tuning import optuna_study
+from tests.conftest import REPO, env_with_src, write_image_folder
 
-# ``fit`` for 3 epochs on a tiny in-memory dataset, once per mode, each run's stderr after a
-# marker line. One process for all modes: importing torch costs seconds.
+# ``train_model`` for 3 epochs on tiny images, once per mode, each run's stderr after a marker
+# line. One process for all modes: importing torch costs seconds.
 FIT_SCRIPT = textwrap.dedent(
     """
     import os
     import sys
+    import tempfile
+    from pathlib import Path
 
-    import torch
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
+    from tests.conftest import tiny_feed
+    from feedtune.training.trainer import train_model
 
-    from feedtune.config import TrainConfig
-    from feedtune.training.engine import build_optimizer, fit
-
-
-    class TinyNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.features = nn.Linear(4, 8)
-            self.classifier = nn.Linear(8, 2)
-
-        def forward(self, x):
-            return self.classifier(torch.relu(self.features(x)))
-
-
-    torch.manual_seed(0)
-    x = torch.randn(64, 4)
-    data = TensorDataset(x, (x[:, 0] > 0).long())
-    cfg = TrainConfig(epochs=3, lr=0.01, patience=0)
+    cfg, _, feed = tiny_feed(sys.argv[1], "train.epochs=3", "train.patience=0", "model.width=4")
     for name, forced, progress in [
         ("auto", None, True), ("bar", "bar", True), ("disabled", None, False)
     ]:
@@ -49,27 +33,20 @@ FIT_SCRIPT = textwrap.dedent(
         if forced:
             os.environ["FEEDTUNE_PROGRESS"] = forced
         print(f"=== {name}", file=sys.stderr, flush=True)
-        model = TinyNet()
-        fit(
-            model,
-            DataLoader(data, batch_size=8),
-            DataLoader(data, batch_size=64),
-            cfg,
-            num_classes=2,
-            optimizer=build_optimizer(model, cfg),
-            device=torch.device("cpu"),
-            progress=progress,
-        )
+        with tempfile.TemporaryDirectory() as tmp:
+            train_model(cfg, feed, folder=Path(tmp), progress=progress)
     """
 )
 
 
 @pytest.fixture(scope="module")
-def fit_stderr() -> dict[str, str]:
+def fit_stderr(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Each mode's stderr from a real process whose stderr is a pipe (not a terminal)."""
-    env = {k: v for k, v in os.environ.items() if k != "FEEDTUNE_PROGRESS"}
+    images = write_image_folder(tmp_path_factory.mktemp("progress"), {"a": 12, "b": 12})
+    env = {k: v for k, v in env_with_src().items() if k != "FEEDTUNE_PROGRESS"}
     done = subprocess.run(
-        [sys.executable, "-c", FIT_SCRIPT],
+        [sys.executable, "-c", FIT_SCRIPT, str(images)],
+        cwd=REPO,
         stdin=subprocess.DEVNULL,
         capture_output=True,  # bytes: text mode would turn tqdm's '\r' into '\n'
         env=env,

@@ -8,7 +8,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -200,80 +201,114 @@ def _refuse_under_torchrun(command: str) -> None:
         )
 
 
-def _run(args: argparse.Namespace) -> int:
+@dataclass
+class Call:
+    """A command ready to run: ``report(run(**kwargs))`` prints its result, returns the exit
+    code. ``main`` calls ``run`` itself, so a command's work starts one frame below ``main``."""
+
+    run: Callable[..., Any]
+    kwargs: dict[str, Any]
+    report: Callable[[Any], None] = lambda result: None
+
+
+def _call(args: argparse.Namespace) -> Call:
+    """The command's function (imported only now: each pulls in torch, MLflow or Optuna) and
+    its arguments."""
     progress = not args.no_progress
     _refuse_under_torchrun(args.command)
     if args.command == "data":
         from feedtune.commands.data import run_data
 
-        manifest = run_data(args.name, root=args.root, seed=args.seed, progress=progress)
-        print(f"dataset '{args.name}' ready: {manifest}")
-        return 0
-    cfg = _config(args)
-    if args.command == "train":
-        from feedtune.commands.train import run_train
-        from feedtune.training.distributed import env_rank
+        def said(manifest: Any) -> None:
+            print(f"dataset '{args.name}' ready: {manifest}")
 
-        run_id = run_train(cfg, resume_run_id=args.resume or None, progress=progress)
+        kwargs = {"name": args.name, "root": args.root, "seed": args.seed, "progress": progress}
+        return Call(run_data, kwargs, said)
+    cfg = _config(args)
+    maker = {
+        "train": _train_call,
+        "tune": _tune_call,
+        "bench": _bench_call,
+        "finetune": _finetune_call,
+        "inspect": _inspect_call,
+        "best": _best_call,
+    }[args.command]  # argparse rejects unknown commands
+    return maker(args, cfg, progress)
+
+
+def _train_call(args: argparse.Namespace, cfg: Config, progress: bool) -> Call:
+    from feedtune.commands.train import run_train
+    from feedtune.training.distributed import env_rank
+
+    def said(run_id: str) -> None:
         if env_rank() == 0:  # under torchrun, one line for the job, not one per process
             print(f"run {run_id} finished (experiment '{cfg.experiment}')")
-        return 0
-    if args.command == "tune":
-        from feedtune.commands.tune import run_tune
 
-        n_trials = _positive_or_none(args.n_trials)
-        result = run_tune(
-            cfg,
-            stage=args.stage,
-            n_trials=int(n_trials) if n_trials is not None else None,
-            timeout=_positive_or_none(args.timeout),
-            storage=_storage(args),
-            study_name=args.study or None,
-            progress=progress,
-        )
-        print(
-            f"study '{result.study_name}' (storage {result.storage}), "
-            f"parent run {result.parent_run_id}"
-        )
-        if result.best_run_id:
-            print(
-                f"best trial run {result.best_run_id}: "
-                f"{cfg.search.metric} = {result.best_value:.4f}"
-            )
-            settings = " ".join(f"--set {k}={v}" for k, v in result.best_params.items())
-            print(_verdict_line(result, cfg.search.metric))
-            print("settings: " + settings)
-        return 0
-    if args.command == "bench":
-        from feedtune.commands.bench import run_bench
+    kwargs = {"cfg": cfg, "resume_run_id": args.resume or None, "progress": progress}
+    return Call(run_train, kwargs, said)
 
-        if _positive_or_none(args.model_rate) is not None:
-            cfg = with_overrides(cfg, {"bench.model_rate": args.model_rate})
-        run_bench(cfg, progress=progress)
-        return 0
-    if args.command == "finetune":
-        from feedtune.commands.finetune import run_finetune
 
-        run_id = run_finetune(
-            cfg,
-            source=args.source or "best",
-            source_experiment=args.source_experiment or DEFAULT_EXPERIMENT,
-            progress=progress,
-        )
+def _tune_call(args: argparse.Namespace, cfg: Config, progress: bool) -> Call:
+    from feedtune.commands.tune import run_tune
+
+    n_trials = _positive_or_none(args.n_trials)
+    kwargs = {
+        "cfg": cfg,
+        "stage": args.stage,
+        "n_trials": int(n_trials) if n_trials is not None else None,
+        "timeout": _positive_or_none(args.timeout),
+        "storage": _storage(args),
+        "study_name": args.study or None,
+        "progress": progress,
+    }
+    return Call(run_tune, kwargs, lambda result: _report_tune(result, cfg.search.metric))
+
+
+def _report_tune(result: Any, metric: str) -> None:
+    print(
+        f"study '{result.study_name}' (storage {result.storage}), parent run {result.parent_run_id}"
+    )
+    if result.best_run_id:
+        print(f"best trial run {result.best_run_id}: {metric} = {result.best_value:.4f}")
+        settings = " ".join(f"--set {k}={v}" for k, v in result.best_params.items())
+        print(_verdict_line(result, metric))
+        print("settings: " + settings)
+
+
+def _bench_call(args: argparse.Namespace, cfg: Config, progress: bool) -> Call:
+    from feedtune.commands.bench import run_bench
+
+    if _positive_or_none(args.model_rate) is not None:
+        cfg = with_overrides(cfg, {"bench.model_rate": args.model_rate})
+    return Call(run_bench, {"cfg": cfg, "progress": progress})
+
+
+def _finetune_call(args: argparse.Namespace, cfg: Config, progress: bool) -> Call:
+    from feedtune.commands.finetune import run_finetune
+
+    def said(run_id: str) -> None:
         print(f"finetune run {run_id} finished (experiment '{cfg.experiment}', from {args.source})")
-        return 0
-    if args.command == "inspect":
-        from feedtune.commands.inspect import run_inspect
 
-        run_inspect(cfg, progress=progress)
-        return 0
-    if args.command == "best":
-        from feedtune.commands.best import describe_best, emit_python
+    kwargs = {
+        "cfg": cfg,
+        "source": args.source or "best",
+        "source_experiment": args.source_experiment or DEFAULT_EXPERIMENT,
+        "progress": progress,
+    }
+    return Call(run_finetune, kwargs, said)
 
-        experiment = args.experiment or cfg.experiment
-        print(emit_python(experiment) if args.emit == "python" else describe_best(experiment))
-        return 0
-    raise AssertionError(args.command)  # argparse rejects unknown commands
+
+def _inspect_call(args: argparse.Namespace, cfg: Config, progress: bool) -> Call:
+    from feedtune.commands.inspect import run_inspect
+
+    return Call(run_inspect, {"cfg": cfg, "progress": progress})
+
+
+def _best_call(args: argparse.Namespace, cfg: Config, progress: bool) -> Call:
+    from feedtune.commands.best import describe_best, emit_python
+
+    show = emit_python if args.emit == "python" else describe_best
+    return Call(show, {"experiment": args.experiment or cfg.experiment}, print)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -307,7 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C: runs marked KILLED, checkpoints kept.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return _run(args)
+        call = _call(args)
+        call.report(call.run(**call.kwargs))
+        return 0
     except ConfigError as exc:
         print(f"feedtune: config error: {exc}", file=sys.stderr)
         return 2
@@ -318,7 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"feedtune: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-        if type(exc).__name__ == "CheckpointError":  # refused or unreadable; names its file
+        from feedtune.training.checkpoint import CheckpointError
+
+        if isinstance(exc, CheckpointError):  # refused or unreadable; names its file
             print(f"feedtune: error: {exc}", file=sys.stderr)
             return 1
         # MLflow server unreachable and the like: one line, plus where to look for more.

@@ -30,10 +30,11 @@ from feedtune.sources.imageio import decode_image
 from feedtune.tracking import mlflow_store as tracking
 from feedtune.tracking.lookup import fetch_checkpoint, resolve_run_id
 from feedtune.training.checkpoint import CheckpointError, load_checkpoint
-from feedtune.training.engine import Callback, build_optimizer, fit
-from feedtune.training.models import head_parameters
+from feedtune.training.engine import Callback, build_optimizer
+from feedtune.training.models import head_parameters, set_backbone_trainable
+from feedtune.training.trainer import train_model
 from tests.commands.test_train import CONTRACT_ARTIFACTS, CONTRACT_METRICS
-from tests.conftest import REPO, env_with_src, single_torch_thread, write_image_folder
+from tests.conftest import REPO, env_with_src, single_torch_thread, tiny_feed, write_image_folder
 
 TINY = [
     "augment.image_size=32",
@@ -320,15 +321,17 @@ def test_finetune_command_runs_with_its_default_config(store, colours, tmp_path)
     assert fetch_checkpoint(run.info.run_id, tmp_path / "ft")["classes"] == ["cyan", "magenta"]
 
 
-def test_unfreeze_after_trains_the_backbone_from_that_epoch(colours):
-    """engine.fit with a model prepared for finetuning: epoch 0 moves only the head, epoch 1
+def test_unfreeze_after_trains_the_backbone_from_that_epoch(colours, tmp_path):
+    """train_model with a model prepared for finetuning: epoch 0 moves only the head, epoch 1
     the backbone too (at the lower finetuning learning rate)."""
     from feedtune.training.models import build_model
 
-    cfg = load_config(None, [*TINY, "model.freeze=backbone", "train.unfreeze_after=1"])
-    model = build_model(cfg.model, num_classes=2)
+    cfg, _, feed = tiny_feed(
+        colours, *TINY, "model.freeze=backbone", "train.unfreeze_after=1", "model.width=4"
+    )
+    model = build_model(cfg.model, num_classes=3)
+    set_backbone_trainable(model, False)
     head = {id(p) for p in head_parameters(model)}
-    batches = [(torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4)) for _ in range(2)]
 
     class Moved(Callback):
         def __init__(self):
@@ -348,16 +351,8 @@ def test_unfreeze_after_trains_the_backbone_from_that_epoch(colours):
             self.last = now
 
     moved = Moved()
-    fit(
-        model,
-        batches,
-        batches,
-        cfg.train,
-        num_classes=2,
-        optimizer=build_optimizer(model, cfg.train, finetune=True),
-        device=torch.device("cpu"),
-        callbacks=[moved],
-        progress=False,
+    train_model(
+        cfg, feed, folder=tmp_path, model=model, finetune=True, callbacks=[moved], progress=False
     )
     assert moved.moved == [(False, True), (True, True)]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import mlflow
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -15,6 +14,7 @@ from feedtune.cli import _verdict_line
 from feedtune.commands.tune import TuneResult, run_tune, verdict
 from feedtune.config import load_config
 from feedtune.feed.dataset import single_torch_thread
+from feedtune.training.engine import StopTraining
 from feedtune.tuning.stages import StopAtDeadline
 from tests.conftest import artifact_paths, write_image_folder
 
@@ -152,16 +152,15 @@ def test_a_model_bound_start_skips_the_speed_stage(tmp_path, data, mlflow_store)
     assert parent.data.tags["feedtune.speed_stage"] == "skipped"
 
 
-def test_the_deadline_never_stops_a_trial_after_its_last_epoch(mlflow_store):
+def test_the_deadline_never_stops_a_trial_after_its_last_epoch():
     seconds: list[float] = []
     past = StopAtDeadline(time.monotonic() - 1, seconds, epochs=3)
     past.on_epoch_start(2)
     past.on_epoch_end(2, {})  # the last epoch: its trial is complete, not stopped
     assert len(seconds) == 1
-    mlflow.set_tracking_uri(mlflow_store)  # earlier tests leave another store's experiment
-    mlflow.set_experiment("deadline-unit")
-    with mlflow.start_run(), pytest.raises(optuna.TrialPruned, match="deadline"):
+    with pytest.raises(StopTraining, match="deadline") as stopped:
         past.on_epoch_end(1, {})
+    assert stopped.value.reason == "deadline"
 
 
 def test_the_closing_line_says_when_the_start_itself_won():

@@ -32,7 +32,7 @@ from feedtune.feed.cache import (
     working_size,
 )
 from feedtune.feed.dataset import ImageDataset
-from feedtune.feed.feed import build_pipeline
+from feedtune.feed.feed import build_feed
 from feedtune.feed.loader import build_loader
 from feedtune.sources.imageio import BadImageError, decode_image
 from feedtune.sources.prepare import prepare_data
@@ -229,22 +229,22 @@ def test_cache_of_another_table_is_refused(tmp_path):
         attach_cache(_dataset(table.iloc[::-1]), cache)
 
 
-def test_pipeline_caches_train_and_val_and_reports_cost(tiny_folder):
+def test_the_feed_caches_train_and_val_and_reports_cost(tiny_folder):
     cfg = load_config(
         None,
         [f"data.path={tiny_folder}", "loader.cache=resized", f"augment.image_size={IMAGE_SIZE}"],
     )
     data = prepare_data(cfg, progress=False)
-    pipeline = build_pipeline(cfg, data, cuda=False)
-    assert pipeline.train_set.min_decode_size == working_size(IMAGE_SIZE)
-    caches = [pipeline.train_set.cache, pipeline.val_set.cache]
+    feed = build_feed(cfg, data, torch.device("cpu"))
+    assert feed.train_set.min_decode_size == working_size(IMAGE_SIZE)
+    caches = [feed.train_set.cache, feed.val_set.cache]
     assert all(c is not None and c.mode == "resized" for c in caches)
-    metrics = cache_metrics(pipeline)
+    metrics = cache_metrics(feed)
     assert metrics["cache_mb"] == pytest.approx(sum(c.nbytes for c in caches) / 2**20)
     assert metrics["cache_fill_s"] > 0
-    x, y = next(iter(pipeline.train_loader))
+    x, y = next(iter(feed.train))
     assert x.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE) and len(x) == len(y) > 1
-    plain = build_pipeline(with_overrides(cfg, {"loader.cache": "none"}), data, cuda=False)
+    plain = build_feed(with_overrides(cfg, {"loader.cache": "none"}), data, torch.device("cpu"))
     assert plain.train_set.cache is None and cache_metrics(plain) == {}
 
 
@@ -368,14 +368,16 @@ def test_a_memo_reuses_a_matching_cache_and_keeps_only_the_latest(tmp_path, monk
     assert third is not first
 
 
-def test_a_pipeline_that_reuses_a_cache_reports_no_fill_time(tiny_folder):
+def test_a_feed_that_reuses_a_cache_reports_no_fill_time(tiny_folder):
     cfg = load_config(
         None, [f"data.path={tiny_folder}", "augment.image_size=32", "loader.cache=resized"]
     )
     data = prepare_data(cfg, progress=False)
     memo = cache_mod.CacheMemo()
-    first = build_pipeline(cfg, data, cuda=False, caches=memo)
-    second = build_pipeline(with_overrides(cfg, {"train.lr": 0.01}), data, cuda=False, caches=memo)
+    first = build_feed(cfg, data, torch.device("cpu"), caches=memo)
+    second = build_feed(
+        with_overrides(cfg, {"train.lr": 0.01}), data, torch.device("cpu"), caches=memo
+    )
     assert second.train_set.cache is first.train_set.cache
     assert second.val_set.cache is first.val_set.cache
     assert cache_metrics(first)["cache_fill_s"] > 0 and cache_metrics(second)["cache_fill_s"] == 0

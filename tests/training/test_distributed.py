@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from feedtune.config import SamplerConfig, load_config
-from feedtune.feed.feed import build_pipeline
+from feedtune.feed.feed import build_feed
 from feedtune.feed.sampling import DistributedWeightedSampler, build_sampler, epoch_draw
 from feedtune.sources.prepare import prepare_data
 from feedtune.training.distributed import Dist, init_from_env, unwrap
@@ -119,7 +119,7 @@ def test_epoch_draw_of_a_share_is_the_draw_of_all_processes(kind):
         assert (draw == sorted(draw)) == (kind == "sequential")
 
 
-def test_pipeline_gives_each_rank_its_val_images_once(tiny_folder):
+def test_the_feed_gives_each_rank_its_val_images_once(tiny_folder):
     cfg = load_config(
         None, [f"data.path={tiny_folder}", "augment.image_size=32", "sampler.kind=weighted"]
     )
@@ -127,11 +127,11 @@ def test_pipeline_gives_each_rank_its_val_images_once(tiny_folder):
     n_val = len(data.split.val)
     seen = []
     for rank in range(2):
-        pipeline = build_pipeline(cfg, data, cuda=False, rank=rank, world_size=2)
-        share = pipeline.val_loader.dataset
+        feed = build_feed(cfg, data, torch.device("cpu"), rank=rank, world_size=2)
+        share = feed.val.loader.dataset
         assert isinstance(share, Subset) and list(share.indices) == list(range(rank, n_val, 2))
-        assert len(pipeline.val_set) == n_val  # the whole set stays on the pipeline
-        assert isinstance(pipeline.sampler, DistributedWeightedSampler)
+        assert len(feed.val_set) == n_val  # the whole set stays on the feed
+        assert isinstance(feed.sampler, DistributedWeightedSampler)
         seen += list(share.indices)
     assert sorted(seen) == list(range(n_val))
 
@@ -271,10 +271,10 @@ def test_torchrun_train_is_one_run_with_whole_set_metrics(tmp_path, mlflow_store
     assert logged_val == sorted(Path(p).name for p in data.split.val["path"])
     model, _ = model_from_checkpoint(load_checkpoint(folder / "checkpoints" / "best.pt"))
     prepare_model(model, torch.device("cpu"), channels_last=cfg.train.channels_last)
-    pipeline = build_pipeline(cfg, data, cuda=False)
+    feed = build_feed(cfg, data, torch.device("cpu"))
     result = evaluate(
         model,
-        pipeline.val_loader,
+        feed.val,
         nn.CrossEntropyLoss(),
         device=torch.device("cpu"),
         num_classes=len(data.classes),

@@ -1,12 +1,16 @@
-"""The training loop's learning-rate schedule: its shape, and that fit follows it per step."""
+"""The training loop: the learning-rate schedule's shape, and that training follows it per
+step, keeps the finetuning ratio and the model's memory format; the stop signal."""
+
+from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from feedtune.config import TrainConfig
-from feedtune.training.engine import build_optimizer, fit, lr_factor
+from feedtune.training.devices import is_channels_last
+from feedtune.training.engine import STOP_REASONS, Callback, StopTraining, lr_factor
+from feedtune.training.models import SmallCNN
+from feedtune.training.trainer import train_model
+from tests.conftest import tiny_feed
 
 
 def test_cosine_warms_up_then_decays_to_zero():
@@ -21,68 +25,88 @@ def test_cosine_warms_up_then_decays_to_zero():
     assert lr_factor("constant", 150, total, 0.1) == 1.0
 
 
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Linear(4, 8)
-        self.classifier = nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.relu(self.features(x)))
+class LastOptimizer(Callback):
+    def on_epoch_end(self, epoch, metrics, *, optimizer, **_):
+        self.groups = [dict(g) for g in optimizer.param_groups]
 
 
-def _linear_data() -> TensorDataset:
-    torch.manual_seed(0)
-    x = torch.randn(64, 4)
-    return TensorDataset(x, (x[:, 0] > 0).long())
-
-
-def _fit(
-    cfg: TrainConfig, model: nn.Module, data: TensorDataset, *, finetune: bool = False
-) -> tuple[list[dict], torch.optim.Optimizer]:
-    """``fit`` on CPU in batches of 8 (validation in one batch); (history, optimizer)."""
-    optimizer = build_optimizer(model, cfg, finetune=finetune)
-    state = fit(
-        model,
-        DataLoader(data, batch_size=8),
-        DataLoader(data, batch_size=64),
+def _train(folder, tmp_path, *overrides, model=None, finetune=False):
+    """``train_model`` on the tiny images; (history, the optimizer's groups at the end, feed)."""
+    cfg, _, feed = tiny_feed(folder, "train.patience=0", *overrides)
+    last = LastOptimizer()
+    outcome = train_model(
         cfg,
-        num_classes=2,
-        optimizer=optimizer,
-        device=torch.device("cpu"),
+        feed,
+        folder=tmp_path,
+        model=model,
+        finetune=finetune,
         progress=False,
+        callbacks=[last],
     )
-    return state.history, optimizer
+    return outcome.state.history, last.groups, feed
 
 
-def test_fit_follows_the_schedule_and_keeps_group_ratios():
-    cfg = TrainConfig(epochs=4, lr=0.01, patience=0, lr_schedule="cosine", warmup_frac=0.0)
-    lrs = [row["lr"] for row in _fit(cfg, TinyNet(), _linear_data())[0]]
-    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-4
-    # 8 steps per epoch, 32 in all: epoch 1 ends at step 7, with the cosine's value there
-    assert lrs[0] == pytest.approx(0.01 * lr_factor("cosine", 7, 32, 0.0))
+def test_training_follows_the_schedule_per_step(tiny_folder, tmp_path, one_torch_thread):
+    over = ["train.epochs=3", "train.lr=0.01", "train.lr_schedule=cosine", "train.warmup_frac=0"]
+    history, _, feed = _train(tiny_folder, tmp_path, *over)
+    lrs = [row["lr"] for row in history]
+    steps = len(feed.train)  # each epoch ends at its last step, with the cosine's value there
+    want = [0.01 * lr_factor("cosine", (e + 1) * steps - 1, 3 * steps, 0.0) for e in range(3)]
+    assert lrs == pytest.approx(want)
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.001
 
-    cfg = TrainConfig(epochs=2, lr=0.01, patience=0, lr_schedule="constant")
-    assert [row["lr"] for row in _fit(cfg, TinyNet(), _linear_data())[0]] == [0.01, 0.01]
+    over = ["train.epochs=2", "train.lr=0.01", "train.lr_schedule=constant"]
+    assert [row["lr"] for row in _train(tiny_folder, tmp_path, *over)[0]] == [0.01, 0.01]
 
 
-def test_finetune_backbone_keeps_its_lower_rate_under_the_schedule():
-    cfg = TrainConfig(epochs=2, lr=0.01, patience=0, backbone_lr_scale=0.1)
-    _, optimizer = _fit(cfg, TinyNet(), _linear_data(), finetune=True)
-    backbone, head = optimizer.param_groups
+def test_finetune_backbone_keeps_its_lower_rate_under_the_schedule(
+    tiny_folder, tmp_path, one_torch_thread
+):
+    over = ["train.epochs=2", "train.lr=0.01", "train.backbone_lr_scale=0.1"]
+    _, (backbone, head), _ = _train(tiny_folder, tmp_path, *over, finetune=True)
     assert 0 < head["lr"] < 0.01
     assert backbone["lr"] == pytest.approx(0.1 * head["lr"])
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_channels_last_reaches_model_and_batches(channels_last: bool):
-    from feedtune.training.devices import is_channels_last
-    from feedtune.training.models import SmallCNN
-
-    torch.manual_seed(0)
-    x = torch.randn(16, 3, 32, 32)
-    data = TensorDataset(x, torch.arange(16) % 2)
-    model = SmallCNN(2, width=8)
-    history, _ = _fit(TrainConfig(epochs=1, patience=0, channels_last=channels_last), model, data)
+def test_channels_last_reaches_model_and_batches(
+    tiny_folder, tmp_path, one_torch_thread, channels_last
+):
+    model = SmallCNN(3, width=4, depth=2)
+    over = ["train.epochs=1", f"train.channels_last={channels_last}"]
+    history, _, feed = _train(tiny_folder, tmp_path, *over, model=model)
     assert is_channels_last(model) is channels_last
+    images, _ = next(iter(feed.train))
+    assert images.is_contiguous(memory_format=torch.channels_last) is channels_last
     assert history[0]["train_loss"] > 0
+
+
+def test_a_stop_from_a_callback_ends_training_after_that_epoch(
+    tiny_folder, tmp_path, one_torch_thread
+):
+    class Prune(Callback):
+        def on_epoch_end(self, epoch, metrics, *, state, **_):
+            self.state = state
+            if epoch == 1:
+                raise StopTraining("pruned", "pruned after epoch 2")
+
+    cfg, _, feed = tiny_feed(tiny_folder, "train.epochs=4", "train.patience=0")
+    prune = Prune()
+    with pytest.raises(StopTraining) as stopped:
+        train_model(cfg, feed, folder=tmp_path, progress=False, callbacks=[prune])
+    assert stopped.value.reason == "pruned" and str(stopped.value) == "pruned after epoch 2"
+    assert prune.state.epoch == 2 and prune.state.stopped == "pruned"
+    assert (tmp_path / "last.pt").exists()  # the stopped epoch is checkpointed
+
+
+def test_patience_ends_training_normally_and_says_so(tiny_folder, tmp_path, one_torch_thread):
+    # lr 0: nothing improves after the first epoch, so patience 1 stops after the second.
+    cfg, _, feed = tiny_feed(tiny_folder, "train.epochs=5", "train.patience=1", "train.lr=1e-8")
+    outcome = train_model(cfg, feed, folder=tmp_path, progress=False)
+    assert outcome.state.epoch < 5 and outcome.state.stopped == "patience"
+
+
+def test_only_known_stop_reasons():
+    assert set(STOP_REASONS[1:]) == {"pruned", "deadline"}
+    with pytest.raises(ValueError, match="reason 'bored'"):
+        StopTraining("bored")

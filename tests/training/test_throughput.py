@@ -5,8 +5,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from feedtune.config import LoaderConfig
+from feedtune.feed.device import DeviceLoader
 from feedtune.feed.loader import build_loader
 from feedtune.training.throughput import measure
+
+CPU = torch.device("cpu")
 
 
 class _Slow(Dataset):
@@ -38,7 +41,7 @@ def _measure(item_delay, step_delay, *, num_workers, batches=6):
     loader = build_loader(
         _Slow(item_delay), LoaderConfig(batch_size=8, num_workers=num_workers), seed=0
     )
-    return measure(_Model(step_delay), loader, device=torch.device("cpu"), batches=batches)
+    return measure(_Model(step_delay), DeviceLoader(loader, CPU), batches=batches)
 
 
 # The controlled costs are sleeps, far larger than the real work (a few 8x3x8x8 tensors and a
@@ -69,14 +72,14 @@ def test_slow_model_is_the_bottleneck():
 def test_a_run_is_measured_from_its_own_epochs_and_short_probes():
     from feedtune.training.throughput import measure_run
 
-    loader = build_loader(_Slow(0.0), LoaderConfig(batch_size=8), seed=0)
+    loader = DeviceLoader(build_loader(_Slow(0.0), LoaderConfig(batch_size=8), seed=0), CPU)
     history = [
         {"epoch": 0, "epoch_samples_per_s": 50.0, "epoch_data_wait_frac": 0.9},  # set-up
         {"epoch": 1, "epoch_samples_per_s": 200.0, "epoch_data_wait_frac": 0.1},
         {"epoch": 2, "epoch_samples_per_s": 220.0, "epoch_data_wait_frac": 0.3},
         {"epoch": 3, "epoch_samples_per_s": 210.0, "epoch_data_wait_frac": 0.2},
     ]
-    result = measure_run(_Model(0.0), loader, history, device=torch.device("cpu"), batches=4)
+    result = measure_run(_Model(0.0), loader, history, batches=4)
     assert result.train_samples_per_s == 210.0 and result.data_wait_frac == 0.2  # medians
     slower = "loader" if result.loader_samples_per_s < result.model_samples_per_s else "model"
     assert result.bottleneck == slower  # the verdict follows the same two rates
@@ -93,15 +96,15 @@ def test_the_model_is_never_slower_than_the_epochs_saw_it_consume():
 
     # The probe finds the model at ~1/0.05 s x 8 = ~160 samples/s; the epochs saw it consume
     # 400 samples/s between its waits (300 samples/s with a quarter of the time waiting).
-    loader = build_loader(_Slow(0.0), LoaderConfig(batch_size=8), seed=0)
+    loader = DeviceLoader(build_loader(_Slow(0.0), LoaderConfig(batch_size=8), seed=0), CPU)
     history = [
         {"epoch": 0, "epoch_samples_per_s": 30.0, "epoch_data_wait_frac": 0.9},
         {"epoch": 1, "epoch_samples_per_s": 300.0, "epoch_data_wait_frac": 0.25},
     ]
-    result = measure_run(_Model(0.05), loader, history, device=torch.device("cpu"), batches=3)
+    result = measure_run(_Model(0.05), loader, history, batches=3)
     assert result.model_samples_per_s == 400.0
     assert result.train_samples_per_s <= result.model_samples_per_s
     # A probe faster than what the epochs saw (a loader took CPU from the model) stands.
     crowded = [{**h, "epoch_samples_per_s": h["epoch_samples_per_s"] / 300} for h in history]
-    quick = measure_run(_Model(0.0), loader, crowded, device=torch.device("cpu"), batches=3)
+    quick = measure_run(_Model(0.0), loader, crowded, batches=3)
     assert quick.model_samples_per_s > 4 / 3  # what the epochs saw: 1 / 0.75

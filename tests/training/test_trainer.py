@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from feedtune.config import load_config
+from feedtune.feed.feed import build_feed
 from feedtune.sources.prepare import prepare_data
 from feedtune.training.checkpoint import load_checkpoint
 from feedtune.training.trainer import BEST, train_model
+
+CPU = torch.device("cpu")
 
 
 def _cfg(data: Path, **overrides):
@@ -32,7 +36,12 @@ def test_the_search_metric_picks_the_best_epoch_and_checkpoint(
     tiny_folder, tmp_path, one_torch_thread, metric
 ):
     cfg = _cfg(tiny_folder, **{"search.metric": metric, "train.lr": 0.003})
-    outcome = train_model(cfg, prepare_data(cfg, progress=False), folder=tmp_path, progress=False)
+    outcome = train_model(
+        cfg,
+        build_feed(cfg, prepare_data(cfg, progress=False), CPU),
+        folder=tmp_path,
+        progress=False,
+    )
     history = outcome.state.history
     scores = [h[metric] for h in history]
     assert outcome.state.best_metric == max(scores)

@@ -24,7 +24,7 @@ import torch
 from feedtune.config import Config, with_overrides
 from feedtune.feed.cache import ImageCache, attach_cache, build_cache
 from feedtune.feed.dataset import single_torch_thread
-from feedtune.feed.feed import build_pipeline
+from feedtune.feed.feed import build_feed
 from feedtune.feed.geometry import working_size
 from feedtune.progress import progress_bar
 from feedtune.sources.prepare import prepare_data
@@ -111,33 +111,21 @@ def measure_cell(
     """
     ccfg = cell_config(cfg, cell)
     # Build without a cache, then attach the grid's shared one (filled once per mode).
-    pipeline = build_pipeline(
-        with_overrides(ccfg, {"loader.cache": "none"}), data, cuda=device.type == "cuda"
-    )
-    cache = _cache_for(ccfg.loader.cache, pipeline.train_set, ccfg, caches, progress=progress)
-    attach_cache(pipeline.train_set, cache)
+    feed = build_feed(with_overrides(ccfg, {"loader.cache": "none"}), data, device)
+    cache = _cache_for(ccfg.loader.cache, feed.train_set, ccfg, caches, progress=progress)
+    attach_cache(feed.train_set, cache)
     start = time.perf_counter()
-    loader_rate, loader_startup = measure_loader(pipeline.train_loader, batches=cfg.bench.batches)
+    loader_rate, loader_startup = measure_loader(feed.train.loader, batches=cfg.bench.batches)
     eats = (ccfg.loader.batch_size, ccfg.augment.where)
     if eats not in appetite:
-        batch = next(b for b in pipeline.train_loader if b is not None)
+        batch = next(b for b in feed.train.loader if b is not None)
         appetite[eats] = measure_model(
-            model,
-            batch,
-            device=device,
-            steps=cfg.bench.train_steps,
-            train_cfg=cfg.train,
-            augment=pipeline.batch_augment,
+            model, batch, feed.train, steps=cfg.bench.train_steps, train_cfg=cfg.train
         )
     train_rate, wait_frac, train_startup = measure_training(
-        model,
-        pipeline.train_loader,
-        device=device,
-        steps=cfg.bench.train_steps,
-        warmup=1,
-        train_cfg=cfg.train,
-        augment=pipeline.batch_augment,
+        model, feed.train, steps=cfg.bench.train_steps, warmup=1, train_cfg=cfg.train
     )
+    feed.close()
     result = Throughput(
         loader_samples_per_s=loader_rate,
         model_samples_per_s=appetite[eats],

@@ -21,11 +21,13 @@ import torch
 from torch import nn
 
 from feedtune.config import DEFAULT_EXPERIMENT, Config, with_overrides
+from feedtune.feed.feed import build_feed
 from feedtune.sources.prepare import prepare_data
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.lookup import fetch_checkpoint, resolve_run_id
 from feedtune.tracking.recording import RunRecorder, finish_run
 from feedtune.training.checkpoint import model_args_of, model_from_checkpoint
+from feedtune.training.devices import resolve_device
 from feedtune.training.models import replace_head, set_backbone_trainable
 from feedtune.training.trainer import train_model
 
@@ -72,7 +74,7 @@ def prepare_model(payload: dict[str, Any], cfg: Config, classes: list[str]) -> F
     if replaced:
         torch.manual_seed(cfg.seed)
         replace_head(model, len(classes))
-    # The head always trains; engine.fit unfreezes the backbone at train.unfreeze_after.
+    # The head always trains; train_model unfreezes the backbone at train.unfreeze_after.
     set_backbone_trainable(model, cfg.model.freeze != "backbone")
     return FinetuneStart(model=model, head_replaced=replaced, source_classes=source_classes)
 
@@ -105,14 +107,15 @@ def run_finetune(
         }
         folder = Path(tmp) / "checkpoints"
         with mlflow_store.start_run("finetune", tags=tags) as run:
+            feed = build_feed(cfg, data, resolve_device(cfg.train.device))
             outcome = train_model(
                 cfg,
-                data,
+                feed,
                 folder=folder,
                 model=start.model,
                 finetune=True,
                 progress=progress,
-                callbacks=[RunRecorder(cfg, data, folder)],
+                callbacks=[RunRecorder(cfg, data, feed, folder)],
             )
-            finish_run(cfg, outcome, data.classes)
+            finish_run(cfg, outcome, feed)
             return run.info.run_id

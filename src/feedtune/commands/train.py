@@ -12,7 +12,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from feedtune.config import Config, config_from_dict
+from feedtune.feed.feed import build_feed
 from feedtune.sources.prepare import PreparedData, prepare_data
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.recording import (
@@ -57,14 +60,25 @@ def run_train(cfg: Config, *, resume_run_id: str | None = None, progress: bool =
 
     Under torchrun (``WORLD_SIZE`` > 1) this is one process of the run: the process group is
     started here and ended on return; every process returns the run id."""
-    dist = init_from_env(resolve_device(cfg.train.device))
+    device = resolve_device(cfg.train.device)
+    dist = init_from_env(device)
     try:
-        return _train(cfg, dist, resume_run_id=resume_run_id, progress=progress)
+        return _train(
+            cfg, dist, dist.device(device), resume_run_id=resume_run_id, progress=progress
+        )
     finally:
         dist.destroy()
 
 
-def _train(cfg: Config, dist: Dist, *, resume_run_id: str | None, progress: bool) -> str:
+def _train(
+    cfg: Config,
+    dist: Dist,
+    device: torch.device,
+    *,
+    resume_run_id: str | None,
+    progress: bool,
+) -> str:
+    """The run on this process's ``device``; ``dist``'s main process records it."""
     if dist.is_main:
         mlflow_store.setup(cfg.experiment)
         mlflow_store.close_dead_runs(cfg.experiment)
@@ -86,10 +100,11 @@ def _train(cfg: Config, dist: Dist, *, resume_run_id: str | None, progress: bool
                 cfg = config_from_dict(resume["config"])
         data = prepare_data(cfg, progress=progress and dist.is_main)
         _same_data(dist, data)
+        feed = build_feed(cfg, data, device, rank=dist.rank, world_size=dist.world_size)
         if not dist.is_main:
             run_id = dist.broadcast(None)
             try:
-                train_model(cfg, data, folder=folder, resume=resume, progress=False, dist=dist)
+                train_model(cfg, feed, folder=folder, resume=resume, progress=False, dist=dist)
             except KeyboardInterrupt as exc:
                 exc.resume_hint = f"feedtune train --resume {run_id}"
                 raise
@@ -105,15 +120,15 @@ def _train(cfg: Config, dist: Dist, *, resume_run_id: str | None, progress: bool
             try:
                 outcome = train_model(
                     cfg,
-                    data,
+                    feed,
                     folder=folder,
                     resume=resume,
                     progress=progress,
-                    callbacks=[RunRecorder(cfg, data, folder)],
+                    callbacks=[RunRecorder(cfg, data, feed, folder)],
                     dist=dist,
                 )
             except KeyboardInterrupt as exc:
                 exc.resume_hint = f"feedtune train --resume {run.info.run_id}"
                 raise
-            finish_run(cfg, outcome, data.classes)
+            finish_run(cfg, outcome, feed)
             return run.info.run_id

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 
 from feedtune.config import PROJECT_ROOT, Config
-from feedtune.sources.prepare import prepare_data
+from feedtune.sources.prepare import PreparedData, prepare_data
 from feedtune.tracking import mlflow_store
 from feedtune.tuning import optuna_study
 from feedtune.tuning.space import covers, quality_space, speed_space
-from feedtune.tuning.stages import STAGES, Tuner, close_dead_trial_run
+from feedtune.tuning.stages import SKIPPED_ATTR, STAGES, Tuner, close_dead_trial_run
 
 DEFAULT_STORAGE = PROJECT_ROOT / "optuna.journal"
 log = logging.getLogger(__name__)
@@ -84,11 +84,12 @@ def run_tune(
     speed stage gets at most ``search.speed_share`` of it); returns the parent run, the best
     quality trial and how it compares with the start configuration."""
     started = time.monotonic()
-    budget = timeout if timeout is not None else cfg.search.timeout_s
-    job_deadline = None if budget is None else started + budget
     if stage not in (*STAGES, "all"):
         raise ValueError(f"--stage {stage!r}: allowed: speed, quality, all")
     stages = STAGES if stage == "all" else (stage,)
+    budget = timeout if timeout is not None else cfg.search.timeout_s
+    job_deadline = None if budget is None else started + budget
+    speed_deadline = None if budget is None else started + budget * cfg.search.speed_share
     storage_url = storage or optuna_study.storage_url_for(DEFAULT_STORAGE)
     optuna_storage = optuna_study.open_storage(storage_url, on_dead_trial=close_dead_trial_run)
     base = study_name or cfg.experiment
@@ -100,81 +101,133 @@ def run_tune(
     result = TuneResult("", base, mlflow_store.redact(storage_url), None, None, {})
     with (
         _outer_project_run() as project_run,
-        mlflow_store.start_run(
-            "study",
-            run_name=base,
-            nested=project_run is not None,
-            tags={
-                "optuna.study_name": base,
-                "optuna.storage": mlflow_store.redact(storage_url),
-                "feedtune.split_digest": data.split.digest,
-            },
-        ) as parent,
+        _study_run(cfg, base, storage_url, data, nested=project_run is not None) as parent,
     ):
         result.parent_run_id = parent.info.run_id
-        mlflow_store.log_config(cfg)
-        mlflow_store.log_split(data.split)
-        mlflow_store.log_bad_images(data.bad)
         speed_study = optuna_study.create_study(f"{base}-speed", optuna_storage, seed=seed)
         optuna_study.reap_dead_trials(speed_study, on_dead_trial=close_dead_trial_run)
         if "speed" in stages and speed_space(cfg.search):
-            speed_deadline = None if budget is None else started + budget * cfg.search.speed_share
-            tuner.optimize(speed_study, "speed", n_trials=n_trials, deadline=speed_deadline)
-            if tuner.speed_skipped:
-                result.speed_skipped = tuner.speed_skipped
-                print(
-                    f"feedtune: speed stage skipped after its first trial ({tuner.speed_skipped})"
-                )
-            mlflow_store.set_tags(
-                {"feedtune.speed_stage": "skipped" if tuner.speed_skipped else "searched"}
+            before = optuna_study.n_trials(speed_study)
+            optuna_study.optimize(
+                speed_study,
+                tuner.start_stage(speed_study, "speed"),
+                n_trials=tuner.planned_trials("speed", n_trials),
+                timeout=_seconds_left(speed_deadline),
+                progress=progress,
+                callbacks=[tuner.stop_before(speed_deadline)],
             )
-        best_speed = optuna_study.best_trial(speed_study)
-        if best_speed is not None:
-            tuner.speed_params = dict(best_speed.params)
-            mlflow_store.log_metrics({"best_speed_train_samples_per_s": best_speed.value})
-            mlflow_store.set_tags(
-                {"feedtune.best_speed_run_id": best_speed.user_attrs.get("mlflow_run_id", "")}
-            )
-            mlflow_store.log_json(tuner.speed_params, "study/best_speed_params.json")
+            result.speed_skipped = _log_speed_stage(speed_study, before)
+        speed_params = _log_best_speed(speed_study)
         _log_study(speed_study, "study/speed")
         if "quality" in stages:
-            quality = optuna_study.create_study(
-                f"{base}-quality",
-                optuna_storage,
-                seed=seed,
-                pruner=cfg.search.pruner,
-                sampler_startup_trials=cfg.search.startup_trials,
-                startup_trials=cfg.search.pruner_startup_trials,
-                warmup_epochs=cfg.search.pruner_warmup_epochs,
-                min_epochs=cfg.search.min_epochs,
-                reduction_factor=cfg.search.reduction_factor,
+            quality = _quality_study(cfg, base, optuna_storage, seed)
+            noise = tuner.noise_runs(
+                _noise_seeds(cfg), speed_params=speed_params, deadline=job_deadline
             )
-            optuna_study.reap_dead_trials(quality, on_dead_trial=close_dead_trial_run)
-            tuner.deadline = job_deadline
-            seeds = [cfg.seed + 1 + i for i in range(cfg.search.noise_seeds)]
-            if not covers(quality_space(cfg.search), cfg.flat()):
-                seeds.insert(0, cfg.seed)  # no trial can run the start values: train them here
-            noise = tuner.noise_runs(seeds)
-            tuner.optimize(quality, "quality", n_trials=n_trials, deadline=job_deadline)
-            _log_study(quality, "study", metric=f"best_{cfg.search.metric}")
-            _log_rung_spearman(quality, cfg)
-            best = optuna_study.best_trial(quality)
-            if best is not None:
-                _log_verdict(result, best, quality, noise, cfg.search.metric)
-                result.best_run_id = best.user_attrs.get("mlflow_run_id")
-                result.best_value = best.value
-                result.best_params = {**tuner.speed_params, **best.params}
-                mlflow_store.set_tags({"feedtune.best_run_id": result.best_run_id})
-                mlflow_store.log_metrics({f"best_{cfg.search.metric}": best.value})
-                mlflow_store.log_json(result.best_params, "study/best_params.json")
-                moved, version = register_best(result.best_run_id, cfg)
-                mlflow_store.set_tags(
-                    {
-                        "feedtune.registered_version": version or "",
-                        "feedtune.alias_moved": str(moved).lower(),
-                    }
-                )
+            optuna_study.optimize(
+                quality,
+                tuner.start_stage(
+                    quality, "quality", speed_params=speed_params, deadline=job_deadline
+                ),
+                n_trials=tuner.planned_trials("quality", n_trials),
+                timeout=_seconds_left(job_deadline),
+                progress=progress,
+                callbacks=[tuner.stop_before(job_deadline)],
+            )
+            _log_quality_stage(result, quality, noise, cfg, speed_params)
     return result
+
+
+def _seconds_left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+@contextlib.contextmanager
+def _study_run(
+    cfg: Config, base: str, storage_url: str, data: PreparedData, *, nested: bool
+) -> Any:
+    """The study's parent run, with what every trial shares: config, split, bad files."""
+    tags = {
+        "optuna.study_name": base,
+        "optuna.storage": mlflow_store.redact(storage_url),
+        "feedtune.split_digest": data.split.digest,
+    }
+    with mlflow_store.start_run("study", run_name=base, nested=nested, tags=tags) as parent:
+        mlflow_store.log_config(cfg)
+        mlflow_store.log_split(data.split)
+        mlflow_store.log_bad_images(data.bad)
+        yield parent
+
+
+def _log_speed_stage(study: Any, before: int) -> str:
+    """Whether this job's speed stage stopped after the start (model-bound): the reason."""
+    skipped = optuna_study.user_attr_since(study, SKIPPED_ATTR, before) or ""
+    if skipped:
+        print(f"feedtune: speed stage skipped after its first trial ({skipped})")
+    mlflow_store.set_tags({"feedtune.speed_stage": "skipped" if skipped else "searched"})
+    return skipped
+
+
+def _log_best_speed(study: Any) -> dict[str, Any]:
+    """The speed stage's winner (empty when it ran no trial), on the parent run."""
+    best = optuna_study.best_trial(study)
+    if best is None:
+        return {}
+    params = dict(best.params)
+    mlflow_store.log_metrics({"best_speed_train_samples_per_s": best.value})
+    mlflow_store.set_tags({"feedtune.best_speed_run_id": best.user_attrs.get("mlflow_run_id", "")})
+    mlflow_store.log_json(params, "study/best_speed_params.json")
+    return params
+
+
+def _quality_study(cfg: Config, base: str, storage: Any, seed: int) -> Any:
+    search = cfg.search
+    study = optuna_study.create_study(
+        f"{base}-quality",
+        storage,
+        seed=seed,
+        pruner=search.pruner,
+        sampler_startup_trials=search.startup_trials,
+        startup_trials=search.pruner_startup_trials,
+        warmup_epochs=search.pruner_warmup_epochs,
+        min_epochs=search.min_epochs,
+        reduction_factor=search.reduction_factor,
+    )
+    optuna_study.reap_dead_trials(study, on_dead_trial=close_dead_trial_run)
+    return study
+
+
+def _noise_seeds(cfg: Config) -> list[int]:
+    """Seeds the start configuration is trained with besides the trials: ``search.noise_seeds``
+    more, and its own first when no trial can run the start values."""
+    seeds = [cfg.seed + 1 + i for i in range(cfg.search.noise_seeds)]
+    if not covers(quality_space(cfg.search), cfg.flat()):
+        seeds.insert(0, cfg.seed)
+    return seeds
+
+
+def _log_quality_stage(
+    result: TuneResult, study: Any, noise: list[float], cfg: Config, speed_params: dict[str, Any]
+) -> None:
+    """The study's table and plots, the rung correlation, the verdict, and the best trial's
+    model registered with alias ``best``."""
+    metric = cfg.search.metric
+    _log_study(study, "study", metric=f"best_{metric}")
+    _log_rung_spearman(study, cfg)
+    best = optuna_study.best_trial(study)
+    if best is None:
+        return
+    _log_verdict(result, best, study, noise, metric)
+    result.best_run_id = best.user_attrs.get("mlflow_run_id")
+    result.best_value = best.value
+    result.best_params = {**speed_params, **best.params}
+    mlflow_store.set_tags({"feedtune.best_run_id": result.best_run_id})
+    mlflow_store.log_metrics({f"best_{metric}": best.value})
+    mlflow_store.log_json(result.best_params, "study/best_params.json")
+    moved, version = register_best(result.best_run_id, cfg)
+    mlflow_store.set_tags(
+        {"feedtune.registered_version": version or "", "feedtune.alias_moved": str(moved).lower()}
+    )
 
 
 def register_best(run_id: str, cfg: Config) -> tuple[bool, str | None]:

@@ -1,55 +1,68 @@
-"""The feed of one configuration, assembled from prepared data (``sources.prepare``):
-datasets -> cache -> sampler -> loaders (``build_pipeline``)."""
+"""The Feed: the one object a run trains from, built once per run from prepared data
+(``sources.prepare``) on a device resolved once: datasets -> cache -> sampler -> loaders ->
+device-ready batches (``build_feed``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from feedtune.config import Config
-from feedtune.feed.augment.batch import build_batch_augment
-from feedtune.feed.augment.mixing import AugmentingCollate, AugmentThenMix, MixingCollate, build_mix
+from feedtune.feed.augment.batch import build_batch_policy
+from feedtune.feed.augment.mixing import AugmentThenMix, StepCollate, build_mix
 from feedtune.feed.augment.per_sample import Transform, build_transform
 from feedtune.feed.augment.squares import ToWorkingUint8
 from feedtune.feed.cache import CacheMemo, cache_datasets
 from feedtune.feed.dataset import ImageDataset
+from feedtune.feed.device import DeviceLoader
 from feedtune.feed.geometry import working_size
 from feedtune.feed.loader import build_loader
 from feedtune.feed.sampling import build_sampler
 from feedtune.sources.prepare import PreparedData, size_limits
 
-# (uint8 images, aspect ratios, labels) on the device -> (the model's normalized float input,
-# its targets: the labels, or soft targets [B, K] when ``augment.mix`` blends the batch).
-BatchAugmentFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
-]
+POLICY_PLACES = ("device", "loader")
 
 
 @dataclass
-class Pipeline:
-    """Datasets and loaders of one configuration.
+class Feed:
+    """Datasets, loaders and device step of one configuration; ``train`` and ``val`` yield
+    device-ready ``(images, targets)``.
 
     ``train_transform`` is the per-sample train pipeline (what ``augment.where: sample`` runs,
     and what describes the augmentation either way). With ``where: batch`` the dataset yields
-    uint8 working squares and the policy runs on whole batches: on a CUDA device the train
-    loader yields uint8 batches and ``batch_augment`` runs the policy on them after the
-    transfer; on the CPU the loader's collate function runs it (in the workers, beside the
-    model's step) and ``batch_augment`` is None. Either way ``augment.mix`` blends training
-    batches after the policy (``data.mixing``)."""
+    uint8 working squares and the policy runs on whole batches (``policy_on``): on the device
+    after the uint8 transfer (CUDA), or in the loader's collate function (the CPU, where the
+    workers are the spare CPU beside the model's step). Either way ``augment.mix`` blends
+    training batches after the policy (``augment.mixing``)."""
 
+    device: torch.device
+    train: DeviceLoader
+    val: DeviceLoader
     train_set: ImageDataset
     val_set: ImageDataset
-    train_loader: DataLoader
-    val_loader: DataLoader
     sampler: Any
     train_transform: Transform
-    batch_augment: BatchAugmentFn | None = None
+    policy_on: str = "loader"  # where the batch policy runs (where=batch): device | loader
     generators: list[torch.Generator] = field(default_factory=list)
-    cache_fill_s: float = 0.0  # filling this pipeline's caches (0 for caches reused)
+    cache_fill_s: float = 0.0  # filling this feed's caches (0 for caches reused)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train_set.classes
+
+    def describe(self) -> dict[str, Any]:
+        """What the run's log and MLflow say of the feed beyond its config."""
+        return {
+            "device": str(self.device),
+            "train_batches": len(self.train),
+            "val_batches": len(self.val),
+            "batch_policy_on": self.policy_on,
+            "train_collate": repr(self.train.loader.collate_fn),
+            "cache_fill_s": round(self.cache_fill_s, 3),
+        }
 
     def close(self) -> None:
         """Stop the loaders' persistent worker processes now.
@@ -60,7 +73,7 @@ class Pipeline:
         it is killed (measured: 20 s after every pruned trial with 2+2 workers). DataLoader
         has no public close, so this shuts down the iterator it keeps for persistent
         workers; the loaders still work afterwards (they start new workers)."""
-        for loader in (self.train_loader, self.val_loader):
+        for loader in (self.train.loader, self.val.loader):
             iterator = getattr(loader, "_iterator", None)
             shutdown = getattr(iterator, "_shutdown_workers", None)
             if shutdown is not None:
@@ -69,30 +82,31 @@ class Pipeline:
                 loader._iterator = None
 
 
-def build_pipeline(
+def build_feed(
     cfg: Config,
     data: PreparedData,
+    device: torch.device,
     *,
-    cuda: bool,
-    progress: bool = False,
+    caches: CacheMemo | None = None,
     rank: int = 0,
     world_size: int = 1,
-    batch_augment_on: str | None = None,
-    caches: CacheMemo | None = None,
-) -> Pipeline:
-    """The loaders of process ``rank`` of ``world_size``: its share of every training epoch
-    (``build_sampler``) and the validation images ``rank, rank + world_size, ...`` in order,
-    without the padding repeats of ``DistributedSampler``, so that the predictions of all
-    processes together are the whole validation set exactly once. ``train_set`` and
+    policy_on: str | None = None,
+    progress: bool = False,
+) -> Feed:
+    """The feed of process ``rank`` of ``world_size`` on ``device``: its share of every training
+    epoch (``build_sampler``) and the validation images ``rank, rank + world_size, ...`` in
+    order, without the padding repeats of ``DistributedSampler``, so that the predictions of
+    all processes together are the whole validation set exactly once. ``train_set`` and
     ``val_set`` stay whole.
 
-    ``batch_augment_on`` (``augment.where: batch`` only): ``device`` or ``loader``; None picks
-    ``device`` with CUDA and ``loader`` on the CPU, where the workers are the spare CPU.
-    ``caches``: reuse the previous pipeline's image caches where they match (a study's
-    trials), rather than decoding every image again for each."""
-    on = batch_augment_on or ("device" if cuda else "loader")
-    if on not in ("device", "loader"):
-        raise ValueError(f"batch_augment_on: got {on!r}, allowed: device, loader")
+    ``caches``: reuse the previous feed's image caches where they match (a study's trials),
+    rather than decoding every image again for each. ``policy_on`` (``augment.where: batch``
+    only): ``device`` or ``loader``; None picks ``device`` with CUDA and ``loader`` on the
+    CPU."""
+    cuda = device.type == "cuda"
+    on = policy_on or ("device" if cuda else "loader")
+    if on not in POLICY_PLACES:
+        raise ValueError(f"policy_on: got {on!r}, allowed: {', '.join(POLICY_PLACES)}")
     common = {
         "decoder": cfg.data.decoder,
         "on_bad_image": cfg.data.on_bad_image,
@@ -102,20 +116,18 @@ def build_pipeline(
         **size_limits(cfg),
     }
     train_transform = build_transform(cfg.augment, train=True)
-    batch_augment, augment_gen = None, torch.Generator().manual_seed(cfg.seed + 1)
-    per_sample: Any = train_transform
+    policy_gen = torch.Generator().manual_seed(cfg.seed + 1)
     mix = build_mix(cfg.augment, num_classes=len(data.classes))
-    train_collate = None
+    per_sample: Any = train_transform
+    step: Any = mix  # what runs on each whole training batch, if anything
     square = None
     if cfg.augment.where == "batch":
-        augment = build_batch_augment(cfg.augment, train=True)
-        batch_augment = AugmentThenMix(augment, generator=augment_gen, mix=mix)
+        policy = build_batch_policy(cfg.augment, train=True)
+        step = AugmentThenMix(policy, generator=policy_gen, mix=mix)
         square = working_size(cfg.augment.image_size)
         per_sample = ToWorkingUint8(square)
-        if on == "loader":
-            train_collate, batch_augment = AugmentingCollate(batch_augment), None
-    elif mix is not None:
-        train_collate = MixingCollate(mix)
+    device_step = step if cfg.augment.where == "batch" and on == "device" else None
+    train_collate = StepCollate(step) if step is not None and device_step is None else None
     train_set = ImageDataset(data.split.train, data.classes, per_sample, **common)
     val_set = ImageDataset(
         data.split.val, data.classes, build_transform(cfg.augment, train=False), **common
@@ -140,25 +152,24 @@ def build_pipeline(
         world_size=world_size,
     )
     train_loader = build_loader(
-        train_set,
-        cfg.loader,
-        sampler=sampler,
-        seed=cfg.seed,
-        cuda=cuda,
-        collate_fn=train_collate,
+        train_set, cfg.loader, sampler=sampler, seed=cfg.seed, cuda=cuda, collate_fn=train_collate
     )
     val_share = (
         val_set if world_size <= 1 else Subset(val_set, range(rank, len(val_set), world_size))
     )
     val_loader = build_loader(val_share, cfg.loader, seed=cfg.seed, cuda=cuda)
-    return Pipeline(
+    channels_last = cfg.train.channels_last
+    return Feed(
+        device=device,
+        train=DeviceLoader(
+            train_loader, device, device_step=device_step, channels_last=channels_last
+        ),
+        val=DeviceLoader(val_loader, device, channels_last=channels_last),
         train_set=train_set,
         val_set=val_set,
-        train_loader=train_loader,
-        val_loader=val_loader,
         sampler=sampler,
         train_transform=train_transform,
-        batch_augment=batch_augment,
-        generators=[sampler_gen, train_loader.generator, augment_gen],
+        policy_on=on if cfg.augment.where == "batch" else "none",
+        generators=[sampler_gen, train_loader.generator, policy_gen],
         cache_fill_s=sum(c.fill_seconds for c in filled if all(c is not r for r in reused)),
     )

@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from feedtune.config import PROJECT_ROOT, Config
 from feedtune.tracking.liveness import is_alive, worker_info
 from feedtune.tracking.plots import close
+from feedtune.training.engine import StopTraining
 
 KIND_TAG = "feedtune.kind"
 WORKER_TAG = "feedtune.worker"
@@ -135,7 +136,8 @@ def start_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """Open (or reopen, with ``run_id``) a run tagged ``feedtune.kind``.
 
-    An exception ends the run FAILED, Ctrl-C ends it KILLED: no run is left RUNNING.
+    An exception ends the run FAILED; Ctrl-C and ``StopTraining`` (a pruned trial, the job's
+    deadline; tag ``feedtune.stopped``) end it KILLED: no run is left RUNNING.
     """
     run = mlflow.start_run(
         run_id=run_id,
@@ -151,14 +153,18 @@ def start_run(
         mlflow.set_tag("feedtune.error", "interrupted (Ctrl-C or SIGTERM)")
         mlflow.end_run("KILLED")
         raise
+    except StopTraining as stop:
+        # Stopped on purpose (pruned, or the job's deadline): KILLED, with the reason.
+        mlflow.set_tags({"feedtune.stopped": stop.reason, "feedtune.error": str(stop)[:500]})
+        mlflow.end_run("KILLED")
+        raise
     except BaseException as exc:
-        pruned = type(exc).__name__ == "TrialPruned"
         # One line in the UI saying why, e.g. a DataLoader worker that died or timed out.
         mlflow.set_tag(
             "feedtune.error",
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500],
         )
-        mlflow.end_run("KILLED" if pruned else "FAILED")
+        mlflow.end_run("FAILED")
         raise
     else:
         mlflow.end_run("FINISHED")

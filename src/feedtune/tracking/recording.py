@@ -13,14 +13,13 @@ import pandas as pd
 from feedtune.config import Config
 from feedtune.feed.augment.per_sample import save_sample_grid
 from feedtune.feed.dataset import single_torch_thread
-from feedtune.feed.feed import Pipeline
+from feedtune.feed.feed import Feed
 from feedtune.feed.sampling import epoch_class_counts
 from feedtune.sources.imageio import decode_image
 from feedtune.sources.prepare import PreparedData
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.plots import bar_figure, confusion_matrix_figure
 from feedtune.training.checkpoint import load_checkpoint
-from feedtune.training.devices import resolve_device
 from feedtune.training.engine import Callback
 from feedtune.training.throughput import Throughput, cache_metrics, measure_run, transform_costs
 from feedtune.training.trainer import BEST, LAST, TrainOutcome
@@ -29,18 +28,20 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "val_f1_macro", "lr")
 
 
 class RunRecorder(Callback):
-    """Records a training run in the active MLflow run: its inputs when training starts, then
-    each epoch the checkpoints the trainer just wrote into ``folder`` and the epoch's metrics.
-    Checkpoints go first: a resumed run re-logs only the epochs whose metrics were lost."""
+    """Records a training run in the active MLflow run: its inputs (``data`` and the ``feed``
+    built from it) when training starts, then each epoch the checkpoints the trainer just
+    wrote into ``folder`` and the epoch's metrics. Checkpoints go first: a resumed run re-logs
+    only the epochs whose metrics were lost."""
 
-    def __init__(self, cfg: Config, data: PreparedData, folder: Path) -> None:
+    def __init__(self, cfg: Config, data: PreparedData, feed: Feed, folder: Path) -> None:
         self.cfg = cfg
         self.data = data
+        self.feed = feed
         self.folder = folder
 
-    def on_fit_start(self, pipeline: Any, *, resumed: bool) -> None:
+    def on_fit_start(self, *, resumed: bool) -> None:
         if not resumed:
-            log_run_inputs(self.cfg, self.data, pipeline)
+            log_run_inputs(self.cfg, self.data, self.feed)
 
     def on_epoch_end(self, epoch, metrics, *, state, model, optimizer, evaluation, improved):
         if improved:
@@ -57,33 +58,31 @@ def _best_so_far(history: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def log_run_inputs(cfg: Config, data: PreparedData, pipeline: Pipeline) -> None:
-    """Artifacts that describe what a run trains on: config, split, augmentation, sampler."""
+def log_run_inputs(cfg: Config, data: PreparedData, feed: Feed) -> None:
+    """Artifacts that describe what a run trains on: config, split, feed, augmentation,
+    sampler."""
     mlflow_store.log_config(cfg)
     mlflow_store.log_split(data.split)
     mlflow_store.log_bad_images(data.bad)
-    transform = pipeline.train_transform
+    mlflow_store.log_json(feed.describe(), "feed/feed.json")
+    transform = feed.train_transform
     mlflow_store.log_json(transform.to_dict(), "augment/train.json")
     with tempfile.TemporaryDirectory() as tmp:
         transform.save(Path(tmp) / "train.yaml")
         mlflow_store.log_file(Path(tmp) / "train.yaml", "augment")
-        picks = np.linspace(
-            0, len(pipeline.train_set) - 1, num=min(4, len(pipeline.train_set)), dtype=int
-        )
-        images = [
-            decode_image(pipeline.train_set.paths[i], backend=cfg.data.decoder) for i in picks
-        ]
+        picks = np.linspace(0, len(feed.train_set) - 1, num=min(4, len(feed.train_set)), dtype=int)
+        images = [decode_image(feed.train_set.paths[i], backend=cfg.data.decoder) for i in picks]
         grid = save_sample_grid(
             images, transform, Path(tmp) / "samples.png", mean=cfg.augment.mean, std=cfg.augment.std
         )
         mlflow_store.log_file(grid, "augment")
-    counts = epoch_class_counts(pipeline.sampler, pipeline.train_set.targets, data.classes)
+    counts = epoch_class_counts(feed.sampler, feed.train_set.targets, data.classes)
     mlflow_store.log_dataframe(counts, "sampler/epoch_class_counts.csv")
 
 
-def log_run_results(cfg: Config, outcome: TrainOutcome, classes: list[str]) -> None:
+def log_run_results(outcome: TrainOutcome, feed: Feed) -> None:
     """The best epoch's metrics, per-class recall, confusion matrix and the model."""
-    best = outcome.best
+    best, classes = outcome.best, feed.classes
     mlflow_store.log_metrics(
         {
             **_best_so_far(outcome.state.history),
@@ -103,29 +102,26 @@ def log_run_results(cfg: Config, outcome: TrainOutcome, classes: list[str]) -> N
         ),
         "plots/confusion_matrix.png",
     )
-    example = next(b for b in outcome.pipeline.val_loader if b is not None)[0][:2].numpy()
+    example = next(b for b in feed.val.loader if b is not None)[0][:2].numpy()
     mlflow_store.log_model(outcome.model.cpu(), example)
 
 
-def log_throughput(cfg: Config, outcome: TrainOutcome) -> Throughput | None:
+def log_throughput(cfg: Config, outcome: TrainOutcome, feed: Feed) -> Throughput | None:
     """The run's feed: end to end from its epochs, the two sides from short probes; logs the
     speed metrics, the verdict and the cost of each pipeline step."""
     if cfg.train.measure_batches <= 0:
         return None
-    pipeline = outcome.pipeline
     result = measure_run(
         outcome.model,
-        pipeline.train_loader,
+        feed.train,
         outcome.state.history,
-        device=resolve_device(cfg.train.device),
         batches=cfg.train.measure_batches,
         train_cfg=cfg.train,
-        augment=pipeline.batch_augment,
     )
-    mlflow_store.log_metrics({**result.metrics(), **cache_metrics(pipeline)})
+    mlflow_store.log_metrics({**result.metrics(), **cache_metrics(feed)})
     mlflow_store.set_tags({"feedtune.bottleneck": result.bottleneck})
     with single_torch_thread():  # as the loader runs them (see ImageDataset.__getitems__)
-        costs = transform_costs(pipeline.train_set, batch_size=cfg.loader.batch_size, seed=cfg.seed)
+        costs = transform_costs(feed.train_set, batch_size=cfg.loader.batch_size, seed=cfg.seed)
     mlflow_store.log_dataframe(costs, "throughput/transform_costs.csv")
     mlflow_store.log_figure(
         bar_figure(
@@ -140,10 +136,10 @@ def log_throughput(cfg: Config, outcome: TrainOutcome) -> Throughput | None:
     return result
 
 
-def finish_run(cfg: Config, outcome: TrainOutcome, classes: list[str]) -> Throughput | None:
+def finish_run(cfg: Config, outcome: TrainOutcome, feed: Feed) -> Throughput | None:
     """What every run that trained to the end logs: results, model, then its throughput."""
-    log_run_results(cfg, outcome, classes)
-    return log_throughput(cfg, outcome)
+    log_run_results(outcome, feed)
+    return log_throughput(cfg, outcome, feed)
 
 
 def download_resume(run_id: str, folder: Path) -> dict[str, Any] | None:

@@ -1,4 +1,5 @@
-"""Training loop: one train step, one epoch, and ``fit`` (train, evaluate, early stopping).
+"""The training loop's parts: one train step, one epoch, the learning-rate schedule, the
+callbacks and the stop signal; ``trainer.train_model`` runs the epochs.
 
 It reports through callbacks and imports neither mlflow nor optuna, so the same loop serves
 ``train``, ``tune`` trials and ``finetune``.
@@ -6,7 +7,6 @@ It reports through callbacks and imports neither mlflow nor optuna, so the same 
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -17,24 +17,33 @@ import torch
 from torch import nn
 
 from feedtune.config import TrainConfig
+from feedtune.feed.device import DeviceLoader
 from feedtune.progress import progress_bar
-from feedtune.training.devices import (
-    BatchAugment,
-    autocast,
-    is_channels_last,
-    prepare_model,
-    to_device,
-)
+from feedtune.training.devices import autocast
 from feedtune.training.distributed import Dist
-from feedtune.training.evaluation import EvalResult, evaluate
-from feedtune.training.models import head_parameters, set_backbone_trainable
+from feedtune.training.evaluation import EvalResult
+from feedtune.training.models import head_parameters
 
 # Steps between updates of the progress bar's loss (each update waits for the device).
 POSTFIX_EVERY = 20
 
 
 class StopTraining(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """Raised by a callback to end ``fit`` early (e.g. a pruned trial)."""
+    """Raised by a callback at the end of an epoch to stop training there; ``reason`` says
+    why (``pruned``, ``deadline``). Training ends on every process and raises it again, so
+    the caller (a trial) decides what a stop means. Early stopping on ``train.patience`` is a
+    normal end of training, not this signal (``TrainState.stopped`` says ``patience``)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        if reason not in STOP_REASONS[1:]:
+            raise ValueError(f"StopTraining: reason {reason!r}, allowed: {STOP_REASONS[1:]}")
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+# Why a callback stops training (index 0: it did not); the order settles a disagreement
+# between processes (the later one wins).
+STOP_REASONS = ("", "pruned", "deadline")
 
 
 @dataclass
@@ -56,21 +65,33 @@ class EpochStats:
 
 @dataclass
 class TrainState:
-    """Everything ``fit`` needs to continue where it stopped (stored in checkpoints)."""
+    """Everything training needs to continue where it stopped (stored in checkpoints)."""
 
     epoch: int = 0  # epochs completed
     history: list[dict[str, float]] = field(default_factory=list)
     best_metric: float = -1.0
     best_epoch: int = -1
     stale_epochs: int = 0
+    stopped: str = ""  # why training ended before train.epochs: patience, pruned, deadline
+
+    def record(self, epoch: int, metrics: dict[str, float], metric: str) -> bool:
+        """Add an epoch's metrics; whether it improved on the best ``metric`` so far."""
+        value = metrics[metric]
+        improved = value > self.best_metric
+        if improved:
+            self.best_metric, self.best_epoch, self.stale_epochs = value, epoch, 0
+        else:
+            self.stale_epochs += 1
+        self.epoch = epoch + 1
+        self.history.append({"epoch": epoch, **metrics})
+        return improved
 
 
 class Callback:
-    """Hooks called by ``fit`` (and ``on_fit_start`` by ``trainer.train_model``); override
-    what you need."""
+    """Hooks called by ``trainer.train_model``; override what you need."""
 
-    def on_fit_start(self, pipeline: Any, *, resumed: bool) -> None:
-        """The data pipeline is built and training is about to start (or resume)."""
+    def on_fit_start(self, *, resumed: bool) -> None:
+        """Training is about to start (or resume)."""
 
     def on_epoch_start(self, epoch: int) -> None: ...
 
@@ -152,42 +173,32 @@ def train_step(
 
 def train_one_epoch(
     model: nn.Module,
-    loader: Iterable[Any],
+    batches: DeviceLoader,
     optimizer: torch.optim.Optimizer,
     loss_fn: nn.Module,
     *,
-    device: torch.device,
     scaler: torch.amp.GradScaler | None = None,
     amp: bool = False,
     max_steps: int | None = None,
     progress: bool = True,
     desc: str = "train",
     set_lr: Callable[[int], None] | None = None,
-    augment: BatchAugment | None = None,
 ) -> EpochStats:
-    """One pass over ``loader``; times how long each step waited for its batch.
+    """One pass over ``batches`` (device-ready); its ``wait_s`` is how long the pass waited
+    for the host loader.
 
     ``set_lr(step)`` is called before each optimizer step (the learning-rate schedule)."""
     model.train()
-    channels_last = is_channels_last(model)
+    device = batches.device
     loss_sum = torch.zeros((), device=device)
-    samples, steps, wait = 0, 0, 0.0
-    total = max_steps if max_steps is not None else _len_or_none(loader)
+    samples, steps = 0, 0
+    total = max_steps if max_steps is not None else len_or_none(batches)
     bar = progress_bar(
         total=total, desc=desc, unit="batch", enabled=progress, leave=False, bar_only=True
     )
     start = time.perf_counter()
-    iterator = iter(loader)
-    while max_steps is None or steps < max_steps:
-        t0 = time.perf_counter()
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            break
-        wait += time.perf_counter() - t0
-        if batch is None:  # every sample of the batch was a bad image
-            continue
-        images, targets = to_device(batch, device, channels_last, augment)
+    iterator = iter(batches)
+    for images, targets in iterator:
         if set_lr is not None:
             set_lr(steps)
         loss = train_step(model, optimizer, loss_fn, images, targets, scaler=scaler, amp=amp)
@@ -200,21 +211,23 @@ def train_one_epoch(
         bar.update(1)
         if steps % POSTFIX_EVERY == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / samples:.3f}")
+        if max_steps is not None and steps >= max_steps:
+            break
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     bar.close()
-    del iterator  # shuts non-persistent workers down now rather than at garbage collection
+    iterator.close()  # shuts non-persistent workers down now rather than at garbage collection
     return EpochStats(
         loss=loss_sum.item() / max(1, samples),
         samples=samples,
         steps=steps,
         seconds=seconds,
-        data_wait_s=wait,
+        data_wait_s=batches.wait_s,
     )
 
 
-def _len_or_none(loader: Iterable[Any]) -> int | None:
+def len_or_none(loader: Iterable[Any]) -> int | None:
     try:
         return len(loader)  # type: ignore[arg-type]
     except TypeError:
@@ -261,118 +274,40 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def fit(
-    model: nn.Module,
-    train_loader: Iterable[Any],
-    val_loader: Iterable[Any],
-    cfg: TrainConfig,
-    *,
-    num_classes: int,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    state: TrainState | None = None,
-    callbacks: Sequence[Callback] = (),
-    progress: bool = True,
-    metric: str = "val_f1_macro",
-    augment: BatchAugment | None = None,
-    dist: Dist | None = None,
-) -> TrainState:
-    """Train for ``cfg.epochs`` from ``state.epoch``, early-stopping on ``metric``.
+def epoch_metrics(
+    stats: EpochStats, result: EvalResult, optimizer: torch.optim.Optimizer
+) -> dict[str, float]:
+    return {
+        "train_loss": stats.loss,
+        "val_loss": result.loss,
+        "val_acc": result.acc,
+        "val_f1_macro": result.f1_macro,
+        "epoch_samples_per_s": stats.samples_per_s,
+        "epoch_data_wait_frac": stats.data_wait_frac,
+        "lr": optimizer.param_groups[-1]["lr"],  # the head's, at the epoch's last step
+    }
 
-    ``augment``: the batch augmentation for train loaders that deliver uint8 batches.
-    ``dist``: one of several processes (torchrun); ``model`` then trains wrapped in
-    ``DistributedDataParallel`` on this process's share of each epoch, ``train_loader`` and
-    ``val_loader`` being its shares, and every process sees the same metrics: the epoch's
-    samples of all processes and the evaluation of the whole validation set. Callbacks get the
-    plain ``model`` either way."""
-    state = state or TrainState()
-    dist = dist or Dist()
-    prepare_model(model, device, channels_last=cfg.channels_last)
-    net = dist.wrap(model, device)
-    amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if amp else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    eval_loss = nn.CrossEntropyLoss()
-    epochs = progress_bar(
-        range(state.epoch, cfg.epochs),
-        desc="epochs",
-        unit="epoch",
-        initial=state.epoch,
-        total=cfg.epochs,
-        enabled=progress,
-        per_item_lines=True,
-    )
-    steps_per_epoch = _len_or_none(train_loader) or 0
-    if cfg.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch or cfg.max_steps_per_epoch, cfg.max_steps_per_epoch)
-    schedule = LrSchedule(optimizer, cfg, steps_per_epoch)
-    for epoch in epochs:
-        if cfg.unfreeze_after and epoch == cfg.unfreeze_after:
-            set_backbone_trainable(model, True)
-            net = dist.wrap(model, device)  # the new trainable parameters join the averaging
+
+def end_epoch(
+    callbacks: Sequence[Callback],
+    epoch: int,
+    metrics: dict[str, float],
+    state: TrainState,
+    improved: bool,
+    context: dict[str, Any],
+    dist: Dist,
+) -> StopTraining | None:
+    """Run the callbacks' ``on_epoch_end``; the stop one of them (on any process) asked for.
+
+    Every process learns of a stop (a collective), so none waits at the next epoch's first
+    collective for a process that has left."""
+    stop = None
+    try:
         for cb in callbacks:
-            cb.on_epoch_start(epoch)
-        stats = train_one_epoch(
-            net,
-            train_loader,
-            optimizer,
-            loss_fn,
-            device=device,
-            scaler=scaler,
-            amp=amp,
-            max_steps=cfg.max_steps_per_epoch,
-            progress=progress,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            set_lr=functools.partial(schedule.set, epoch),
-            augment=augment,
-        )
-        stats = combined_stats(stats, dist)
-        dist.broadcast_buffers(model)
-        result = evaluate(
-            model,
-            val_loader,
-            eval_loss,
-            device=device,
-            num_classes=num_classes,
-            amp=amp,
-            progress=progress,
-            dist=dist,
-        )
-        metrics = {
-            "train_loss": stats.loss,
-            "val_loss": result.loss,
-            "val_acc": result.acc,
-            "val_f1_macro": result.f1_macro,
-            "epoch_samples_per_s": stats.samples_per_s,
-            "epoch_data_wait_frac": stats.data_wait_frac,
-            "lr": optimizer.param_groups[-1]["lr"],  # the head's, at the epoch's last step
-        }
-        value = metrics[metric]
-        improved = value > state.best_metric
-        if improved:
-            state.best_metric, state.best_epoch, state.stale_epochs = value, epoch, 0
-        else:
-            state.stale_epochs += 1
-        state.epoch = epoch + 1
-        state.history.append({"epoch": epoch, **metrics})
-        epochs.set_postfix(val_f1=f"{result.f1_macro:.3f}", best=f"{state.best_metric:.3f}")
-        stop = False
-        try:
-            for cb in callbacks:
-                cb.on_epoch_end(
-                    epoch,
-                    metrics,
-                    state=state,
-                    model=model,
-                    optimizer=optimizer,
-                    evaluation=result,
-                    improved=improved,
-                )
-        except StopTraining:
-            stop = True
-        if dist.all_reduce(float(stop), "max"):  # one process's stop ends them all
-            break
-        if cfg.patience and state.stale_epochs >= cfg.patience:
-            break
-    epochs.close()
-    return state
+            cb.on_epoch_end(epoch, metrics, state=state, improved=improved, **context)
+    except StopTraining as exc:
+        stop = exc
+    code = dist.all_reduce(float(STOP_REASONS.index(stop.reason) if stop else 0), "max")
+    if code and stop is None:
+        stop = StopTraining(STOP_REASONS[int(code)], "another process stopped training")
+    return stop

@@ -12,8 +12,9 @@ import torch
 from sklearn.metrics import confusion_matrix, f1_score, recall_score
 from torch import nn
 
+from feedtune.feed.device import on_device
 from feedtune.progress import progress_bar
-from feedtune.training.devices import autocast, is_channels_last, to_device
+from feedtune.training.devices import autocast, is_channels_last
 from feedtune.training.distributed import Dist
 
 
@@ -42,23 +43,21 @@ def evaluate(
 ) -> EvalResult:
     """Loss, accuracy, macro-F1 (what matters on imbalanced data) and per-class recall.
 
-    With ``dist`` of several processes, ``loader`` is this process's share of the validation
-    set (``data.pipeline.build_pipeline``): every process gathers the predictions of all and
+    ``loader``: the feed's ``val`` (device-ready batches), or any loader of float batches.
+    With ``dist`` of several processes, it is this process's share of the validation set
+    (``feed.build_feed``): every process gathers the predictions of all and
     computes the metrics on their union, so they are those of one process evaluating it all.
     ``model`` must then be the plain module, not its ``DistributedDataParallel`` wrapper (whose
     forward may synchronise buffers, a collective the processes need not reach alike)."""
     model.eval()
-    channels_last = is_channels_last(model)
+    loader = on_device(loader, device, channels_last=is_channels_last(model))
     total_loss, count = 0.0, 0
     y_true: list[np.ndarray] = []
     y_pred: list[np.ndarray] = []
     batches = progress_bar(
         loader, desc="val", unit="batch", enabled=progress, leave=False, bar_only=True
     )
-    for batch in batches:
-        if batch is None:
-            continue
-        images, targets = to_device(batch, device, channels_last)
+    for images, targets in batches:
         with autocast(device, amp):
             logits = model(images)
         total_loss += loss_fn(logits.float(), targets).item() * targets.shape[0]

@@ -23,10 +23,11 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import default_collate
 
 from feedtune.config import TrainConfig
-from feedtune.training.devices import BatchAugment, is_channels_last, to_device
+from feedtune.feed.device import DeviceLoader
+from feedtune.feed.feed import Feed
 from feedtune.training.engine import build_optimizer, train_step
 
 
@@ -98,21 +99,21 @@ def epoch_compute_rate(history: list[dict[str, float]]) -> float:
 
 def probe_sides(
     model: nn.Module,
-    loader: DataLoader,
+    train: DeviceLoader,
     *,
-    device: torch.device,
     batches: int,
     rounds: int = 3,
     train_cfg: TrainConfig | None = None,
-    augment: BatchAugment | None = None,
 ) -> tuple[float, float, float, float]:
     """(loader samples/s, model samples/s, loader start-up s, seconds spent) from ``rounds``
-    interleaved rounds of ``batches`` batches each, medians of the rounds."""
+    interleaved rounds of ``batches`` batches each, medians of the rounds. ``train``: the
+    feed's training batches; its host loader is the loader's side, its device step the
+    model's."""
     start = time.perf_counter()
-    it = _batches(loader)
+    it = _batches(train.loader)
     batch = next(it)
     startup = time.perf_counter() - start
-    step = _model_step(model, batch, device=device, train_cfg=train_cfg, augment=augment)
+    step = _model_step(model, batch, train, train_cfg=train_cfg)
     step()  # warm-up
     loader_rates, model_rates = [], []
     for _ in range(rounds):
@@ -120,11 +121,11 @@ def probe_sides(
         for _ in range(batches):
             samples += len(next(it)[1])
         loader_rates.append(samples / (time.perf_counter() - t))
-        _sync(device)
+        _sync(train.device)
         t, samples = time.perf_counter(), 0
         for _ in range(batches):
             samples += step()
-        _sync(device)
+        _sync(train.device)
         model_rates.append(samples / (time.perf_counter() - t))
     it.close()
     spent = time.perf_counter() - start
@@ -133,18 +134,16 @@ def probe_sides(
 
 def measure_run(
     model: nn.Module,
-    loader: DataLoader,
+    train: DeviceLoader,
     history: list[dict[str, float]],
     *,
-    device: torch.device,
     batches: int,
     train_cfg: TrainConfig | None = None,
-    augment: BatchAugment | None = None,
 ) -> Throughput:
     """A trained run's feed: end to end and waiting from its epochs, the sides from probes."""
     train_rate, wait_frac = epoch_rates(history)
     loader_rate, model_rate, startup, spent = probe_sides(
-        model, loader, device=device, batches=batches, train_cfg=train_cfg, augment=augment
+        model, train, batches=batches, train_cfg=train_cfg
     )
     return Throughput(
         loader_samples_per_s=loader_rate,
@@ -157,7 +156,7 @@ def measure_run(
     )
 
 
-def _batches(loader: DataLoader) -> Iterator[Any]:
+def _batches(loader: Any) -> Iterator[Any]:
     """Cycle through the loader (re-iterating at the end of an epoch), skipping empty batches."""
     while True:
         produced = False
@@ -169,8 +168,8 @@ def _batches(loader: DataLoader) -> Iterator[Any]:
             raise RuntimeError("the loader produced no usable batch (all images bad?)")
 
 
-def measure_loader(loader: DataLoader, *, batches: int, warmup: int = 2) -> tuple[float, float]:
-    """(samples/s of the loader alone, start-up seconds until the first batch)."""
+def measure_loader(loader: Any, *, batches: int, warmup: int = 2) -> tuple[float, float]:
+    """(samples/s of the host loader alone, start-up seconds until the first batch)."""
     t0 = time.perf_counter()
     it = _batches(loader)
     next(it)
@@ -198,24 +197,16 @@ def _probe_parts(
 
 
 def _model_step(
-    model: nn.Module,
-    batch: Any,
-    *,
-    device: torch.device,
-    train_cfg: TrainConfig | None,
-    augment: BatchAugment | None,
+    model: nn.Module, batch: Any, train: DeviceLoader, *, train_cfg: TrainConfig | None
 ) -> Callable[[], int]:
-    """One probe step of the model's side, repeatable: the run's train step on ``batch`` on
-    the device (moved once). A batch augmentation on the device is device work, so with one
-    each step augments anew. Returns the samples it trained on."""
-    model, optimizer, loss_fn, amp = _probe_parts(model, device, train_cfg)
-    channels_last = is_channels_last(model)
-    on_device = to_device(batch, device, channels_last, augment)
+    """One probe step of the model's side, repeatable: the run's train step on host ``batch``
+    moved to the device once. A batch policy on the device is device work, so with one each
+    step runs it anew. Returns the samples it trained on."""
+    model, optimizer, loss_fn, amp = _probe_parts(model, train.device, train_cfg)
+    on_device = train.to_device(batch)
 
     def step() -> int:
-        images, targets = (
-            on_device if augment is None else to_device(batch, device, channels_last, augment)
-        )
+        images, targets = on_device if train.device_step is None else train.to_device(batch)
         train_step(model, optimizer, loss_fn, images, targets, amp=amp)
         return len(targets)
 
@@ -230,53 +221,47 @@ def _sync(device: torch.device) -> None:
 def measure_model(
     model: nn.Module,
     batch: Any,
+    train: DeviceLoader,
     *,
-    device: torch.device,
     steps: int,
     warmup: int = 2,
     train_cfg: TrainConfig | None = None,
-    augment: BatchAugment | None = None,
 ) -> float:
-    """Samples/s of train steps on one batch already on the device (the model's appetite; a
-    batch augmentation on the device is part of it)."""
-    step = _model_step(model, batch, device=device, train_cfg=train_cfg, augment=augment)
+    """Samples/s of train steps on one host batch already moved to the device (the model's
+    appetite; a batch policy on the device is part of it)."""
+    step = _model_step(model, batch, train, train_cfg=train_cfg)
     for _ in range(warmup):
         step()
-    _sync(device)
+    _sync(train.device)
     start, samples = time.perf_counter(), 0
     for _ in range(steps):
         samples += step()
-    _sync(device)
+    _sync(train.device)
     return samples / (time.perf_counter() - start)
 
 
 def measure_training(
     model: nn.Module,
-    loader: DataLoader,
+    train: DeviceLoader,
     *,
-    device: torch.device,
     steps: int,
     warmup: int = 2,
     train_cfg: TrainConfig | None = None,
-    augment: BatchAugment | None = None,
 ) -> tuple[float, float, float]:
     """(samples/s end to end, share of time waiting for batches, start-up seconds)."""
-    model, optimizer, loss_fn, amp = _probe_parts(model, device, train_cfg)
-    channels_last = is_channels_last(model)
+    model, optimizer, loss_fn, amp = _probe_parts(model, train.device, train_cfg)
 
     def step(batch: Any) -> None:
-        train_step(
-            model, optimizer, loss_fn, *to_device(batch, device, channels_last, augment), amp=amp
-        )
+        train_step(model, optimizer, loss_fn, *train.to_device(batch), amp=amp)
 
     t0 = time.perf_counter()
-    it = _batches(loader)
+    it = _batches(train.loader)
     batch = next(it)
     startup = time.perf_counter() - t0
     for _ in range(warmup):
         step(batch)
         batch = next(it)
-    _sync(device)
+    _sync(train.device)
     wait, samples = 0.0, 0
     start = time.perf_counter()
     for _ in range(steps):
@@ -285,7 +270,7 @@ def measure_training(
         wait += time.perf_counter() - t
         step(batch)
         samples += len(batch[1])
-    _sync(device)
+    _sync(train.device)
     elapsed = time.perf_counter() - start
     it.close()
     return samples / elapsed, wait / elapsed, startup
@@ -293,20 +278,17 @@ def measure_training(
 
 def measure(
     model: nn.Module,
-    loader: DataLoader,
+    train: DeviceLoader,
     *,
-    device: torch.device,
     batches: int,
     train_cfg: TrainConfig | None = None,
-    augment: BatchAugment | None = None,
 ) -> Throughput:
-    """All rates for one (model, loader) pair; ``batches`` timed batches per measurement."""
-    loader_rate, loader_startup = measure_loader(loader, batches=batches)
-    batch = next(b for b in loader if b is not None)
-    probe = {"train_cfg": train_cfg, "augment": augment}
-    model_rate = measure_model(model, batch, device=device, steps=batches, **probe)
+    """All rates for one (model, feed) pair; ``batches`` timed batches per measurement."""
+    loader_rate, loader_startup = measure_loader(train.loader, batches=batches)
+    batch = next(b for b in train.loader if b is not None)
+    model_rate = measure_model(model, batch, train, steps=batches, train_cfg=train_cfg)
     train_rate, wait_frac, train_startup = measure_training(
-        model, loader, device=device, steps=batches, **probe
+        model, train, steps=batches, train_cfg=train_cfg
     )
     return Throughput(
         loader_samples_per_s=loader_rate,
@@ -351,13 +333,13 @@ def transform_costs(
     return df
 
 
-def cache_metrics(pipeline: Any) -> dict[str, float]:
+def cache_metrics(feed: Feed) -> dict[str, float]:
     """``cache_fill_s`` (what filling them cost this run: 0 for caches a previous trial filled)
     and ``cache_mb`` of the decoded-image caches (train + val), if any."""
-    caches = [ds.cache for ds in (pipeline.train_set, pipeline.val_set) if ds.cache is not None]
+    caches = [ds.cache for ds in (feed.train_set, feed.val_set) if ds.cache is not None]
     if not caches:
         return {}
     return {
-        "cache_fill_s": pipeline.cache_fill_s,
+        "cache_fill_s": feed.cache_fill_s,
         "cache_mb": sum(c.nbytes for c in caches) / 2**20,
     }

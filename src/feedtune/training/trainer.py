@@ -1,4 +1,4 @@
-"""The trainer: one configuration trained on prepared data, checkpointed every epoch.
+"""The trainer: one configuration trained from its Feed, checkpointed every epoch.
 
 It knows nothing of MLflow or Optuna: recording and pruning reach it as callbacks (see
 ``engine.Callback``), run after the checkpoint of each epoch is on disk.
@@ -6,6 +6,7 @@ It knows nothing of MLflow or Optuna: recording and pruning reach it as callback
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,21 +16,35 @@ import numpy as np
 import torch
 from torch import nn
 
-from feedtune.config import Config
-from feedtune.feed.cache import CacheMemo
-from feedtune.feed.feed import Pipeline, build_pipeline
-from feedtune.sources.prepare import PreparedData
+from feedtune.config import Config, TrainConfig
+from feedtune.feed.feed import Feed
+from feedtune.progress import progress_bar
 from feedtune.training.checkpoint import (
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from feedtune.training.devices import resolve_device
+from feedtune.training.devices import prepare_model
 from feedtune.training.distributed import Dist, unwrap
-from feedtune.training.engine import Callback, TrainState, build_optimizer, fit
+from feedtune.training.engine import (
+    Callback,
+    LrSchedule,
+    TrainState,
+    build_optimizer,
+    combined_stats,
+    end_epoch,
+    epoch_metrics,
+    len_or_none,
+    train_one_epoch,
+)
 from feedtune.training.evaluation import EvalResult, evaluate
-from feedtune.training.models import build_model, model_args, num_outputs
+from feedtune.training.models import (
+    build_model,
+    model_args,
+    num_outputs,
+    set_backbone_trainable,
+)
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -118,12 +133,11 @@ class TrainOutcome:
     best: EvalResult
     model: nn.Module
     checkpoint: Path
-    pipeline: Pipeline
 
 
 def train_model(
     cfg: Config,
-    data: PreparedData,
+    feed: Feed,
     *,
     folder: Path,
     resume: dict[str, Any] | None = None,
@@ -132,92 +146,191 @@ def train_model(
     model: nn.Module | None = None,
     finetune: bool = False,
     dist: Dist | None = None,
-    caches: CacheMemo | None = None,
 ) -> TrainOutcome:
-    """Train ``cfg`` on ``data``, checkpointing into ``folder``; ``resume`` is a checkpoint
-    payload to continue from. Returns the best model (weights of the best epoch).
+    """Train ``cfg`` on ``feed`` for ``train.epochs`` epochs, evaluating and checkpointing
+    into ``folder`` after each; ``resume`` is a checkpoint payload to continue from. Returns
+    the best model (weights of the best epoch on ``search.metric``, which early stopping on
+    ``train.patience`` follows too).
 
-    ``callbacks`` run after each epoch's checkpoint is written (``on_fit_start`` once the data
-    pipeline is built). ``model``: start from this model (already sized to ``data.classes``
-    and frozen as wanted) instead of a fresh ``build_model(cfg.model)``; ``finetune``: the
+    ``callbacks`` run after each epoch's checkpoint is written; one that raises
+    :class:`StopTraining` ends training on every process, stops the feed's workers and
+    propagates. ``model``: start from this model (already sized to the feed's classes and
+    frozen as wanted) instead of a fresh ``build_model(cfg.model)``; ``finetune``: the
     backbone learns at ``train.lr * train.backbone_lr_scale``.
 
-    ``dist``: this process's place among several (torchrun). Each trains on its share of every
-    epoch, on its own GPU when CUDA; only the main process writes checkpoints into ``folder``
-    (the others' stays empty) and each receives the best weights from it at the end. Every
-    process gets the same metrics, and the plain (unwrapped) model.
-
-    ``caches``: image caches kept between calls (a study's trials; see ``build_pipeline``)."""
+    ``dist``: this process's place among several (torchrun), ``feed`` its share; the model
+    trains wrapped in ``DistributedDataParallel``. Only the main process writes checkpoints
+    into ``folder`` (the others' stays empty) and each receives the best weights from it at
+    the end. Every process sees the same metrics (the epoch's samples of all processes, the
+    evaluation of the whole validation set), and gets the plain (unwrapped) model."""
     dist = dist or Dist()
+    run = _start(cfg, feed, model, resume, finetune=finetune, dist=dist)
+    callbacks = [*_own_callbacks(cfg, feed, folder, dist), *callbacks]
+    for cb in callbacks:
+        cb.on_fit_start(resumed=resume is not None)
+    train_cfg, state = cfg.train, run.state
+    epochs = progress_bar(
+        range(state.epoch, train_cfg.epochs),
+        desc="epochs",
+        unit="epoch",
+        initial=state.epoch,
+        total=train_cfg.epochs,
+        enabled=progress,
+        per_item_lines=True,
+    )
+    try:
+        for epoch in epochs:
+            _start_epoch(run, epoch, callbacks, train_cfg, dist, feed.device)
+            stats = train_one_epoch(
+                run.net,
+                feed.train,
+                run.optimizer,
+                run.loss_fn,
+                scaler=run.scaler,
+                amp=run.amp,
+                max_steps=train_cfg.max_steps_per_epoch,
+                progress=progress,
+                desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
+                set_lr=functools.partial(run.schedule.set, epoch),
+            )
+            result = _validate(run, feed, dist, progress=progress)
+            metrics = epoch_metrics(combined_stats(stats, dist), result, run.optimizer)
+            improved = state.record(epoch, metrics, cfg.search.metric)
+            epochs.set_postfix(val_f1=f"{result.f1_macro:.3f}", best=f"{state.best_metric:.3f}")
+            context = {"model": run.model, "optimizer": run.optimizer, "evaluation": result}
+            stop = end_epoch(callbacks, epoch, metrics, state, improved, context, dist)
+            if stop is not None:
+                state.stopped = stop.reason
+                raise stop
+            if train_cfg.patience and state.stale_epochs >= train_cfg.patience:
+                state.stopped = "patience"
+                break
+    except BaseException:
+        # A stopped trial, Ctrl-C: the exception's traceback keeps the loaders alive in a
+        # reference cycle, so stop their workers now (see Feed.close).
+        feed.close()
+        raise
+    finally:
+        epochs.close()
+    return _finish(run, feed, folder, dist)
+
+
+@dataclass
+class _Run:
+    """What the epochs of one training share."""
+
+    model: nn.Module
+    net: nn.Module  # ``model``, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    schedule: LrSchedule
+    loss_fn: nn.Module
+    amp: bool
+    scaler: torch.amp.GradScaler | None
+
+
+def _start(
+    cfg: Config,
+    feed: Feed,
+    model: nn.Module | None,
+    resume: dict[str, Any] | None,
+    *,
+    finetune: bool,
+    dist: Dist,
+) -> _Run:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    device = dist.device(resolve_device(cfg.train.device))
-    pipeline = build_pipeline(
-        cfg,
-        data,
-        cuda=device.type == "cuda",
-        rank=dist.rank,
-        world_size=dist.world_size,
-        caches=caches,
-    )
-    if model is None:
-        model = build_model(cfg.model, num_classes=len(data.classes))
-    elif num_outputs(model) != len(data.classes):
-        raise ValueError(
-            f"the model has {num_outputs(model)} outputs but the data has "
-            f"{len(data.classes)} classes; replace its head first (models.replace_head)"
-        )
+    model = _starting_model(cfg, model, len(feed.classes))
     optimizer = build_optimizer(model, cfg.train, finetune=finetune)
-    state = None
+    state = TrainState()
     if resume is not None:
         model.load_state_dict(resume["model_state"])
         optimizer.load_state_dict(resume["optimizer_state"])
         state = train_state_from(resume)
         set_rng_state(resume["rng"])
-    for cb in callbacks:
-        cb.on_fit_start(pipeline, resumed=resume is not None)
+    prepare_model(model, feed.device, channels_last=cfg.train.channels_last)
+    amp = cfg.train.amp and feed.device.type == "cuda"
+    return _Run(
+        model=model,
+        net=dist.wrap(model, feed.device),
+        optimizer=optimizer,
+        state=state,
+        schedule=LrSchedule(optimizer, cfg.train, _steps_per_epoch(feed.train, cfg.train)),
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
+        amp=amp,
+        scaler=torch.amp.GradScaler("cuda") if amp else None,
+    )
+
+
+def _steps_per_epoch(train: Any, cfg: TrainConfig) -> int:
+    steps = len_or_none(train) or 0
+    if cfg.max_steps_per_epoch is not None:
+        steps = min(steps or cfg.max_steps_per_epoch, cfg.max_steps_per_epoch)
+    return steps
+
+
+def _own_callbacks(cfg: Config, feed: Feed, folder: Path, dist: Dist) -> list[Callback]:
     own: list[Callback] = [
-        EpochSeeding(pipeline.generators, cfg.seed, sampler=pipeline.sampler, rank=dist.rank)
+        EpochSeeding(feed.generators, cfg.seed, sampler=feed.sampler, rank=dist.rank)
     ]
     if dist.is_main:
-        own.append(Checkpointing(cfg, data.classes, folder))
-    try:
-        state = fit(
-            model,
-            pipeline.train_loader,
-            pipeline.val_loader,
-            cfg.train,
-            num_classes=len(data.classes),
-            optimizer=optimizer,
-            device=device,
-            state=state,
-            callbacks=[*own, *callbacks],
-            progress=progress,
-            metric=cfg.search.metric,
-            augment=pipeline.batch_augment,
-            dist=dist,
-        )
-    except BaseException:
-        # A pruned trial, a deadline, Ctrl-C: the exception's traceback keeps the loaders
-        # alive in a reference cycle, so stop their workers now (see Pipeline.close).
-        pipeline.close()
-        raise
+        own.append(Checkpointing(cfg, feed.classes, folder))
+    return own
+
+
+def _start_epoch(
+    run: _Run,
+    epoch: int,
+    callbacks: Sequence[Callback],
+    cfg: TrainConfig,
+    dist: Dist,
+    device: torch.device,
+) -> None:
+    if cfg.unfreeze_after and epoch == cfg.unfreeze_after:
+        set_backbone_trainable(run.model, True)
+        run.net = dist.wrap(run.model, device)  # the new trainable parameters join the averaging
+    for cb in callbacks:
+        cb.on_epoch_start(epoch)
+
+
+def _validate(run: _Run, feed: Feed, dist: Dist, *, progress: bool) -> EvalResult:
+    """The epoch's evaluation of the whole validation set (every process's share gathered)."""
+    dist.broadcast_buffers(run.model)
+    return evaluate(
+        run.model,
+        feed.val,
+        nn.CrossEntropyLoss(),
+        device=feed.device,
+        num_classes=len(feed.classes),
+        amp=run.amp,
+        progress=progress,
+        dist=dist,
+    )
+
+
+def _finish(run: _Run, feed: Feed, folder: Path, dist: Dist) -> TrainOutcome:
+    """The best epoch's weights (from ``best.pt``, on every process) and their evaluation."""
     best_path = folder / BEST
     best_state = load_checkpoint(best_path)["model_state"] if dist.is_main else None
-    model.load_state_dict(dist.broadcast(best_state))
+    run.model.load_state_dict(dist.broadcast(best_state))
     best = evaluate(
-        model,
-        pipeline.val_loader,
+        run.model,
+        feed.val,
         nn.CrossEntropyLoss(),
-        device=device,
-        num_classes=len(data.classes),
+        device=feed.device,
+        num_classes=len(feed.classes),
         progress=False,
         dist=dist,
     )
-    return TrainOutcome(
-        state=state,
-        best=best,
-        model=model,
-        checkpoint=best_path,
-        pipeline=pipeline,
-    )
+    return TrainOutcome(state=run.state, best=best, model=run.model, checkpoint=best_path)
+
+
+def _starting_model(cfg: Config, model: nn.Module | None, num_classes: int) -> nn.Module:
+    if model is None:
+        return build_model(cfg.model, num_classes=num_classes)
+    if num_outputs(model) != num_classes:
+        raise ValueError(
+            f"the model has {num_outputs(model)} outputs but the data has {num_classes} "
+            "classes; replace its head first (models.replace_head)"
+        )
+    return model

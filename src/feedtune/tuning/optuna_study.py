@@ -267,12 +267,10 @@ def suggest(
     return out
 
 
-def report(trial: optuna.Trial, value: float, epochs_done: int) -> None:
-    """Report the value after ``epochs_done`` epochs; raises ``TrialPruned`` when the pruner
-    says stop."""
+def report(trial: optuna.Trial, value: float, epochs_done: int) -> bool:
+    """Report the value after ``epochs_done`` epochs; whether the pruner says stop."""
     trial.report(value, epochs_done)
-    if trial.should_prune():
-        raise TrialPruned(f"pruned after epoch {epochs_done} (value {value:.4f})")
+    return trial.should_prune()
 
 
 def optimize(
@@ -317,6 +315,18 @@ def _write_trial_line(study: optuna.Study, trial: FrozenTrial) -> None:
 
 def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+
+
+def n_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False))
+
+
+def user_attr_since(study: optuna.Study, key: str, first: int) -> Any:
+    """The last value of user attribute ``key`` among trials numbered ``first`` and later."""
+    found = [
+        t.user_attrs[key] for t in study.get_trials(deepcopy=False)[first:] if key in t.user_attrs
+    ]
+    return found[-1] if found else None
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:

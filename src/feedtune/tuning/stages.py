@@ -2,14 +2,19 @@
 
 Speed trials run a fixed number of real training steps (no validation) and maximise
 ``train_samples_per_s``; the best speed settings are then fixed for the quality trials, which
-train, maximise ``val_f1_macro`` with pruning, and record their throughput too. Every trial is
-a nested MLflow run; recording and pruning reach the trainer as callbacks.
+train, maximise ``search.metric`` with pruning, and record their throughput too. Each objective
+reads like the experiment: suggest, build the feed, train, report. Every trial is a nested
+MLflow run; recording, pruning and the deadline reach the trainer as callbacks, and a stop
+(:class:`StopTraining`) becomes Optuna's pruned state at the trial's edge.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +23,7 @@ import torch
 
 from feedtune.config import Config, with_overrides
 from feedtune.feed.cache import CacheMemo
-from feedtune.feed.feed import build_pipeline
+from feedtune.feed.feed import build_feed
 from feedtune.sources.prepare import PreparedData
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.liveness import worker_info
@@ -29,29 +34,33 @@ from feedtune.tracking.recording import (
     relog_missing_epochs,
 )
 from feedtune.training.devices import prepare_model, resolve_device
-from feedtune.training.engine import Callback
+from feedtune.training.engine import Callback, StopTraining
 from feedtune.training.models import build_model
 from feedtune.training.throughput import measure_training
 from feedtune.training.trainer import train_model
 from feedtune.tuning import optuna_study, space
 
 STAGES = ("speed", "quality")
+# Trial user attribute: why the speed stage stopped after the start configuration's trial.
+SKIPPED_ATTR = "speed_stage_skipped"
 
 
 class PruneOnPlateau(Callback):
-    """Reports each epoch's metric to the Optuna trial; the pruner may stop the trial."""
+    """Reports each epoch's metric to the Optuna trial; stops training when the pruner says."""
 
     def __init__(self, trial: Any, metric: str) -> None:
         self.trial = trial
         self.metric = metric
 
     def on_epoch_end(self, epoch, metrics, **_: Any) -> None:
-        optuna_study.report(self.trial, metrics[self.metric], epoch + 1)
+        value = metrics[self.metric]
+        if optuna_study.report(self.trial, value, epoch + 1):
+            raise StopTraining("pruned", f"pruned after epoch {epoch + 1} (value {value:.4f})")
 
 
 class StopAtDeadline(Callback):
-    """Stops a trial whose next epoch would end after the stage's deadline, recorded as
-    pruned with the tag ``feedtune.stopped=deadline``; reports each epoch's seconds."""
+    """Stops a trial whose next epoch would end after the job's deadline (``time.monotonic()``
+    seconds, or None); appends each epoch's seconds to ``epoch_seconds``."""
 
     def __init__(self, deadline: float | None, epoch_seconds: list[float], *, epochs: int) -> None:
         self.deadline = deadline
@@ -67,8 +76,7 @@ class StopAtDeadline(Callback):
         self.epoch_seconds.append(seconds)
         last = epoch + 1 >= self.epochs
         if self.deadline is not None and not last and time.monotonic() + seconds > self.deadline:
-            mlflow_store.set_tags({"feedtune.stopped": "deadline"})
-            raise optuna_study.TrialPruned(f"stopped at the deadline after epoch {epoch + 1}")
+            raise StopTraining("deadline", f"stopped at the deadline after epoch {epoch + 1}")
 
 
 def trial_tags(stage: str, study_name: str, number: int) -> dict[str, str]:
@@ -80,25 +88,27 @@ def trial_tags(stage: str, study_name: str, number: int) -> dict[str, str]:
 
 
 def speed_trial(
-    cfg: Config, data: PreparedData, *, steps: int, caches: CacheMemo | None = None
+    cfg: Config,
+    data: PreparedData,
+    device: torch.device,
+    *,
+    steps: int,
+    caches: CacheMemo | None = None,
 ) -> dict[str, float]:
-    """A fixed number of real training steps with ``cfg``'s loader; no validation."""
+    """A fixed number of real training steps with ``cfg``'s feed; no validation."""
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.train.device)
-    pipeline = build_pipeline(cfg, data, cuda=device.type == "cuda", caches=caches)
+    feed = build_feed(cfg, data, device, caches=caches)
     model = prepare_model(
         build_model(cfg.model, num_classes=len(data.classes)),
         device,
         channels_last=cfg.train.channels_last,
     )
-    rate, wait_frac, startup = measure_training(
-        model,
-        pipeline.train_loader,
-        device=device,
-        steps=steps,
-        train_cfg=cfg.train,
-        augment=pipeline.batch_augment,
-    )
+    try:
+        rate, wait_frac, startup = measure_training(
+            model, feed.train, steps=steps, train_cfg=cfg.train
+        )
+    finally:
+        feed.close()
     return {"train_samples_per_s": rate, "data_wait_frac": wait_frac, "train_startup_s": startup}
 
 
@@ -118,167 +128,196 @@ def close_dead_trial_run(trial: Any) -> None:
         mlflow_store.end_run_by_id(run_id, "KILLED")
 
 
-class Tuner:
-    """Objectives of both stages over one prepared dataset, logging to nested runs.
+@contextlib.contextmanager
+def nested_run(name: str, tags: dict[str, str], *, system_metrics: bool = True) -> Iterator[Any]:
+    """A run nested in the study's parent run (a trial, or a noise run of the start)."""
+    with mlflow_store.start_run(
+        "trial", nested=True, run_name=name, tags=tags, system_metrics=system_metrics
+    ) as run:
+        yield run
 
-    ``deadline`` (``time.monotonic()`` seconds, or None) bounds a stage, running trials
-    included: no trial starts that could not reach its first rung before it, and a running
-    trial stops at the last epoch that ends before it."""
+
+@contextlib.contextmanager
+def trial_run(trial: Any, stage: str, study_name: str, **kwargs: Any) -> Iterator[Any]:
+    """The trial's nested run, claimed in the study; a stop inside (pruned, deadline) ends the
+    run KILLED and the trial pruned."""
+    tags = trial_tags(stage, study_name, trial.number)
+    try:
+        with nested_run(f"{stage}-{trial.number}", tags, **kwargs) as run:
+            claim(trial, run.info.run_id)
+            yield run
+    except StopTraining as stop:
+        raise optuna_study.TrialPruned(str(stop)) from stop
+
+
+class Tuner:
+    """Objectives of both stages over one prepared dataset, on one device (resolved once),
+    sharing the image caches of their feeds and the epoch timings the deadline needs."""
 
     def __init__(self, cfg: Config, data: PreparedData, study_base: str, *, progress: bool) -> None:
         self.cfg = cfg
         self.data = data
         self.study_base = study_base
         self.progress = progress
-        self.speed_params: dict[str, Any] = {}
         self.settings = cfg.flat()  # the config's own values, dotted
-        self.cuda = resolve_device(cfg.train.device).type == "cuda"
+        self.device = resolve_device(cfg.train.device)
         # Trials with the same cache settings (every quality trial) share one filled cache.
         self.caches = CacheMemo()
-        self.deadline: float | None = None
         self.epoch_seconds: list[float] = []  # of every quality epoch run here
-        self.speed_skipped = ""  # why the speed stage stopped after its first trial, if it did
 
-    def optimize(
-        self, study: Any, stage: str, *, n_trials: int | None, deadline: float | None = None
-    ) -> None:
-        """Run ``stage``'s trials on ``study`` until ``deadline``; a new study first tries the
-        config's values."""
-        search = self.cfg.search
+    def start_stage(
+        self,
+        study: Any,
+        stage: str,
+        *,
+        speed_params: dict[str, Any] | None = None,
+        deadline: float | None = None,
+    ) -> Callable[[Any], float]:
+        """The objective of ``stage`` with the speed stage's winner (``speed_params``) and the
+        job's ``deadline`` fixed; a new study first gets the start configuration queued."""
         speed = stage == "speed"
+        search = self.cfg.search
         stage_space = space.speed_space(search) if speed else space.quality_space(search)
-        planned = search.n_trials_speed if speed else search.n_trials_quality
+        start = {**self.settings, **(speed_params or {})}
         if search.enqueue_config:
-            optuna_study.enqueue_values(study, stage_space, {**self.settings, **self.speed_params})
-        self.deadline = deadline
-        optuna_study.optimize(
-            study,
-            self.speed_objective if speed else self.quality_objective,
-            n_trials=planned if n_trials is None else n_trials,
-            timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
-            progress=self.progress,
-            callbacks=[self._stop_before_the_deadline],
+            optuna_study.enqueue_values(study, stage_space, start)
+        if speed:
+            return self.speed_objective
+        # A partial, not a lambda: no frame of its own between Optuna and the objective.
+        return functools.partial(
+            self.quality_objective, speed_params=speed_params or {}, deadline=deadline
         )
 
-    def _stop_before_the_deadline(self, study: Any, trial: Any) -> None:
-        """No new trial when the time left would not let it reach its first rung."""
-        if self.deadline is None:
-            return
-        per_epoch = float(np.median(self.epoch_seconds)) if self.epoch_seconds else 0.0
-        if time.monotonic() + per_epoch * self.cfg.search.min_epochs > self.deadline:
-            study.stop()
+    def planned_trials(self, stage: str, n_trials: int | None) -> int:
+        search = self.cfg.search
+        planned = search.n_trials_speed if stage == "speed" else search.n_trials_quality
+        return planned if n_trials is None else n_trials
 
-    def inert(self) -> space.Inert:
-        """Keys that cannot matter in this stage's trials (the speed stage's winner fixed)."""
-        return space.inert_given({**self.settings, **self.speed_params}, cuda=self.cuda)
+    def stop_before(self, deadline: float | None) -> Callable[[Any, Any], None]:
+        """A study callback: no new trial when the time left would not let it reach its first
+        rung (the median epoch so far times ``search.min_epochs``)."""
+
+        def stop(study: Any, trial: Any) -> None:
+            if deadline is None:
+                return
+            per_epoch = float(np.median(self.epoch_seconds)) if self.epoch_seconds else 0.0
+            if time.monotonic() + per_epoch * self.cfg.search.min_epochs > deadline:
+                study.stop()
+
+        return stop
+
+    def inert(self, speed_params: dict[str, Any]) -> space.Inert:
+        """Keys that cannot matter in a trial (the speed stage's winner fixed)."""
+        cuda = self.device.type == "cuda"
+        return space.inert_given({**self.settings, **speed_params}, cuda=cuda)
 
     def speed_objective(self, trial: Any) -> float:
-        params = optuna_study.suggest(trial, space.speed_space(self.cfg.search), self.inert())
-        tcfg = with_overrides(self.cfg, params)
-        name = f"{self.study_base}-speed"
-        with mlflow_store.start_run(
-            "trial",
-            nested=True,
-            run_name=f"speed-{trial.number}",
-            tags=trial_tags("speed", name, trial.number),
-            system_metrics=False,
-        ) as run:
-            claim(trial, run.info.run_id)
-            mlflow_store.log_config(tcfg)
-            result = speed_trial(
-                tcfg, self.data, steps=self.cfg.search.speed_steps, caches=self.caches
-            )
+        params = optuna_study.suggest(trial, space.speed_space(self.cfg.search), self.inert({}))
+        cfg = with_overrides(self.cfg, params)
+        study_name = f"{self.study_base}-speed"
+        with trial_run(trial, "speed", study_name, system_metrics=False):
+            mlflow_store.log_config(cfg)
+            steps = self.cfg.search.speed_steps
+            result = speed_trial(cfg, self.data, self.device, steps=steps, caches=self.caches)
             mlflow_store.log_metrics(result)
-            for key, value in result.items():
-                trial.set_user_attr(key, value)
+        for key, value in result.items():
+            trial.set_user_attr(key, value)
         wait = result["data_wait_frac"]
         if (
             trial.user_attrs.get(optuna_study.START_ATTR)
             and wait < self.cfg.search.speed_skip_wait_frac
         ):
             # Model-bound: faster data cannot speed the job up; the time goes to quality trials.
-            self.speed_skipped = (
-                f"model-bound: the start configuration waited {wait:.1%} of its time"
-            )
+            reason = f"model-bound: the start configuration waited {wait:.1%} of its time"
+            trial.set_user_attr(SKIPPED_ATTR, reason)
             trial.study.stop()
         return result["train_samples_per_s"]
 
-    def quality_cfg(self, params: dict[str, Any]) -> Config:
-        return with_overrides(
-            self.cfg, space.consistent(self.settings, {**self.speed_params, **params})
-        )
+    def quality_cfg(self, speed_params: dict[str, Any], params: dict[str, Any]) -> Config:
+        overrides = space.consistent(self.settings, {**speed_params, **params})
+        return with_overrides(self.cfg, overrides)
 
-    def quality_objective(self, trial: Any) -> float:
-        params = optuna_study.suggest(trial, space.quality_space(self.cfg.search), self.inert())
-        tcfg = self.quality_cfg(params)
-        name = f"{self.study_base}-quality"
+    def quality_objective(
+        self, trial: Any, *, speed_params: dict[str, Any], deadline: float | None
+    ) -> float:
+        search_space = space.quality_space(self.cfg.search)
+        params = optuna_study.suggest(trial, search_space, self.inert(speed_params))
+        cfg = self.quality_cfg(speed_params, params)
         metric = self.cfg.search.metric
+        previous = trial.user_attrs.get("mlflow_run_id")  # the attempt this one retries
         with (
-            mlflow_store.start_run(
-                "trial",
-                nested=True,
-                run_name=f"quality-{trial.number}",
-                tags=trial_tags("quality", name, trial.number),
-            ) as run,
+            trial_run(trial, "quality", f"{self.study_base}-quality") as run,
             tempfile.TemporaryDirectory() as tmp,
         ):
-            previous = claim(trial, run.info.run_id)
             mlflow_store.set_tags({"feedtune.split_digest": self.data.split.digest})
-            # A retried trial (its worker died) continues from the dead run's last checkpoint.
-            resume = download_resume(previous, Path(tmp)) if previous else None
-            if resume is not None:
-                mlflow_store.set_tags({"feedtune.resumed_from_run_id": previous})
-                relog_missing_epochs(run.info.run_id, resume)
-                for row in resume["train_state"]["history"]:  # the pruner sees every epoch
-                    trial.report(row[metric], int(row["epoch"]) + 1)
-            best = self._train(tcfg, Path(tmp), resume, [PruneOnPlateau(trial, metric)])
-            for key, value in best.items():
-                trial.set_user_attr(key, value)
-            return best[f"best_{metric}"]
-
-    def _train(
-        self, cfg: Config, folder: Path, resume: Any, callbacks: list[Callback]
-    ) -> dict[str, float]:
-        """Train ``cfg`` in the open run, recorded and bounded by the deadline; returns the
-        best metrics and the throughput. Work only a finished run needs (model, results,
-        throughput probe) happens only if it finishes."""
-        metric = self.cfg.search.metric
-        outcome = train_model(
-            cfg,
-            self.data,
-            folder=folder,
-            resume=resume,
-            progress=self.progress,
-            caches=self.caches,
-            callbacks=[
-                RunRecorder(cfg, self.data, folder),
-                *callbacks,
-                StopAtDeadline(self.deadline, self.epoch_seconds, epochs=cfg.train.epochs),
-            ],
-        )
-        speed = finish_run(cfg, outcome, self.data.classes)
-        out = {f"best_{metric}": max(h[metric] for h in outcome.state.history)}
+            resume = self._resume(trial, previous, run.info.run_id, Path(tmp))
+            feed = build_feed(cfg, self.data, self.device, caches=self.caches)
+            outcome = train_model(
+                cfg,
+                feed,
+                folder=Path(tmp),
+                resume=resume,
+                progress=self.progress,
+                callbacks=self._callbacks(cfg, feed, Path(tmp), deadline, trial),
+            )
+            speed = finish_run(cfg, outcome, feed)
+        best = max(h[metric] for h in outcome.state.history)
+        trial.set_user_attr(f"best_{metric}", best)
         if speed is not None:
-            out["train_samples_per_s"] = speed.train_samples_per_s
-        return out
+            trial.set_user_attr("train_samples_per_s", speed.train_samples_per_s)
+        return best
 
-    def noise_runs(self, seeds: list[int]) -> list[float]:
+    def _callbacks(
+        self, cfg: Config, feed: Any, folder: Path, deadline: float | None, trial: Any = None
+    ) -> list[Callback]:
+        """Recording, then pruning (a trial's), then the deadline: a stopped epoch is on
+        record first."""
+        callbacks: list[Callback] = [RunRecorder(cfg, self.data, feed, folder)]
+        if trial is not None:
+            callbacks.append(PruneOnPlateau(trial, self.cfg.search.metric))
+        epochs = cfg.train.epochs
+        callbacks.append(StopAtDeadline(deadline, self.epoch_seconds, epochs=epochs))
+        return callbacks
+
+    def _resume(
+        self, trial: Any, previous: str | None, run_id: str, folder: Path
+    ) -> dict[str, Any] | None:
+        """A retried trial (its worker died) continues from the dead run (``previous``)'s last
+        checkpoint; its epochs are re-logged where lost and reported to the pruner again."""
+        if previous is None:
+            return None
+        resume = download_resume(previous, folder)
+        if resume is None:
+            return None
+        mlflow_store.set_tags({"feedtune.resumed_from_run_id": previous})
+        relog_missing_epochs(run_id, resume)
+        for row in resume["train_state"]["history"]:  # the pruner sees every epoch
+            trial.report(row[self.cfg.search.metric], int(row["epoch"]) + 1)
+        return resume
+
+    def noise_runs(
+        self, seeds: list[int], *, speed_params: dict[str, Any], deadline: float | None
+    ) -> list[float]:
         """The start configuration (the speed stage's winner applied) trained at full length
         with each of ``seeds``, as nested runs (``feedtune.stage=noise``): how much the score
         moves with the seed alone. Runs the deadline stops are left out."""
-        metric = f"best_{self.cfg.search.metric}"
+        metric = self.cfg.search.metric
+        tags = {"feedtune.stage": "noise", "optuna.study_name": f"{self.study_base}-quality"}
         scores = []
         for seed in seeds:
-            cfg = with_overrides(self.quality_cfg({}), {"seed": seed})
-            tags = {"feedtune.stage": "noise", "optuna.study_name": f"{self.study_base}-quality"}
+            cfg = with_overrides(self.quality_cfg(speed_params, {}), {"seed": seed})
             try:
                 with (
-                    mlflow_store.start_run(
-                        "trial", nested=True, run_name=f"noise-seed-{seed}", tags=tags
-                    ),
+                    nested_run(f"noise-seed-{seed}", tags),
                     tempfile.TemporaryDirectory() as tmp,
                 ):
-                    scores.append(self._train(cfg, Path(tmp), None, [])[metric])
-            except optuna_study.TrialPruned:  # the deadline came first
+                    feed = build_feed(cfg, self.data, self.device, caches=self.caches)
+                    callbacks = self._callbacks(cfg, feed, Path(tmp), deadline)
+                    outcome = train_model(
+                        cfg, feed, folder=Path(tmp), progress=self.progress, callbacks=callbacks
+                    )
+                    finish_run(cfg, outcome, feed)
+            except StopTraining:  # the deadline came first
                 break
+            scores.append(max(h[metric] for h in outcome.state.history))
         return scores

@@ -17,10 +17,10 @@ from torchvision.transforms.v2 import functional as TF
 from feedtune.config import AugmentConfig
 from feedtune.feed.augment.batch import (
     BATCH_POLICIES,
-    BatchAugment,
     BatchParams,
+    BatchPolicy,
     ToWorkingUint8,
-    build_batch_augment,
+    build_batch_policy,
 )
 from feedtune.feed.augment.per_sample import build_transform
 from feedtune.feed.augment.policies import TorchvisionOps
@@ -114,7 +114,7 @@ def full_crop(p: BatchParams) -> BatchParams:
     return p
 
 
-def unnormalize(aug: BatchAugment, x: torch.Tensor) -> torch.Tensor:
+def unnormalize(aug: BatchPolicy, x: torch.Tensor) -> torch.Tensor:
     return x * aug.std.to(x.device) + aug.mean.to(x.device)
 
 
@@ -122,7 +122,7 @@ def unnormalize(aug: BatchAugment, x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_output(policy: str, train: bool, device: str) -> torch.Tensor:
-    aug = build_batch_augment(cfg(policy), train=train)
+    aug = build_batch_policy(cfg(policy), train=train)
     images, aspects = batch_of(smooth_image(), 6)
     g = torch.Generator().manual_seed(0)
     out = aug(images.to(device), aspects.to(device), generator=g)
@@ -147,7 +147,7 @@ def test_output_cuda_matches_cpu(policy: str) -> None:
 
 
 def test_generator_makes_batches_reproducible() -> None:
-    aug = build_batch_augment(cfg("color"), train=True)
+    aug = build_batch_policy(cfg("color"), train=True)
     images, aspects = batch_of(smooth_image(), 4)
     a = aug(images, aspects, generator=torch.Generator().manual_seed(3))
     b = aug(images, aspects, generator=torch.Generator().manual_seed(3))
@@ -157,7 +157,7 @@ def test_generator_makes_batches_reproducible() -> None:
 
 @pytest.mark.parametrize("policy", ["basic", "color", "geometric"])
 def test_samples_of_a_batch_get_their_own_parameters(policy: str) -> None:
-    aug = build_batch_augment(cfg(policy), train=True)
+    aug = build_batch_policy(cfg(policy), train=True)
     images, aspects = batch_of(smooth_image(), 8)
     g = torch.Generator().manual_seed(0)
     p = aug.sample_params(8, g, aspects=aspects)
@@ -181,7 +181,7 @@ def test_deterministic_pipelines_repeat_the_centre_crop(policy: str, train: bool
 
 def test_constant_grey_normalises_like_the_sample_path() -> None:
     c = cfg("none", mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3])
-    aug = build_batch_augment(c, train=False)
+    aug = build_batch_policy(c, train=False)
     grey = np.full((40, 70, 3), 100, np.uint8)
     images, aspects = batch_of(grey, 2)
     out = aug(images, aspects)
@@ -194,17 +194,17 @@ def test_constant_grey_normalises_like_the_sample_path() -> None:
 @pytest.mark.parametrize("policy", ["randaugment", "trivialaugment", "heavy"])
 def test_policies_without_a_batch_version_are_refused(policy: str) -> None:
     with pytest.raises(ValueError, match=r"augment\.policy.*none, basic, color, geometric"):
-        build_batch_augment(cfg(policy), train=True)
+        build_batch_policy(cfg(policy), train=True)
 
 
 def test_geometric_needs_resize_first() -> None:
     with pytest.raises(ValueError, match=r"augment\.order"):
-        build_batch_augment(cfg("geometric", order="augment_first"), train=True)
-    build_batch_augment(cfg("basic", order="augment_first"), train=True)
+        build_batch_policy(cfg("geometric", order="augment_first"), train=True)
+    build_batch_policy(cfg("basic", order="augment_first"), train=True)
 
 
 def test_cpu_generator_required() -> None:
-    aug = build_batch_augment(cfg("basic"), train=True)
+    aug = build_batch_policy(cfg("basic"), train=True)
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="generator"):
             aug.sample_params(2, torch.Generator(device="cuda"))
@@ -257,7 +257,7 @@ def _ks(
 @pytest.mark.parametrize("h, w", [(96, 128), (128, 96), (60, 120)])
 def test_crop_distribution_matches_random_resized_crop(h: int, w: int) -> None:
     m = 0.7
-    aug = build_batch_augment(cfg("basic", m), train=True)
+    aug = build_batch_policy(cfg("basic", m), train=True)
     aspects = torch.full((N_DRAWS,), w / h, dtype=torch.float64)
     p = aug.sample_params(N_DRAWS, torch.Generator().manual_seed(0), aspects=aspects)
     hr, wr = resized_size(h, w)
@@ -280,7 +280,7 @@ def test_crop_distribution_matches_random_resized_crop(h: int, w: int) -> None:
 
 def test_jitter_distribution_matches_color_jitter() -> None:
     m = 0.8
-    aug = build_batch_augment(cfg("color", m), train=True)
+    aug = build_batch_policy(cfg("color", m), train=True)
     p = aug.sample_params(N_DRAWS, torch.Generator().manual_seed(1))
     jitter = TorchvisionOps().color_jitter(m)
     with torch.random.fork_rng():
@@ -298,7 +298,7 @@ def test_jitter_distribution_matches_color_jitter() -> None:
 
 def test_affine_distribution_matches_random_affine() -> None:
     m = 0.6
-    aug = build_batch_augment(cfg("geometric", m), train=True)
+    aug = build_batch_policy(cfg("geometric", m), train=True)
     p = aug.sample_params(N_DRAWS, torch.Generator().manual_seed(2))
     affine = TorchvisionOps().affine(m)
     with torch.random.fork_rng():
@@ -317,7 +317,7 @@ def test_affine_distribution_matches_random_affine() -> None:
 
 def test_whole_image_crop_reproduces_the_resized_image() -> None:
     image = smooth_image()
-    aug = build_batch_augment(cfg("basic"), train=True)
+    aug = build_batch_policy(cfg("basic"), train=True)
     images, aspects = batch_of(image, 2)
     p = full_crop(aug.sample_params(2, torch.Generator().manual_seed(0), aspects=aspects))
     p.flip[1] = True
@@ -328,7 +328,7 @@ def test_whole_image_crop_reproduces_the_resized_image() -> None:
 
 
 def test_crop_lands_on_the_expected_quadrant() -> None:
-    aug = build_batch_augment(cfg("basic"), train=True)
+    aug = build_batch_policy(cfg("basic"), train=True)
     images, aspects = batch_of(quadrants(), 4)
     p = aug.sample_params(4, torch.Generator().manual_seed(0), aspects=aspects)
     p.flip[:] = False
@@ -349,7 +349,7 @@ def test_batch_matches_the_sample_ops_with_the_same_parameters(
 ) -> None:
     """Mean |difference| in uint8 steps, from the squash, bilinear sampling, uint8 rounding."""
     image = smooth_image(128, 80)
-    aug = build_batch_augment(cfg(policy), train=True)
+    aug = build_batch_policy(cfg(policy), train=True)
     images, aspects = batch_of(image, 8)
     p = aug.sample_params(8, torch.Generator().manual_seed(5), aspects=aspects)
     out = aug.apply_params(images, p)
@@ -361,7 +361,7 @@ def test_batch_matches_the_sample_ops_with_the_same_parameters(
 def test_eval_crop_matches_the_sample_eval_transform() -> None:
     for h, w in [(96, 128), (128, 80)]:
         image = smooth_image(h, w)
-        aug = build_batch_augment(cfg("basic"), train=False)
+        aug = build_batch_policy(cfg("basic"), train=False)
         images, aspects = batch_of(image, 1)
         out = aug(images, aspects)[0]
         want = build_transform(cfg("basic"), train=False)(image)
@@ -371,7 +371,7 @@ def test_eval_crop_matches_the_sample_eval_transform() -> None:
 
 def test_jitter_ops_equal_torchvision_on_float_images() -> None:
     """Whole-image crop of an S x S input is the identity, leaving only the colour ops."""
-    aug = build_batch_augment(cfg("color"), train=True)
+    aug = build_batch_policy(cfg("color"), train=True)
     g = torch.Generator().manual_seed(6)
     images = torch.randint(0, 256, (32, 3, S, S), dtype=torch.uint8, generator=g)
     p = full_crop(aug.sample_params(32, g))
@@ -381,7 +381,7 @@ def test_jitter_ops_equal_torchvision_on_float_images() -> None:
 
 
 def test_affine_equals_torchvision_including_the_zero_fill() -> None:
-    aug = build_batch_augment(cfg("geometric"), train=True)
+    aug = build_batch_policy(cfg("geometric"), train=True)
     g = torch.Generator().manual_seed(7)
     images = torch.randint(1, 256, (32, 3, S, S), dtype=torch.uint8, generator=g)
     p = full_crop(aug.sample_params(32, g))

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from feedtune.config import load_config
-from feedtune.feed.augment.mixing import MixingCollate
-from feedtune.feed.feed import build_pipeline
+from feedtune.feed.augment.mixing import StepCollate
+from feedtune.feed.feed import build_feed
 from feedtune.sources.prepare import prepare_data
-from feedtune.training.devices import to_device
 from feedtune.training.trainer import train_model
 from feedtune.tuning.space import inert_settings, ordered, quality_space
 
@@ -21,28 +20,29 @@ SMALL = ["augment.image_size=32", "loader.batch_size=8", "seed=3"]
 CPU = torch.device("cpu")
 
 
-def _pipeline(folder, *overrides, on="device"):
+def _feed(folder, *overrides, on="device"):
     """``on``: where ``augment.where: batch`` runs (``device``: the CUDA path, on CPU tensors)."""
     cfg = load_config(None, [f"data.path={folder}", *SMALL, *overrides])
     data = prepare_data(cfg, progress=False)
-    return cfg, data, build_pipeline(cfg, data, cuda=False, batch_augment_on=on)
+    return cfg, data, build_feed(cfg, data, CPU, policy_on=on)
 
 
-def _train_batches(pipeline):
-    """Every training batch as the model receives it (the batch path augments on the device)."""
-    for batch in pipeline.train_loader:
+def _train_batches(feed):
+    """Every training batch as the loader ships it and as the model receives it (the batch
+    path augments on the device)."""
+    for batch in feed.train.loader:
         if batch is not None:
-            yield batch, to_device(batch, CPU, False, pipeline.batch_augment)
+            yield batch, feed.train.to_device(batch)
 
 
 @pytest.mark.parametrize("where", ["sample", "batch"])
 @pytest.mark.parametrize("mix", ["mixup", "cutmix", "mixup_or_cutmix"])
 def test_training_batches_carry_soft_targets(tiny_folder, mix, where):
     torch.manual_seed(0)  # the v2 transforms draw from torch's global RNG
-    _, data, pipeline = _pipeline(tiny_folder, f"augment.mix={mix}", f"augment.where={where}")
+    _, data, feed = _feed(tiny_folder, f"augment.mix={mix}", f"augment.where={where}")
     k = len(data.classes)
     mixed_rows = 0
-    for raw, (images, targets) in _train_batches(pipeline):
+    for raw, (images, targets) in _train_batches(feed):
         b = len(images)
         assert images.dtype == torch.float32 and images.shape == (b, 3, 32, 32)
         assert targets.dtype == torch.float32 and targets.shape == (b, k)
@@ -64,13 +64,13 @@ def test_training_batches_carry_soft_targets(tiny_folder, mix, where):
 
 def test_batch_path_mixes_the_augmented_floats_as_the_targets_say(tiny_folder):
     torch.manual_seed(0)
-    _, _, pipeline = _pipeline(tiny_folder, "augment.mix=mixup", "augment.where=batch")
-    (uint8, aspects), labels = next(iter(pipeline.train_loader))
-    step = pipeline.batch_augment
+    _, _, feed = _feed(tiny_folder, "augment.mix=mixup", "augment.where=batch")
+    (uint8, aspects), labels = next(iter(feed.train.loader))
+    step = feed.train.device_step
     state = step.generator.get_state()
-    images, targets = step(uint8, aspects, labels)
+    images, targets = step((uint8, aspects), labels)
     # The same augmentation, unmixed: MixUp blends image i with image i - 1 at ratio lam.
-    plain = step.augment(uint8, aspects, generator=torch.Generator().set_state(state))
+    plain = step.policy(uint8, aspects, generator=torch.Generator().set_state(state))
     pairs = [i for i in range(len(labels)) if labels[i] != labels[i - 1]]
     assert pairs
     for i in pairs:
@@ -81,26 +81,26 @@ def test_batch_path_mixes_the_augmented_floats_as_the_targets_say(tiny_folder):
 
 def test_batch_path_in_the_loader_workers_ships_soft_targets(tiny_folder):
     torch.manual_seed(0)
-    _, data, pipeline = _pipeline(
+    _, data, feed = _feed(
         tiny_folder, "augment.mix=mixup", "augment.where=batch", "loader.num_workers=2", on="loader"
     )
     k, mixed_rows = len(data.classes), 0
-    for images, targets in (b for b in pipeline.train_loader if b is not None):
+    for images, targets in (b for b in feed.train.loader if b is not None):
         assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
         assert targets.dtype == torch.float32 and targets.shape == (len(images), k)
         assert torch.allclose(targets.sum(1), torch.ones(len(images)), atol=1e-5)
         mixed_rows += int((targets.max(1).values < 1 - 1e-6).sum())
     assert mixed_rows > 0
-    collate = pickle.loads(pickle.dumps(pipeline.train_loader.collate_fn))  # spawned workers
+    collate = pickle.loads(pickle.dumps(feed.train.loader.collate_fn))  # spawned workers
     assert collate([None, None]) is None
 
 
 def test_sample_path_collate_survives_pickling_for_spawned_workers(tiny_folder):
-    _, _, pipeline = _pipeline(tiny_folder, "augment.mix=mixup")
-    collate = pipeline.train_loader.collate_fn
-    assert isinstance(collate, MixingCollate)
+    _, _, feed = _feed(tiny_folder, "augment.mix=mixup")
+    collate = feed.train.loader.collate_fn
+    assert isinstance(collate, StepCollate)
     copy = pickle.loads(pickle.dumps(collate))
-    samples = [pipeline.train_set[i] for i in range(4)]
+    samples = [feed.train_set[i] for i in range(4)]
     images, targets = copy(samples)
     assert images.shape == (4, 3, 32, 32) and targets.shape == (4, 3)
     assert copy([None, None]) is None  # a batch of bad images stays skippable
@@ -108,26 +108,24 @@ def test_sample_path_collate_survives_pickling_for_spawned_workers(tiny_folder):
 
 @pytest.mark.parametrize("where", ["sample", "batch"])
 def test_no_mix_keeps_hard_labels(tiny_folder, where):
-    _, _, pipeline = _pipeline(tiny_folder, "augment.mix=none", f"augment.where={where}")
-    assert not isinstance(pipeline.train_loader.collate_fn, MixingCollate)
-    _, (images, targets) = next(_train_batches(pipeline))
+    _, _, feed = _feed(tiny_folder, "augment.mix=none", f"augment.where={where}")
+    if where == "sample":
+        assert not isinstance(feed.train.loader.collate_fn, StepCollate)
+    _, (images, targets) = next(_train_batches(feed))
     assert images.dtype == torch.float32 and images.shape == (8, 3, 32, 32)
     assert targets.dtype == torch.int64 and targets.shape == (8,)
 
 
 @pytest.mark.parametrize("where", ["sample", "batch"])
 def test_validation_batches_are_never_mixed(tiny_folder, where):
-    _, data, pipeline = _pipeline(
-        tiny_folder, "augment.mix=mixup_or_cutmix", f"augment.where={where}"
-    )
-    assert not isinstance(pipeline.val_loader.collate_fn, MixingCollate)
+    _, data, feed = _feed(tiny_folder, "augment.mix=mixup_or_cutmix", f"augment.where={where}")
+    assert not isinstance(feed.val.loader.collate_fn, StepCollate)
     seen = []
-    for batch in pipeline.val_loader:
-        images, targets = to_device(batch, CPU, False)
+    for images, targets in feed.val:
         assert images.dtype == torch.float32 and targets.dtype == torch.int64
         assert targets.dim() == 1
         seen.append(targets)
-    assert torch.equal(torch.cat(seen), torch.as_tensor(pipeline.val_set.targets))
+    assert torch.equal(torch.cat(seen), torch.as_tensor(feed.val_set.targets))
     assert len(data.classes) == 3
 
 
@@ -136,7 +134,7 @@ def test_validation_batches_are_never_mixed(tiny_folder, where):
 def test_training_with_mixing_learns_from_soft_targets(
     tiny_folder, tmp_path, one_torch_thread, where
 ):
-    cfg, data, _ = _pipeline(
+    cfg, _, feed = _feed(
         tiny_folder,
         "augment.mix=mixup_or_cutmix",
         "augment.mix_alpha=0.4",
@@ -144,7 +142,7 @@ def test_training_with_mixing_learns_from_soft_targets(
         "train.epochs=1",
         "train.measure_batches=0",
     )
-    outcome = train_model(cfg, data, folder=tmp_path, progress=False)
+    outcome = train_model(cfg, feed, folder=tmp_path, progress=False)
     assert outcome.state.epoch == 1
     row = outcome.state.history[0]
     assert math.isfinite(row["train_loss"]) and row["train_loss"] > 0

@@ -3,7 +3,7 @@
 The sample path (``augment.build_transform``) resizes, crops, flips and jitters each image in
 the loader workers. Here the loader only delivers every image squashed to one working square
 with its original aspect (``data.squares``) so that images collate, and
-:class:`BatchAugment` does the rest once per batch, on whatever device the batch is on: each
+:class:`BatchPolicy` does the rest once per batch, on whatever device the batch is on: each
 sample's parameters are drawn as torchvision draws them, crop + flip (+ affine) are one
 ``grid_sample``, colour jitter is a few batched tensor ops.
 
@@ -41,7 +41,7 @@ from feedtune.feed.augment.squares import (
 )
 from feedtune.feed.geometry import resize_size, working_size
 
-__all__ = ["BATCH_POLICIES", "BatchAugment", "BatchParams", "ToWorkingUint8", "build_batch_augment"]
+__all__ = ["BATCH_POLICIES", "BatchPolicy", "BatchParams", "ToWorkingUint8", "build_batch_policy"]
 
 
 # Policies whose batch version draws the same transforms as the sample path.
@@ -86,7 +86,7 @@ def _jitter_range(name: str, m: float) -> tuple[float, float] | None:
     return (-v, v) if name == "hue" else (max(1.0 - v, 0.0), 1.0 + v)
 
 
-class BatchAugment(torch.nn.Module):
+class BatchPolicy(torch.nn.Module):
     """``forward(uint8 [B, 3, n, n], aspects [B]) -> float32 [B, 3, S, S]``, normalised.
 
     ``random`` (train with a policy other than ``none``) is fixed at build time: the module's
@@ -311,9 +311,9 @@ def _hue(x: Tensor, f: Tensor) -> Tensor:
     return torch.stack(out, dim=1)
 
 
-def build_batch_augment(cfg: AugmentConfig, *, train: bool) -> BatchAugment:
+def build_batch_policy(cfg: AugmentConfig, *, train: bool) -> BatchPolicy:
     """The batch train (random) or eval (centre crop) augmentation described by ``cfg``.
 
     Pair it with ``ToWorkingUint8(working_size(cfg.image_size))`` in the dataset.
     """
-    return BatchAugment(cfg, train=train)
+    return BatchPolicy(cfg, train=train)

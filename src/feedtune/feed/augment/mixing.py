@@ -43,66 +43,52 @@ def build_mix(cfg: AugmentConfig, *, num_classes: int) -> Mix | None:
     return kinds[cfg.mix]()
 
 
-class MixingCollate:
-    """A DataLoader ``collate_fn`` that collates, then mixes the batch.
-
-    A class, not a closure, so that worker processes started by ``spawn`` can unpickle it;
-    the mix then draws from the worker's RNG, which ``loader.seed_worker`` seeds."""
-
-    def __init__(self, mix: Mix, base_collate: Callable[[list[Any]], Any] = collate_skipping_none):
-        self.mix = mix
-        self.base_collate = base_collate
-
-    def __call__(self, batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        collated = self.base_collate(batch)
-        if collated is None:  # every sample of the batch was a bad image
-            return None
-        images, targets = collated
-        return self.mix(images, targets)
-
-    def __repr__(self) -> str:
-        return f"MixingCollate(mix={self.mix!r})"
-
-
 class AugmentThenMix:
-    """The device step of ``augment.where: batch``: ``augment`` turns uint8 images into the
-    model's normalized floats, then ``mix`` (when set) blends them and their labels.
+    """The batch step of ``augment.where: batch``: ``policy`` turns uint8 working squares into
+    the model's normalized floats, then ``mix`` (when set) blends them and their labels.
 
-    ``(images, aspects, targets) -> (images, targets)``, so that soft targets leave with the
-    images they describe; ``generator`` draws the augmentation's per-sample parameters, except
-    in a loader worker, where the worker's RNG does (the DataLoader seeds it from its
-    generator, so a run repeats)."""
+    ``((uint8, aspects), targets) -> (images, targets)``, so that soft targets leave with the
+    images they describe; ``generator`` draws the policy's per-sample parameters, except in a
+    loader worker, where the worker's RNG does (the DataLoader seeds it from its generator, so
+    a run repeats)."""
 
     def __init__(
         self,
-        augment: Callable[..., torch.Tensor],
+        policy: Callable[..., torch.Tensor],
         *,
         generator: torch.Generator | None = None,
         mix: Mix | None = None,
     ):
-        self.augment = augment
+        self.policy = policy
         self.generator = generator
         self.mix = mix
 
     def __call__(
-        self, images: torch.Tensor, aspects: torch.Tensor, targets: torch.Tensor
+        self, images: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        uint8, aspects = images
         generator = None if get_worker_info() is not None else self.generator
-        images = self.augment(images, aspects, generator=generator)
+        floats = self.policy(uint8, aspects, generator=generator)
         if self.mix is not None:
-            images, targets = self.mix(images, targets)
-        return images, targets
+            return self.mix(floats, targets)
+        return floats, targets
+
+    def __repr__(self) -> str:
+        return f"AugmentThenMix(policy={self.policy!r}, mix={self.mix!r})"
 
 
-class AugmentingCollate:
-    """A DataLoader ``collate_fn`` for ``augment.where: batch`` when the training device is the
-    CPU: collates the uint8 squares, then runs ``step`` (an :class:`AugmentThenMix`) on them.
+class StepCollate:
+    """A DataLoader ``collate_fn`` that collates, then runs ``step`` on the whole batch, in the
+    loader's workers: a mix (``augment.where: sample``) or an :class:`AugmentThenMix` (``where:
+    batch`` on the CPU, where the workers are the spare CPU beside the model's step).
 
-    The batch policy then runs in the loader workers, in parallel with the model's step, rather
-    than in the training process after it."""
+    A class, not a closure, so that worker processes started by ``spawn`` can unpickle it;
+    the step then draws from the worker's RNG, which ``loader.seed_worker`` seeds."""
 
     def __init__(
-        self, step: AugmentThenMix, base_collate: Callable[[list[Any]], Any] = collate_skipping_none
+        self,
+        step: Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        base_collate: Callable[[list[Any]], Any] = collate_skipping_none,
     ):
         self.step = step
         self.base_collate = base_collate
@@ -111,8 +97,8 @@ class AugmentingCollate:
         collated = self.base_collate(batch)
         if collated is None:  # every sample of the batch was a bad image
             return None
-        (images, aspects), targets = collated
-        return self.step(images, aspects, targets)
+        images, targets = collated
+        return self.step(images, targets)
 
     def __repr__(self) -> str:
-        return f"AugmentingCollate(augment={self.step.augment!r}, mix={self.step.mix!r})"
+        return f"StepCollate(step={self.step!r})"
