@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from feedtune.commands.inspect import METRICS, run_inspect
 from feedtune.config import load_config
 from tests.conftest import artifact_paths
-from tests.data.test_inspection import N_COPIES, write_leaky_folder
+from tests.sources.test_inspection import N_COPIES, write_leaky_folder
 
 
 def test_inspect_logs_one_run_and_prints_the_advice(tmp_path, mlflow_store, capsys):

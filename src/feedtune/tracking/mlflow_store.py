@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import tempfile
@@ -31,6 +32,7 @@ from feedtune.training.engine import StopTraining
 
 KIND_TAG = "feedtune.kind"
 WORKER_TAG = "feedtune.worker"
+SYSTEM_METRICS_LOGGER = "mlflow.system_metrics"
 # MLflow caps a param value at 6000 characters; ours are short, but never fail a run on it.
 _PARAM_LIMIT = 6000
 
@@ -139,6 +141,10 @@ def start_run(
     An exception ends the run FAILED; Ctrl-C and ``StopTraining`` (a pruned trial, the job's
     deadline; tag ``feedtune.stopped``) end it KILLED: no run is left RUNNING.
     """
+    if system_metrics:
+        # The monitor logs two INFO lines per run (started, stopped): noise in a log of many
+        # trials. Its warnings still show.
+        logging.getLogger(SYSTEM_METRICS_LOGGER).setLevel(logging.WARNING)
     run = mlflow.start_run(
         run_id=run_id,
         run_name=None if run_id else run_name,
@@ -261,14 +267,19 @@ def log_model(model: Any, input_example: np.ndarray) -> None:
     # It is exported in eval mode, for inference; to finetune, feedtune rebuilds the network
     # from the weights-only checkpoint. The requirements are given so MLflow need not re-load
     # the model in a subprocess to infer them.
-    mlflow.pytorch.log_model(
-        model,
-        name="model",
-        signature=signature,
-        input_example=input_example,
-        serialization_format="pt2",
-        pip_requirements=_model_requirements(),
-    )
+    with warnings.catch_warnings():
+        # torch.export's archive writer warns at every save of a model whose weights share
+        # storage ("No complete tensor found in the group!"); the weights are on the CPU, the
+        # case it says is safe.
+        warnings.filterwarnings("ignore", message="No complete tensor found", category=UserWarning)
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=input_example,
+            serialization_format="pt2",
+            pip_requirements=_model_requirements(),
+        )
 
 
 def _model_requirements() -> list[str]:

@@ -51,6 +51,18 @@ def _experimental_ok() -> Iterator[None]:
         yield
 
 
+def _importances_figure(study: optuna.Study) -> Any:
+    """PED-ANOVA's importances plot. On a small study it warns (a UserWarning per parameter
+    with few trials in a regime, or "importances will be equal"), once per trial in a log:
+    the caveat goes to the debug log instead, where ``FEEDTUNE_LOG=DEBUG`` shows it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        figure = optuna.visualization.matplotlib.plot_param_importances(study).figure
+    for warning in caught:
+        log.debug("parameter importances: %s", warning.message)
+    return figure
+
+
 def storage_url_for(path: str | Path) -> str:
     return f"journal:{Path(path).resolve()}"
 
@@ -354,9 +366,7 @@ def figures(study: optuna.Study, *, pareto_x: str, pareto_y: str) -> dict[str, A
         }
         if len(done) >= 2 and varied:
             try:
-                out["importances"] = optuna.visualization.matplotlib.plot_param_importances(
-                    study
-                ).figure
+                out["importances"] = _importances_figure(study)
             except (RuntimeError, ValueError) as exc:  # too few distinct values to rank
                 log.info("no parameter importances: %s", exc)
     points = [(t.user_attrs.get(pareto_x), t.user_attrs.get(pareto_y), t.number) for t in done]
