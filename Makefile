@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # would let pip pick a newer multi-GB download.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install install-test data train tune test lint format clean
+.PHONY: install install-test data train tune test lint format clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ format: install-test
 
 test: lint
 	$(BIN)/python -m pytest
+
+# On a CUDA machine, within 8 minutes: the CUDA tests, bench, train and tune with a real model
+# (README, "Several processes or GPUs"); OUT=folder (new or empty) for the logs and summary.
+# Exits 3 at once where no CUDA device is present.
+gpu-check: install-test
+	$(BIN)/python benchmarks/gpu_check.py $(or $(OUT),gpu-check-out)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
