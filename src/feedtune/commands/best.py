@@ -47,8 +47,10 @@ def describe_best(experiment: str) -> str:
 
 
 def emit_python(experiment: str) -> str:
-    """The best run's data feeding (transforms, sampler, DataLoader settings) as a standalone
-    PyTorch script."""
+    """The best run's data feeding (transforms, mix, sampler, DataLoader settings) as a
+    standalone PyTorch script; per process, for a run trained under torchrun (its
+    ``feedtune.world_size`` tag; runs without one trained as one process)."""
     with mlflow_store.use_store():
         run = find_best_run(experiment)
-    return snippet_from_params(run.data.params)
+    world_size = int(run.data.tags.get("feedtune.world_size", "1"))
+    return snippet_from_params(run.data.params, world_size=world_size)

@@ -6,7 +6,11 @@ depending on feedtune. Its transforms are not a second description of the polici
 classes of ``augment_policies`` run with their library names (``A``, ``v2``, ``cv2``, ...)
 bound to recorders, and ``build_stages`` lays the recorded calls out. The script therefore holds
 the very constructor calls, arguments and order feedtune trains with, and stays so when the
-policies change.
+policies change. Batch mixing (``augment.mix``) is recorded the same way from ``build_mix``.
+
+A run trained under torchrun (``world_size`` > 1) gets each process's share of every epoch:
+``DistributedSampler``, or for the weighted sampler feedtune's ``DistributedWeightedSampler``
+written out in the script (PyTorch has none).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, NamedTuple, cast
 
 from feedtune.config import Config, ConfigError, parse_override, with_overrides
 from feedtune.feed import loader
+from feedtune.feed.augment import mixing
 from feedtune.feed.augment import policies as ap
 from feedtune.feed.geometry import working_size
 from feedtune.tuning.space import inert_settings
@@ -160,17 +165,14 @@ def _compose(name: str, cfg: Config, *, train: bool) -> str:
 _SPEED_ONLY = {"loader.cache": "none", "augment.where": "sample", "loader.cache_limit_mb": None}
 
 
-# Quality settings the script does not emit, with their plain values.
-_NOT_EMITTED = {"augment.mix": "none", "augment.mix_alpha": 1.0}
-
-
-def _header(cfg: Config) -> str:
+def _header(cfg: Config, *, world_size: int) -> str:
     """Comment naming the settings the script reproduces (inert ones left out)."""
     values = cfg.flat()
     # cuda=True keeps pin_memory, which the script applies when the user has a GPU; the script
     # augments per sample, where the library always matters.
     inert = inert_settings({**values, "augment.where": "sample"}, cuda=True) | set(_SPEED_ONLY)
-    inert |= set(_NOT_EMITTED)
+    if cfg.augment.mix == "none":
+        inert.add("augment.mix")  # the plain value: nothing to reproduce, nothing to show
     shown = [
         f"{k}={'null' if v is None else str(v).replace(' ', '')}"
         for k, v in values.items()
@@ -186,13 +188,16 @@ def _header(cfg: Config) -> str:
         libs += ", albumentations, opencv-python"
     intro = f"Data feeding tuned with feedtune, standalone: needs only {libs}."
     lines = [intro, "Reproduces: " + "  ".join(shown)]
+    if world_size > 1:
+        share = (
+            "DistributedWeightedSampler" if cfg.sampler.kind == "weighted" else "DistributedSampler"
+        )
+        lines.append(
+            f"Trained under torchrun on {world_size} processes: each loads its share of every "
+            f"epoch ({share}), batch_size is per process."
+        )
     if skipped:
         lines.append(f"Not reproduced (speed settings of feedtune's loader): {', '.join(skipped)}")
-    unmixed = [f"{k}={values[k]}" for k, plain in _NOT_EMITTED.items() if values.get(k) != plain]
-    if unmixed and values.get("augment.mix") != "none":
-        lines.append(
-            f"Not reproduced (add torchvision v2 MixUp/CutMix yourself): {', '.join(unmixed)}"
-        )
     wrapped = [
         textwrap.fill(
             line, _WIDTH, initial_indent="# ", subsequent_indent="#   ", break_on_hyphens=False
@@ -202,19 +207,31 @@ def _header(cfg: Config) -> str:
     return "\n".join(wrapped) + "\n"
 
 
-def _imports(cfg: Config, *, workers: bool) -> str:
-    lines = ["import random"] if workers and cfg.augment.library == "albumentations" else []
-    if cfg.augment.library == "albumentations":
-        lines += ["", "import albumentations as A", "import cv2"]
+def _imports(cfg: Config, *, workers: bool, world_size: int) -> str:
+    albumentations = cfg.augment.library == "albumentations"
+    mixed = cfg.augment.mix != "none"
+    weighted = cfg.sampler.kind == "weighted"
+    stdlib = ["import os"] if world_size > 1 else []
+    stdlib += ["import random"] if workers and albumentations else []
+    lines = [*stdlib, ""] if stdlib else []
+    if albumentations:
+        lines += ["import albumentations as A", "import cv2"]
     lines += ["import numpy as np", "import torch"]
-    if cfg.augment.library == "albumentations":
+    if albumentations:
         lines.append("from albumentations.pytorch import ToTensorV2")
     lines.append("from PIL import Image, ImageOps")
-    samplers = ", WeightedRandomSampler" if cfg.sampler.kind == "weighted" else ""
-    lines.append(f"from torch.utils.data import DataLoader, Dataset{samplers}")
-    if cfg.augment.library == "torchvision":
+    wanted = {
+        "DataLoader": True,
+        "Dataset": True,
+        "DistributedSampler": world_size > 1 and not weighted,
+        "Sampler": world_size > 1 and weighted,  # the base of DistributedWeightedSampler
+        "WeightedRandomSampler": world_size <= 1 and weighted,
+        "default_collate": mixed,
+    }
+    lines.append(f"from torch.utils.data import {', '.join(k for k, v in wanted.items() if v)}")
+    if not albumentations or mixed:
         lines.append("from torchvision.transforms import v2")
-    return "\n".join(lines).lstrip("\n") + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def _dataset(cfg: Config) -> str:
@@ -257,25 +274,141 @@ def _seed_worker(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _make_loader(cfg: Config) -> str:
+def _recorded_mix(cfg: Config) -> _Call:
+    """``build_mix``'s call with ``v2`` bound to a recorder, for a class count ``num_classes``."""
+    scope = {**vars(mixing), "v2": _Code("v2")}
+    fn = mixing.build_mix
+    build = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    return cast(_Call, build(cfg.augment, num_classes=_Code("num_classes")))
+
+
+def _mix_collate(cfg: Config) -> str:
+    head = textwrap.dedent('''
+        class MixCollate:
+            """collate_fn of the training loader: collates the samples (skipping any that came
+            back None, as feedtune's loader does), then mixes the batch, whose labels become soft
+            targets [B, num_classes]. Validation stays unmixed (a plain DataLoader, integer
+            labels). A class, not a closure, so that workers started by spawn can unpickle it."""
+
+            def __init__(self, num_classes):
+        ''').lstrip("\n")
+    lead = "        self.mix = "
+    tail = textwrap.dedent("""
+        def __call__(self, batch):
+            batch = [sample for sample in batch if sample is not None]
+            if not batch:
+                return None
+            return self.mix(*default_collate(batch))
+        """)
+    return (
+        head + lead + _lit(_recorded_mix(cfg), 8, len(lead)) + "\n" + textwrap.indent(tail, "    ")
+    )
+
+
+_RANK = textwrap.dedent('''
+    def rank_and_world_size():
+        """This process's rank and the number of processes: from torch.distributed once it is
+        initialised, else from the RANK and WORLD_SIZE that torchrun sets."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    ''')
+
+
+# feedtune.feed.sampling.DistributedWeightedSampler, plus the per-epoch reseeding that
+# feedtune's trainer does for it (generator 0: seed * 1_000_003 + epoch * 97).
+_DISTRIBUTED_WEIGHTED = textwrap.dedent('''
+    class DistributedWeightedSampler(Sampler):
+        """This process's share of one class-weighted draw made alike on every process: each
+        keeps every num_replicas-th index from its rank, the draw padded with its own first
+        indices to equal shares, so together they see the draw that one process would."""
+
+        def __init__(self, weights, num_samples, replacement, seed, rank, num_replicas):
+            self.weights, self.num_samples, self.replacement = weights, num_samples, replacement
+            self.seed, self.rank, self.num_replicas = seed, rank, num_replicas
+            self.generator = torch.Generator().manual_seed(seed)
+
+        def set_epoch(self, epoch):
+            """Reseed the draw, alike on every process, as feedtune does before each epoch."""
+            self.generator.manual_seed(self.seed * 1_000_003 + epoch * 97)
+
+        def __len__(self):
+            return -(-self.num_samples // self.num_replicas)
+
+        def __iter__(self):
+            drawn = torch.multinomial(
+                self.weights, self.num_samples, self.replacement, generator=self.generator
+            ).tolist()
+            drawn += drawn[: len(self) * self.num_replicas - len(drawn)]
+            return iter(drawn[self.rank :: self.num_replicas])
+    ''')
+
+
+def _make_loader(cfg: Config, *, world_size: int) -> str:
     s = cfg.sampler
+    distributed = world_size > 1
+    mixed = cfg.augment.mix != "none"
     lines = [
-        "def make_loader(paths, labels):",
+        f"def make_loader(paths, labels{', num_classes=None' if mixed else ''}):",
         '    """The training DataLoader over your files, fed as in the tuned run."""',
-        f"    generator = torch.Generator().manual_seed({cfg.seed})",
     ]
+    if distributed:
+        lines += [
+            "    rank, world_size = rank_and_world_size()",
+            f"    generator = torch.Generator().manual_seed({cfg.seed} + rank)  "
+            "# workers' seeds, per process",
+        ]
+    else:
+        lines.append(f"    generator = torch.Generator().manual_seed({cfg.seed})")
     kwargs: dict[str, Any] = {}
+    dataset = _Code("ImageDataset(paths, labels, train_transform)")
+    epochs = ["    # torchrun: this process's share of every epoch."]
+    if s.kind != "sequential":
+        epochs = [
+            "    # torchrun: this process's share of every epoch. Call "
+            "loader.sampler.set_epoch(epoch)",
+            "    # before each epoch (as feedtune does), or every epoch repeats the first one's "
+            "draw.",
+        ]
     if s.kind == "weighted":
         num = "len(labels)" if s.num_samples is None else str(s.num_samples)
         lines += [
             "    labels = np.asarray(labels)",
             "    # Per-sample weight count(label) ** -weight_power (0: random, 1: class-balanced).",
             f"    weights = np.bincount(labels)[labels].astype(np.float64) ** {-s.weight_power!r}",
-            "    sampler = WeightedRandomSampler(",
-            f"        torch.as_tensor(weights), num_samples={num}, replacement={s.replacement}, "
-            "generator=generator",
-            "    )",
         ]
+        if distributed:
+            sampler = _Code("DistributedWeightedSampler")(
+                _Code("torch.as_tensor(weights)"),
+                num_samples=_Code(num),
+                replacement=s.replacement,
+                seed=cfg.seed,
+                rank=_Code("rank"),
+                num_replicas=_Code("world_size"),
+            )
+            lines += [*epochs, f"    sampler = {_lit(sampler, 4, 14)}"]
+        else:
+            lines += [
+                "    sampler = WeightedRandomSampler(",
+                f"        torch.as_tensor(weights), num_samples={num}, "
+                f"replacement={s.replacement}, generator=generator",
+                "    )",
+            ]
+        kwargs["sampler"] = _Code("sampler")
+    elif distributed:
+        sampler = _Code("DistributedSampler")(
+            _Code("train_set"),
+            num_replicas=_Code("world_size"),
+            rank=_Code("rank"),
+            shuffle=s.kind == "random",
+            seed=cfg.seed,
+        )
+        lines += [
+            f"    train_set = {_lit(dataset, 4, 16)}",
+            *epochs,
+            f"    sampler = {_lit(sampler, 4, 14)}",
+        ]
+        dataset = _Code("train_set")
         kwargs["sampler"] = _Code("sampler")
     else:
         kwargs["shuffle"] = s.kind == "random"
@@ -284,9 +417,20 @@ def _make_loader(cfg: Config) -> str:
     for key, value in loader.loader_kwargs(cfg.loader, cuda=True).items():
         differs = key == "pin_memory" or cpu.get(key) != value
         kwargs[key] = _Code(f"torch.cuda.is_available() and {value!r}") if differs else value
+    if mixed:
+        lines += [
+            "    # Mixed batches: soft targets [B, num_classes], for labels 0 .. num_classes - 1.",
+            "    num_classes = int(np.max(labels)) + 1 if num_classes is None else num_classes",
+        ]
+        kwargs["collate_fn"] = _Code("MixCollate(num_classes)")
     if cfg.loader.num_workers > 0:
         kwargs["worker_init_fn"] = _Code("seed_worker")
-    dataset = _Code("ImageDataset(paths, labels, train_transform)")
+    if distributed:
+        batch = cfg.loader.batch_size
+        lines.append(
+            f"    # batch_size is per process: {world_size} processes take {world_size} x {batch} "
+            "images a step."
+        )
     lines.append(f"    return {_lit(_Code('DataLoader')(dataset, **kwargs), 4)}")
     return "\n".join(lines) + "\n"
 
@@ -302,25 +446,32 @@ if __name__ == "__main__":
 """
 
 
-def feeding_snippet(cfg: Config) -> str:
-    """Standalone PyTorch source that feeds images as ``cfg`` does (see the module docstring).
+def feeding_snippet(cfg: Config, world_size: int = 1) -> str:
+    """Standalone PyTorch source that feeds images as ``cfg`` does (see the module docstring),
+    in each of ``world_size`` processes when the run was trained under torchrun.
 
     The script defines ``train_transform``, ``eval_transform``, ``ImageDataset`` and
-    ``make_loader(paths, labels)``; run as printed it only asks for its placeholders.
+    ``make_loader(paths, labels)`` (``MixCollate`` and a ``num_classes=None`` argument with a
+    mix); run as printed it only asks for its placeholders.
     """
     train = _compose("train_transform", cfg, train=True)
     evaluation = _compose("eval_transform", cfg, train=False)
     workers = cfg.loader.num_workers > 0
     trivial = "TrivialAugmentWideUpTo(" in train
+    distributed = world_size > 1
+    imports = _imports(cfg, workers=workers, world_size=world_size)
     # isort's layout: one blank line after the imports, two when a definition follows.
-    head = _header(cfg) + "\n" + _imports(cfg, workers=workers) + ("\n\n" if trivial else "\n")
+    head = _header(cfg, world_size=world_size) + "\n" + imports + ("\n\n" if trivial else "\n")
     parts = [
         _TRIVIAL_CLASS if trivial else "",
         train,
         "# Validation images: no randomness, same size and normalisation.\n" + evaluation,
         _dataset(cfg),
+        _mix_collate(cfg) if cfg.augment.mix != "none" else "",
+        _RANK if distributed else "",
+        _DISTRIBUTED_WEIGHTED if distributed and cfg.sampler.kind == "weighted" else "",
         _seed_worker(cfg) if workers else "",
-        _make_loader(cfg),
+        _make_loader(cfg, world_size=world_size),
         _MAIN,
     ]
     return head + "\n\n\n".join(p.strip("\n") for p in parts if p) + "\n"
@@ -349,6 +500,7 @@ def config_from_params(params: dict[str, str]) -> Config:
     return cfg
 
 
-def snippet_from_params(params: dict[str, str]) -> str:
-    """``feeding_snippet`` of the configuration an MLflow run logged as params."""
-    return feeding_snippet(config_from_params(params))
+def snippet_from_params(params: dict[str, str], *, world_size: int = 1) -> str:
+    """``feeding_snippet`` of the configuration an MLflow run logged as params; ``world_size``:
+    the processes it trained on (its ``feedtune.world_size`` tag)."""
+    return feeding_snippet(config_from_params(params), world_size=world_size)
