@@ -51,7 +51,7 @@ def _study_run(client, experiment: str, study: str):
 def _trials(journal: Path, study: str, full_epochs: int) -> dict:
     import optuna
 
-    from feedtune.tuning.optuna_study import open_storage
+    from feedtune.tuning.optuna_storage import open_storage
 
     trials = optuna.load_study(
         study_name=f"{study}-quality", storage=open_storage(f"journal:{journal}")

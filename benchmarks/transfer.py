@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO / "src"))
 from feedtune.commands.finetune import run_finetune  # noqa: E402
 from feedtune.commands.train import run_train  # noqa: E402
 from feedtune.config import load_config  # noqa: E402
+from feedtune.tracking import mlflow_models  # noqa: E402
 from feedtune.tracking import mlflow_store as tracking  # noqa: E402
 from feedtune.tracking.lookup import find_best_run  # noqa: E402
 
@@ -51,7 +52,7 @@ def source_run(args: argparse.Namespace) -> tuple[str, bool]:
         REPO / "experiments" / "default.yaml", ["train.measure_batches=0", *args.source_overrides]
     )
     run_id = run_train(cfg, progress=args.progress)
-    tracking.register_if_better(run_id, SOURCE_EXPERIMENT, metric="best_val_f1_macro")
+    mlflow_models.register_if_better(run_id, SOURCE_EXPERIMENT, metric="best_val_f1_macro")
     return run_id, True
 
 

@@ -45,7 +45,7 @@ def _quality_trials(journal: Path, study_name: str) -> list[str]:
     """One line per quality trial: number, state, value, epochs run, the settings it drew."""
     import optuna
 
-    from feedtune.tuning.optuna_study import open_storage
+    from feedtune.tuning.optuna_storage import open_storage
 
     study = optuna.load_study(study_name=study_name, storage=open_storage(f"journal:{journal}"))
     lines = []

@@ -13,7 +13,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from feedtune.tuning.optuna_study import GRACE_S
+from feedtune.tuning.optuna_storage import GRACE_S
 from tests.conftest import REPO, env_with_src, reaped, tune_command, write_image_folder
 from tests.test_reliability import _wait_for_epoch
 

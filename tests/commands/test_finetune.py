@@ -27,6 +27,7 @@ from feedtune.commands.finetune import prepare_model, run_finetune
 from feedtune.commands.train import run_train
 from feedtune.config import load_config, with_overrides
 from feedtune.sources.imageio import decode_image
+from feedtune.tracking import mlflow_models
 from feedtune.tracking import mlflow_store as tracking
 from feedtune.tracking.lookup import fetch_checkpoint, resolve_run_id
 from feedtune.training.checkpoint import CheckpointError, load_checkpoint
@@ -148,7 +149,7 @@ def test_load_best_finds_the_best_run_then_the_alias_and_a_fresh_process_agrees(
         assert not best.model.training and best.config.experiment == "src"
 
         # The alias wins over a better run.
-        moved, _ = tracking.register_if_better(bad, "src", metric="best_val_f1_macro")
+        moved, _ = mlflow_models.register_if_better(bad, "src", metric="best_val_f1_macro")
         assert moved
         best = feedtune.load_best("src", store, device="cpu")
         assert best.run_id == bad

@@ -9,6 +9,7 @@ from torch import nn
 
 from feedtune.commands.tune import register_best
 from feedtune.config import load_config
+from feedtune.tracking import mlflow_models
 from feedtune.tracking import mlflow_store as tracking
 
 
@@ -16,7 +17,7 @@ def _run_with_model(scores: dict[str, float]) -> str:
     with tracking.start_run("trial", system_metrics=False) as run:
         tracking.log_metrics(scores)
         model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
-        tracking.log_model(model, np.zeros((1, 3, 2, 2), np.float32))
+        mlflow_models.log_model(model, np.zeros((1, 3, 2, 2), np.float32))
     return run.info.run_id
 
 

@@ -21,18 +21,16 @@ from feedtune.config import AugmentConfig, LoaderConfig, load_config, with_overr
 from feedtune.feed import cache as cache_mod
 from feedtune.feed.augment.per_sample import build_transform
 from feedtune.feed.augment.squares import SquashedImage, ToWorkingUint8
-from feedtune.feed.cache import (
+from feedtune.feed.cache import attach_cache, build_cache, cache_datasets
+from feedtune.feed.cache_sizing import (
     CacheTooLargeError,
-    attach_cache,
-    build_cache,
-    cache_datasets,
     estimate_cache,
     shm_free_bytes,
     shm_margin,
-    working_size,
 )
 from feedtune.feed.dataset import ImageDataset
 from feedtune.feed.feed import build_feed
+from feedtune.feed.geometry import working_size
 from feedtune.feed.loader import build_loader
 from feedtune.sources.imageio import BadImageError, decode_image
 from feedtune.sources.prepare import prepare_data
@@ -292,7 +290,7 @@ def test_cache_that_does_not_fit_in_shared_memory_is_skipped_with_a_warning(
     assert need > 2 * 2**20
     # A real folder's real free space, all of it kept for the loader: no cache fits there.
     free = shutil.disk_usage(tmp_path).free
-    with caplog.at_level("WARNING", logger="feedtune.feed.cache"):
+    with caplog.at_level("WARNING", logger="feedtune.feed.cache_sizing"):
         caches = cache_datasets(
             [ds], _cfg(mode), image_size=image_size, shm_path=tmp_path, shm_margin_bytes=free
         )
@@ -321,7 +319,7 @@ def test_cache_is_built_when_shared_memory_has_room(tmp_path, caplog):
     assert free is not None and free == pytest.approx(shutil.disk_usage(tmp_path).free, rel=0.01)
     for shm_path in (tmp_path, missing, None):
         ds = _dataset(table)
-        with caplog.at_level("WARNING", logger="feedtune.feed.cache"):
+        with caplog.at_level("WARNING", logger="feedtune.feed.cache_sizing"):
             caches = cache_datasets([ds], _cfg("decoded"), image_size=IMAGE_SIZE, shm_path=shm_path)
         assert caches == [ds.cache] and ds.cache.nbytes == expected.nbytes
         assert all(np.array_equal(ds.cache.get(i), expected.get(i)) for i in range(len(ds)))

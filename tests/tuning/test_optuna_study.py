@@ -10,19 +10,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from feedtune.tuning.optuna_study import (
-    MAX_RETRIES,
-    open_storage,
-    reap_dead_trials,
-    rung_pairs,
-    rung_spearman,
-)
+from feedtune.tuning.optuna_storage import MAX_RETRIES, open_storage, reap_dead_trials
+from feedtune.tuning.optuna_study import rung_pairs, rung_spearman
 from tests.conftest import REPO, env_with_src
 
 WORKER = """
 import sys, time, optuna
 from feedtune.tracking.liveness import worker_info
-from feedtune.tuning.optuna_study import open_storage
+from feedtune.tuning.optuna_storage import open_storage
 study = optuna.load_study(study_name="s", storage=open_storage(sys.argv[1]))
 trial = study.ask()
 if sys.argv[2] == "claim":

@@ -14,8 +14,8 @@ import numpy as np
 
 from feedtune.config import PROJECT_ROOT, Config
 from feedtune.sources.prepare import PreparedData, prepare_data
-from feedtune.tracking import mlflow_store
-from feedtune.tuning import optuna_study
+from feedtune.tracking import mlflow_models, mlflow_store
+from feedtune.tuning import optuna_storage, optuna_study
 from feedtune.tuning.space import covers, quality_space, speed_space
 from feedtune.tuning.stages import SKIPPED_ATTR, STAGES, Tuner, close_dead_trial_run
 
@@ -90,8 +90,8 @@ def run_tune(
     budget = timeout if timeout is not None else cfg.search.timeout_s
     job_deadline = None if budget is None else started + budget
     speed_deadline = None if budget is None else started + budget * cfg.search.speed_share
-    storage_url = storage or optuna_study.storage_url_for(DEFAULT_STORAGE)
-    optuna_storage = optuna_study.open_storage(storage_url, on_dead_trial=close_dead_trial_run)
+    storage_url = storage or optuna_storage.storage_url_for(DEFAULT_STORAGE)
+    study_storage = optuna_storage.open_storage(storage_url, on_dead_trial=close_dead_trial_run)
     base = study_name or cfg.experiment
     mlflow_store.setup(cfg.experiment)
     mlflow_store.close_dead_runs(cfg.experiment)
@@ -104,8 +104,8 @@ def run_tune(
         _study_run(cfg, base, storage_url, data, nested=project_run is not None) as parent,
     ):
         result.parent_run_id = parent.info.run_id
-        speed_study = optuna_study.create_study(f"{base}-speed", optuna_storage, seed=seed)
-        optuna_study.reap_dead_trials(speed_study, on_dead_trial=close_dead_trial_run)
+        speed_study = optuna_study.create_study(f"{base}-speed", study_storage, seed=seed)
+        optuna_storage.reap_dead_trials(speed_study, on_dead_trial=close_dead_trial_run)
         if "speed" in stages and speed_space(cfg.search):
             before = optuna_study.n_trials(speed_study)
             optuna_study.optimize(
@@ -120,7 +120,7 @@ def run_tune(
         speed_params = _log_best_speed(speed_study)
         _log_study(speed_study, "study/speed")
         if "quality" in stages:
-            quality = _quality_study(cfg, base, optuna_storage, seed)
+            quality = _quality_study(cfg, base, study_storage, seed)
             noise = tuner.noise_runs(
                 _noise_seeds(cfg), speed_params=speed_params, deadline=job_deadline
             )
@@ -193,7 +193,7 @@ def _quality_study(cfg: Config, base: str, storage: Any, seed: int) -> Any:
         min_epochs=search.min_epochs,
         reduction_factor=search.reduction_factor,
     )
-    optuna_study.reap_dead_trials(study, on_dead_trial=close_dead_trial_run)
+    optuna_storage.reap_dead_trials(study, on_dead_trial=close_dead_trial_run)
     return study
 
 
@@ -233,7 +233,7 @@ def _log_quality_stage(
 def register_best(run_id: str, cfg: Config) -> tuple[bool, str | None]:
     """Register ``run_id``'s model under the experiment's name with alias ``best`` unless the
     run the alias points at scored at least as well on the study's own metric."""
-    return mlflow_store.register_if_better(
+    return mlflow_models.register_if_better(
         run_id, cfg.experiment, metric=f"best_{cfg.search.metric}"
     )
 

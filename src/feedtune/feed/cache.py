@@ -29,12 +29,9 @@ it as it would without cache.
 from __future__ import annotations
 
 import logging
-import math
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -43,38 +40,23 @@ import torch
 
 from feedtune.config import LoaderConfig
 from feedtune.feed.augment.squares import SquashedImage, squash
+from feedtune.feed.cache_sizing import (
+    MIB,
+    SHM_PATH,
+    CacheEstimate,
+    CacheTooLargeError,
+    estimate_cache,
+    fits_in_shm,
+    resized_hint,
+    resized_hw,
+)
 from feedtune.feed.geometry import working_size
 from feedtune.progress import progress_bar
-from feedtune.sources.imageio import BadImageError, decode_image, image_size, jpeg_scale
+from feedtune.sources.imageio import BadImageError, decode_image
 
 log = logging.getLogger(__name__)
 
 MODES = ("none", "decoded", "resized")
-MIB = 2**20
-# Where torch's shared memory lives on Linux (shm_open); absent on macOS, where it is not checked.
-SHM_PATH = "/dev/shm"
-# Left free in shared memory for what the DataLoader passes through it (each worker's batches):
-# this fraction of the free space, and at least SHM_MIN_MARGIN bytes.
-SHM_MARGIN_FRACTION = 0.1
-SHM_MIN_MARGIN = 16 * MIB
-_JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-class CacheTooLargeError(ValueError):
-    """The estimated cache does not fit under ``loader.cache_limit_mb``."""
-
-
-def shm_free_bytes(path: str | os.PathLike[str] = SHM_PATH) -> int | None:
-    """Free bytes of the filesystem holding ``path``, or None where there is no such path."""
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return None
-
-
-def shm_margin(free: int) -> int:
-    """Bytes of ``free`` shared memory a cache must leave to the loader's batches."""
-    return max(SHM_MIN_MARGIN, int(free * SHM_MARGIN_FRACTION))
 
 
 class ImageCache:
@@ -159,66 +141,9 @@ class ImageCache:
         )
 
 
-@dataclass
-class CacheEstimate:
-    """Predicted shapes (0 x 0 for unreadable headers) and total bytes of a cache."""
-
-    shapes: np.ndarray  # (n, 2) int64: height, width
-    bad: dict[int, str]
-
-    @property
-    def nbytes(self) -> int:
-        return int((self.shapes[:, 0] * self.shapes[:, 1] * 3).sum())
-
-
-def _decoded_hw(path: str, min_size: int | None) -> tuple[int, int]:
-    """(H, W) that ``decode_image(path, min_size=min_size)`` returns, from the header."""
-    w, h = image_size(path)
-    if min_size is not None:
-        with open(path, "rb") as f:
-            is_jpeg = f.read(3) == _JPEG_MAGIC
-        scale = jpeg_scale((w, h), min_size) if is_jpeg else 1
-        w, h = math.ceil(w / scale), math.ceil(h / scale)
-    return h, w
-
-
 def _decode_min_size(dataset: Any, *, mode: str, target: int) -> int | None:
     """``decoded`` decodes as the dataset does; ``resized`` may reduce down to ``target``."""
     return target if mode == "resized" else getattr(dataset, "min_decode_size", None)
-
-
-def _resized_hw(h: int, w: int, target: int) -> tuple[int, int]:
-    """Shorter side scaled down to ``target`` (aspect kept); smaller images unchanged."""
-    shorter = min(h, w)
-    if shorter <= target:
-        return h, w
-    if h <= w:
-        return target, max(target, round(w * target / h))
-    return max(target, round(h * target / w)), target
-
-
-def estimate_cache(
-    paths: list[str],
-    *,
-    mode: str,
-    min_decode_size: int | None,
-    target: int,
-    square: int | None = None,
-) -> CacheEstimate:
-    """Shapes each image will have in the cache, from headers only (no decoding)."""
-    shapes = np.zeros((len(paths), 2), dtype=np.int64)
-    bad: dict[int, str] = {}
-    for i, path in enumerate(paths):
-        try:
-            h, w = _decoded_hw(path, min_decode_size)
-        except (BadImageError, OSError) as exc:
-            bad[i] = getattr(exc, "reason", None) or str(exc)
-            continue
-        if square is not None:
-            shapes[i] = (square, square)
-        else:
-            shapes[i] = _resized_hw(h, w, target) if mode == "resized" else (h, w)
-    return CacheEstimate(shapes=shapes, bad=bad)
 
 
 def _shared_uint8(nbytes: int) -> torch.Tensor:
@@ -280,14 +205,14 @@ def build_cache(
     )
     limit = cfg.cache_limit_mb * MIB
     if estimate.nbytes + reserved_bytes > limit:
-        hint = _resized_hint(cfg.cache, paths, target=target)
+        hint = resized_hint(cfg.cache, paths, target=target)
         held = f" + {reserved_bytes / MIB:.0f} MiB already cached" if reserved_bytes else ""
         raise CacheTooLargeError(
             f"loader.cache={cfg.cache} needs ~{estimate.nbytes / MIB:.0f} MiB for "
             f"{len(paths)} images{held}, over loader.cache_limit_mb={cfg.cache_limit_mb}; "
             f"raise loader.cache_limit_mb{hint}, or set loader.cache=none"
         )
-    if not _fits_in_shm(
+    if not fits_in_shm(
         estimate, cfg, paths=paths, target=target, path=shm_path, margin=shm_margin_bytes
     ):
         return None
@@ -297,49 +222,6 @@ def build_cache(
     cache.fill_seconds = time.perf_counter() - start
     log.info("filled %r", cache)
     return cache
-
-
-def _resized_hint(mode: str, paths: list[str], *, target: int) -> str:
-    """``, or use loader.cache=resized (~N MiB)`` for a ``decoded`` cache, else empty."""
-    if mode != "decoded":
-        return ""
-    small = estimate_cache(paths, mode="resized", min_decode_size=target, target=target)
-    return f", or use loader.cache=resized (~{small.nbytes / MIB:.0f} MiB)"
-
-
-def _fits_in_shm(
-    estimate: CacheEstimate,
-    cfg: LoaderConfig,
-    *,
-    paths: list[str],
-    target: int,
-    path: str | os.PathLike[str] | None,
-    margin: int | None,
-) -> bool:
-    """Whether ``estimate`` fits in the free shared memory at ``path`` less a margin; if not,
-    warn with the numbers and the settings to change. True where it cannot be checked."""
-    free = None if path is None else shm_free_bytes(path)
-    if free is None:
-        return True
-    keep = shm_margin(free) if margin is None else margin
-    if estimate.nbytes <= free - keep:
-        return True
-    short = estimate.nbytes + keep - free
-    log.warning(
-        "loader.cache=%s needs ~%.1f MiB of shared memory for %d images, but %s has %.1f MiB "
-        "free (%.1f MiB of it kept for the loader's batches): not caching, images are decoded "
-        "per sample as with loader.cache=none. To cache, give it at least %.0f MiB more "
-        "(docker run --shm-size), or lower augment.image_size%s",
-        cfg.cache,
-        estimate.nbytes / MIB,
-        len(paths),
-        os.fspath(path),
-        free / MIB,
-        keep / MIB,
-        math.ceil(short / MIB),
-        _resized_hint(cfg.cache, paths, target=target),
-    )
-    return False
 
 
 def _fill(
@@ -371,7 +253,7 @@ def _fill(
             pixels, aspect = squash(image, square)
             return np.ascontiguousarray(pixels.transpose(2, 0, 1)), aspect  # CHW: batch layout
         if mode == "resized":
-            h, w = _resized_hw(*image.shape[:2], target)
+            h, w = resized_hw(*image.shape[:2], target)
             if (h, w) != image.shape[:2]:
                 image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
         return image

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from feedtune.config import DEFAULT_EXPERIMENT
-from feedtune.tracking import mlflow_store
+from feedtune.tracking import mlflow_models, mlflow_store
 from feedtune.training.checkpoint import CheckpointError, load_checkpoint
 
 BEST_ALIAS = "best"
@@ -24,7 +24,7 @@ def find_best_run(experiment: str, *, metric: str = RANKING_METRIC) -> Any:
     Raises:
         LookupError: the experiment does not exist, or holds no such run.
     """
-    run_id = mlflow_store.alias_run_id(experiment, BEST_ALIAS)
+    run_id = mlflow_models.alias_run_id(experiment, BEST_ALIAS)
     if run_id:
         return mlflow_store.get_run(run_id)
     store = mlflow_store.current_store()
@@ -66,10 +66,10 @@ def resolve_run_id(source: str, *, experiment: str = DEFAULT_EXPERIMENT) -> str:
         ref = source[len("models:/") :].strip("/")
         if "@" in ref:
             name, alias = ref.rsplit("@", 1)
-            run_id = mlflow_store.alias_run_id(name, alias)
+            run_id = mlflow_models.alias_run_id(name, alias)
         elif "/" in ref:
             name, version = ref.rsplit("/", 1)
-            run_id = mlflow_store.model_version_run_id(name, version)
+            run_id = mlflow_models.model_version_run_id(name, version)
         else:
             raise LookupError(f"{source}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
         if not run_id:

@@ -20,7 +20,6 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit, urlunsplit
 
 import mlflow
-import numpy as np
 import pandas as pd
 from filelock import FileLock
 from mlflow.tracking import MlflowClient
@@ -252,48 +251,6 @@ def log_bad_images(bad: pd.DataFrame) -> None:
     log_dataframe(bad, "data/bad_images.csv")
 
 
-def log_model(model: Any, input_example: np.ndarray) -> None:
-    """The model as MLflow model ``model``, with a signature inferred from a real batch."""
-    import torch
-    from mlflow.models import infer_signature
-
-    model.eval()
-    with torch.no_grad():
-        output = model(torch.from_numpy(input_example)).numpy()
-    signature = infer_signature(input_example, output)
-    # torch.export's format (pt2), not a pickle: the graph and weights are data, so loading
-    # ``models:/NAME@best`` from a shared server runs no code from the artifact (with
-    # MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false MLflow checks that the archive holds no pickle).
-    # It is exported in eval mode, for inference; to finetune, feedtune rebuilds the network
-    # from the weights-only checkpoint. The requirements are given so MLflow need not re-load
-    # the model in a subprocess to infer them.
-    with warnings.catch_warnings():
-        # torch.export's archive writer warns at every save of a model whose weights share
-        # storage ("No complete tensor found in the group!"); the weights are on the CPU, the
-        # case it says is safe.
-        warnings.filterwarnings("ignore", message="No complete tensor found", category=UserWarning)
-        mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=signature,
-            input_example=input_example,
-            serialization_format="pt2",
-            pip_requirements=_model_requirements(),
-        )
-
-
-def _model_requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = []
-    for dist in ("torch", "numpy"):
-        try:
-            reqs.append(f"{dist}=={version(dist).split('+')[0]}")
-        except PackageNotFoundError:
-            continue
-    return reqs
-
-
 def logged_steps(run_id: str, metric: str) -> set[int]:
     """Steps already logged for ``metric`` (a resumed run logs only the missing epochs)."""
     return {m.step for m in MlflowClient().get_metric_history(run_id, metric)}
@@ -309,36 +266,6 @@ def download_artifact(run_id: str, artifact_path: str, dst: str | Path) -> Path:
 
 def get_run(run_id: str) -> Any:
     return MlflowClient().get_run(run_id)
-
-
-def register_if_better(
-    run_id: str, name: str, *, metric: str, alias: str = "best"
-) -> tuple[bool, str | None]:
-    """Register ``runs:/<run_id>/model`` as ``name`` and point ``alias`` at it, unless the run
-    the alias already points at scored at least as well. Returns (moved, version)."""
-    client = MlflowClient()
-    new_value = client.get_run(run_id).data.metrics.get(metric, float("-inf"))
-    try:
-        current = client.get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
-        current = None
-    if current is not None:
-        if current.run_id == run_id:
-            return False, current.version
-        old = client.get_run(current.run_id).data.metrics.get(metric, float("-inf"))
-        if old >= new_value:
-            return False, current.version
-    version = mlflow.register_model(f"runs:/{run_id}/model", name)
-    client.set_registered_model_alias(name, alias, version.version)
-    client.set_model_version_tag(name, version.version, metric, str(new_value))
-    return True, version.version
-
-
-def alias_run_id(name: str, alias: str = "best") -> str | None:
-    try:
-        return MlflowClient().get_model_version_by_alias(name, alias).run_id
-    except mlflow.exceptions.MlflowException:
-        return None
 
 
 def search_runs(
@@ -406,14 +333,6 @@ def experiment_id(name: str) -> str | None:
 def current_store() -> str:
     """The tracking URI MLflow uses now."""
     return mlflow.get_tracking_uri()
-
-
-def model_version_run_id(name: str, version: str) -> str | None:
-    """Run behind version ``version`` of the registered model ``name``, or None."""
-    try:
-        return MlflowClient().get_model_version(name, str(version)).run_id
-    except mlflow.exceptions.MlflowException:
-        return None
 
 
 def close_dead_runs(experiment: str) -> list[str]:

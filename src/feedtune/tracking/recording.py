@@ -17,7 +17,7 @@ from feedtune.feed.feed import Feed
 from feedtune.feed.sampling import epoch_class_counts
 from feedtune.sources.imageio import decode_image
 from feedtune.sources.prepare import PreparedData
-from feedtune.tracking import mlflow_store
+from feedtune.tracking import mlflow_models, mlflow_store
 from feedtune.tracking.plots import bar_figure, confusion_matrix_figure
 from feedtune.training.checkpoint import load_checkpoint
 from feedtune.training.engine import Callback
@@ -103,7 +103,7 @@ def log_run_results(outcome: TrainOutcome, feed: Feed) -> None:
         "plots/confusion_matrix.png",
     )
     example = next(b for b in feed.val.loader if b is not None)[0][:2].numpy()
-    mlflow_store.log_model(outcome.model.cpu(), example)
+    mlflow_models.log_model(outcome.model.cpu(), example)
 
 
 def log_throughput(cfg: Config, outcome: TrainOutcome, feed: Feed) -> Throughput | None:

@@ -3,52 +3,27 @@ suggestions from the config's search space, and the study's plots and table."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import random
-import time
 import warnings
-from collections.abc import Callable, Iterator
-from datetime import datetime
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 import pandas as pd
-from optuna.storages import JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from feedtune.config import ParamSpec
 from feedtune.progress import progress_mode, write_line
-from feedtune.tracking.liveness import is_alive
-from feedtune.tracking.mlflow_store import redact
 from feedtune.tracking.plots import pareto_figure
+from feedtune.tuning.optuna_storage import experimental_ok
 from feedtune.tuning.space import Inert, inside, ordered
 
 log = logging.getLogger(__name__)
 
 TrialPruned = optuna.TrialPruned
-# An RDB worker that misses heartbeats this long is considered dead and its trial failed.
-HEARTBEAT_S = 10
-GRACE_S = 30
-# A trial whose worker died is run again at most this often: one that kills its worker every
-# time (out of memory, say) must not take every restart down with it.
-MAX_RETRIES = 2
 # User attribute of the trial that runs the configuration's own values (queued first).
 START_ATTR = "start_config"
-# Called with a trial whose worker died, before it is failed (e.g. to end its MLflow run).
-DeadTrialHook = Callable[[FrozenTrial], None]
-
-
-@contextlib.contextmanager
-def _experimental_ok() -> Iterator[None]:
-    """Optuna flags its matplotlib plots and retry callback as experimental; they are what
-    feedtune wants, so the warning is silenced where they are used, and nowhere else."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
 
 
 def _importances_figure(study: optuna.Study) -> Any:
@@ -61,122 +36,6 @@ def _importances_figure(study: optuna.Study) -> Any:
     for warning in caught:
         log.debug("parameter importances: %s", warning.message)
     return figure
-
-
-def storage_url_for(path: str | Path) -> str:
-    return f"journal:{Path(path).resolve()}"
-
-
-def open_storage(
-    url: str, *, on_dead_trial: DeadTrialHook | None = None
-) -> optuna.storages.BaseStorage:
-    """``journal:PATH`` (default: a file several processes on one machine share through a file
-    lock) or any SQLAlchemy URL (``postgresql://...``, ``sqlite:///...``) for an RDB storage
-    with heartbeats, so a trial whose worker died is failed and retried (``on_dead_trial``
-    first sees it)."""
-    if url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(
-            JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
-        )
-    import sqlalchemy.exc
-
-    for attempt in range(6):
-        try:
-            with _experimental_ok():  # heartbeats are experimental in Optuna, and wanted
-                return RDBStorage(
-                    url,
-                    heartbeat_interval=HEARTBEAT_S,
-                    grace_period=GRACE_S,
-                    heartbeat_stale_trial_callback=_retry_dead_trial(on_dead_trial),
-                    engine_kwargs={"pool_pre_ping": True},
-                )
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
-            # Workers started together on a fresh database race to create Optuna's tables
-            # ("type ... already exists", a duplicate version row): the loser tries again.
-            if attempt == 5:
-                raise ConnectionError(
-                    f"cannot open Optuna storage {redact(url)!r}: {str(exc).splitlines()[0]}"
-                ) from exc
-            time.sleep(0.2 + random.random())
-        except Exception as exc:  # sqlalchemy raises many kinds; the user needs one line
-            raise ConnectionError(
-                f"cannot open Optuna storage {redact(url)!r}: {str(exc).splitlines()[0]}"
-            ) from exc
-    raise AssertionError("unreachable")
-
-
-def _retry_dead_trial(
-    on_dead_trial: DeadTrialHook | None,
-) -> Callable[[optuna.Study, FrozenTrial], None]:
-    """The RDB heartbeat callback: ``on_dead_trial``, then Optuna's retry with the same
-    parameters and user attributes (so the retry finds the old run's checkpoint), at most
-    ``MAX_RETRIES`` times."""
-    with _experimental_ok():
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
-
-    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
-        if on_dead_trial is not None:
-            on_dead_trial(trial)
-        retry(study, trial)
-
-    return callback
-
-
-def _is_dead(trial: FrozenTrial, unclaimed_grace_s: float) -> bool:
-    info = trial.user_attrs.get("worker")
-    if info:
-        return not is_alive(info)
-    # Not yet claimed by a worker: dead if it stayed so longer than a live one takes to claim.
-    started = trial.datetime_start
-    return started is not None and (datetime.now() - started).total_seconds() > unclaimed_grace_s
-
-
-def reap_dead_trials(
-    study: optuna.Study,
-    *,
-    on_dead_trial: DeadTrialHook | None = None,
-    unclaimed_grace_s: float = GRACE_S,
-) -> list[FrozenTrial]:
-    """File storages have no heartbeat: fail RUNNING trials whose worker process on this
-    machine is gone (or that no worker claimed in ``GRACE_S``), and queue each again with the
-    same parameters and user attributes (among them the MLflow run whose checkpoint the retry
-    resumes from), unless it was already retried ``MAX_RETRIES`` times."""
-    reaped = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _is_dead(trial, unclaimed_grace_s):
-            continue
-        try:
-            study.tell(trial.number, state=TrialState.FAIL)
-        except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
-            continue  # another process reaped it first
-        if on_dead_trial is not None:
-            on_dead_trial(trial)
-        retries = int(trial.user_attrs.get("retries", 0))
-        worker = trial.user_attrs.get("worker", "never claimed")
-        if retries >= MAX_RETRIES:
-            log.warning(
-                "trial %d of %s: worker %s is gone; failed, not retried (its worker died %d times)",
-                trial.number,
-                study.study_name,
-                worker,
-                retries + 1,
-            )
-        else:
-            attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
-            attrs.update(retry_of=trial.number, retries=retries + 1, retry_reason="worker died")
-            study.enqueue_trial(trial.params, user_attrs=attrs)
-            log.warning(
-                "trial %d of %s: worker %s is gone; failed and queued again (retry %d of %d)",
-                trial.number,
-                study.study_name,
-                worker,
-                retries + 1,
-                MAX_RETRIES,
-            )
-        reaped.append(trial)
-    return reaped
 
 
 def build_pruner(
@@ -210,7 +69,7 @@ def build_trial_sampler(
 ) -> optuna.samplers.BaseSampler:
     """Seeded multivariate TPE after ``startup_trials`` random (space-covering) ones; ``group``
     because the space is conditional (see ``suggest``)."""
-    with _experimental_ok():  # multivariate and group are experimental in Optuna
+    with experimental_ok():  # multivariate and group are experimental in Optuna
         return optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=startup_trials, multivariate=True, group=True
         )
@@ -359,7 +218,7 @@ def figures(study: optuna.Study, *, pareto_x: str, pareto_y: str) -> dict[str, A
     done = complete_trials(study)
     if not done:
         return out
-    with _experimental_ok():
+    with experimental_ok():
         out["history"] = optuna.visualization.matplotlib.plot_optimization_history(study).figure
         varied = {
             k for t in done for k in t.params if len({str(u.params.get(k)) for u in done}) > 1
