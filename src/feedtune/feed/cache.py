@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,10 +45,9 @@ from feedtune.feed.cache_sizing import (
     MIB,
     SHM_PATH,
     CacheEstimate,
-    CacheTooLargeError,
+    check_limit,
     estimate_cache,
     fits_in_shm,
-    resized_hint,
     resized_hw,
 )
 from feedtune.feed.geometry import working_size
@@ -203,15 +203,7 @@ def build_cache(
         target=target,
         square=square,
     )
-    limit = cfg.cache_limit_mb * MIB
-    if estimate.nbytes + reserved_bytes > limit:
-        hint = resized_hint(cfg.cache, paths, target=target)
-        held = f" + {reserved_bytes / MIB:.0f} MiB already cached" if reserved_bytes else ""
-        raise CacheTooLargeError(
-            f"loader.cache={cfg.cache} needs ~{estimate.nbytes / MIB:.0f} MiB for "
-            f"{len(paths)} images{held}, over loader.cache_limit_mb={cfg.cache_limit_mb}; "
-            f"raise loader.cache_limit_mb{hint}, or set loader.cache=none"
-        )
+    check_limit(estimate, cfg, paths=paths, target=target, reserved_bytes=reserved_bytes)
     if not fits_in_shm(
         estimate, cfg, paths=paths, target=target, path=shm_path, margin=shm_margin_bytes
     ):
@@ -224,16 +216,17 @@ def build_cache(
     return cache
 
 
-def _fill(
+def _entry_loader(
     dataset: Any,
     paths: list[str],
     estimate: CacheEstimate,
     *,
     mode: str,
     target: int,
-    progress: bool,
-    square: int | None = None,
-) -> ImageCache:
+    square: int | None,
+) -> Callable[[int], np.ndarray | tuple[np.ndarray, float] | str]:
+    """What the cache stores for image ``i``: its pixels (with its aspect for squares), or the
+    reason it is bad."""
     decoder = getattr(dataset, "decoder", "pil")
     min_decode = _decode_min_size(dataset, mode=mode, target=target)
     # The dataset's own size limits: the cache must refuse exactly what the dataset refuses.
@@ -258,6 +251,20 @@ def _fill(
                 image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
         return image
 
+    return load
+
+
+def _fill(
+    dataset: Any,
+    paths: list[str],
+    estimate: CacheEstimate,
+    *,
+    mode: str,
+    target: int,
+    progress: bool,
+    square: int | None = None,
+) -> ImageCache:
+    load = _entry_loader(dataset, paths, estimate, mode=mode, target=target, square=square)
     buffer = _shared_uint8(estimate.nbytes)
     offsets = np.zeros(len(paths) + 1, dtype=np.int64)
     shapes = np.zeros((len(paths), 2), dtype=np.int64)

@@ -110,6 +110,27 @@ def resized_hint(mode: str, paths: list[str], *, target: int) -> str:
     return f", or use loader.cache=resized (~{small.nbytes / MIB:.0f} MiB)"
 
 
+def check_limit(
+    estimate: CacheEstimate,
+    cfg: LoaderConfig,
+    *,
+    paths: list[str],
+    target: int,
+    reserved_bytes: int = 0,
+) -> None:
+    """Raise ``CacheTooLargeError`` when ``estimate`` plus what other caches of the run hold
+    (``reserved_bytes``) is over ``loader.cache_limit_mb``, saying what to change."""
+    if estimate.nbytes + reserved_bytes <= cfg.cache_limit_mb * MIB:
+        return
+    hint = resized_hint(cfg.cache, paths, target=target)
+    held = f" + {reserved_bytes / MIB:.0f} MiB already cached" if reserved_bytes else ""
+    raise CacheTooLargeError(
+        f"loader.cache={cfg.cache} needs ~{estimate.nbytes / MIB:.0f} MiB for "
+        f"{len(paths)} images{held}, over loader.cache_limit_mb={cfg.cache_limit_mb}; "
+        f"raise loader.cache_limit_mb{hint}, or set loader.cache=none"
+    )
+
+
 def fits_in_shm(
     estimate: CacheEstimate,
     cfg: LoaderConfig,

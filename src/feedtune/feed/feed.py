@@ -47,7 +47,13 @@ class Feed:
     train_transform: Transform
     policy_on: str = "loader"  # where the batch policy runs (where=batch): device | loader
     generators: list[torch.Generator] = field(default_factory=list)
+    world_size: int = 1  # processes that each train on their share of every epoch
     cache_fill_s: float = 0.0  # filling this feed's caches (0 for caches reused)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step over all processes (``loader.batch_size`` is per process)."""
+        return self.train.loader.batch_size * self.world_size  # type: ignore[attr-defined]
 
     @property
     def classes(self) -> list[str]:
@@ -60,6 +66,8 @@ class Feed:
             "train_batches": len(self.train),
             "val_batches": len(self.val),
             "batch_policy_on": self.policy_on,
+            "world_size": self.world_size,
+            "global_batch_size": self.global_batch_size,
             "train_collate": repr(self.train.loader.collate_fn),
             "cache_fill_s": round(self.cache_fill_s, 3),
         }
@@ -107,41 +115,9 @@ def build_feed(
     on = policy_on or ("device" if cuda else "loader")
     if on not in POLICY_PLACES:
         raise ValueError(f"policy_on: got {on!r}, allowed: {', '.join(POLICY_PLACES)}")
-    common = {
-        "decoder": cfg.data.decoder,
-        "on_bad_image": cfg.data.on_bad_image,
-        # JPEGs >= 2x the working size are decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT
-        # scaling); the transform resizes anyway, so output shapes do not change.
-        "min_decode_size": working_size(cfg.augment.image_size),
-        **size_limits(cfg),
-    }
-    train_transform = build_transform(cfg.augment, train=True)
-    policy_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    mix = build_mix(cfg.augment, num_classes=len(data.classes))
-    per_sample: Any = train_transform
-    step: Any = mix  # what runs on each whole training batch, if anything
-    square = None
-    if cfg.augment.where == "batch":
-        policy = build_batch_policy(cfg.augment, train=True)
-        step = AugmentThenMix(policy, generator=policy_gen, mix=mix)
-        square = working_size(cfg.augment.image_size)
-        per_sample = ToWorkingUint8(square)
-    device_step = step if cfg.augment.where == "batch" and on == "device" else None
-    train_collate = StepCollate(step) if step is not None and device_step is None else None
-    train_set = ImageDataset(data.split.train, data.classes, per_sample, **common)
-    val_set = ImageDataset(
-        data.split.val, data.classes, build_transform(cfg.augment, train=False), **common
-    )
-    # Both sets: val is read every epoch, and sees the same preprocessing as train.
-    filled = cache_datasets(
-        [train_set, val_set],
-        cfg.loader,
-        image_size=cfg.augment.image_size,
-        progress=progress,
-        squares=[square, None],  # the train set of where=batch: kept squashed, ready to collate
-        memo=caches,
-    )
-    reused = caches.reused if caches is not None else []
+    aug = _augmentation(cfg, len(data.classes), on)
+    train_set, val_set = _datasets(cfg, data, aug)
+    fill_s = _fill_caches(cfg, train_set, val_set, aug, caches, progress=progress)
     sampler_gen = torch.Generator().manual_seed(cfg.seed)
     sampler = build_sampler(
         cfg.sampler,
@@ -152,7 +128,7 @@ def build_feed(
         world_size=world_size,
     )
     train_loader = build_loader(
-        train_set, cfg.loader, sampler=sampler, seed=cfg.seed, cuda=cuda, collate_fn=train_collate
+        train_set, cfg.loader, sampler=sampler, seed=cfg.seed, cuda=cuda, collate_fn=aug.collate
     )
     val_share = (
         val_set if world_size <= 1 else Subset(val_set, range(rank, len(val_set), world_size))
@@ -162,14 +138,87 @@ def build_feed(
     return Feed(
         device=device,
         train=DeviceLoader(
-            train_loader, device, device_step=device_step, channels_last=channels_last
+            train_loader, device, device_step=aug.device_step, channels_last=channels_last
         ),
         val=DeviceLoader(val_loader, device, channels_last=channels_last),
         train_set=train_set,
         val_set=val_set,
         sampler=sampler,
-        train_transform=train_transform,
+        train_transform=aug.train_transform,
         policy_on=on if cfg.augment.where == "batch" else "none",
-        generators=[sampler_gen, train_loader.generator, policy_gen],
-        cache_fill_s=sum(c.fill_seconds for c in filled if all(c is not r for r in reused)),
+        generators=[sampler_gen, train_loader.generator, aug.generator],
+        world_size=world_size,
+        cache_fill_s=fill_s,
+    )
+
+
+def _datasets(
+    cfg: Config, data: PreparedData, aug: _Augmentation
+) -> tuple[ImageDataset, ImageDataset]:
+    common = {
+        "decoder": cfg.data.decoder,
+        "on_bad_image": cfg.data.on_bad_image,
+        # JPEGs >= 2x the working size are decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT
+        # scaling); the transform resizes anyway, so output shapes do not change.
+        "min_decode_size": working_size(cfg.augment.image_size),
+        **size_limits(cfg),
+    }
+    train_set = ImageDataset(data.split.train, data.classes, aug.per_sample, **common)
+    val_transform = build_transform(cfg.augment, train=False)
+    return train_set, ImageDataset(data.split.val, data.classes, val_transform, **common)
+
+
+def _fill_caches(
+    cfg: Config,
+    train_set: ImageDataset,
+    val_set: ImageDataset,
+    aug: _Augmentation,
+    caches: CacheMemo | None,
+    *,
+    progress: bool,
+) -> float:
+    """Cache both sets (val is read every epoch, with the same preprocessing as train); the
+    seconds this feed paid for it (0 for caches a previous feed filled)."""
+    filled = cache_datasets(
+        [train_set, val_set],
+        cfg.loader,
+        image_size=cfg.augment.image_size,
+        progress=progress,
+        squares=[aug.square, None],  # where=batch's train set: kept squashed, ready to collate
+        memo=caches,
+    )
+    reused = caches.reused if caches is not None else []
+    return sum(c.fill_seconds for c in filled if all(c is not r for r in reused))
+
+
+@dataclass
+class _Augmentation:
+    """The training set's augmentation, split between the samples and whole batches."""
+
+    train_transform: Transform  # the per-sample pipeline (what describes the policy either way)
+    per_sample: Any  # what the dataset applies to each image
+    square: int | None  # where=batch: the working square images are kept at
+    device_step: Any  # what runs on each batch on the device (where=batch on CUDA), or None
+    collate: StepCollate | None  # what runs on each batch in the loader, or None
+    generator: torch.Generator  # draws the batch policy's parameters (outside workers)
+
+
+def _augmentation(cfg: Config, num_classes: int, on: str) -> _Augmentation:
+    train_transform = build_transform(cfg.augment, train=True)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    mix = build_mix(cfg.augment, num_classes=num_classes)
+    if cfg.augment.where != "batch":
+        collate = StepCollate(mix) if mix is not None else None
+        return _Augmentation(train_transform, train_transform, None, None, collate, generator)
+    policy = build_batch_policy(cfg.augment, train=True)
+    step = AugmentThenMix(policy, generator=generator, mix=mix)
+    square = working_size(cfg.augment.image_size)
+    on_device = on == "device"
+    return _Augmentation(
+        train_transform=train_transform,
+        per_sample=ToWorkingUint8(square),
+        square=square,
+        device_step=step if on_device else None,
+        collate=None if on_device else StepCollate(step),
+        generator=generator,
     )

@@ -74,6 +74,12 @@ class TrainState:
     stale_epochs: int = 0
     stopped: str = ""  # why training ended before train.epochs: patience, pruned, deadline
 
+    def out_of_patience(self, patience: int) -> bool:
+        """Whether ``patience`` epochs (0: never) passed without improvement: early stopping."""
+        if patience and self.stale_epochs >= patience:
+            self.stopped = "patience"
+        return self.stopped == "patience"
+
     def record(self, epoch: int, metrics: dict[str, float], metric: str) -> bool:
         """Add an epoch's metrics; whether it improved on the best ``metric`` so far."""
         value = metrics[metric]
@@ -296,8 +302,9 @@ def end_epoch(
     improved: bool,
     context: dict[str, Any],
     dist: Dist,
-) -> StopTraining | None:
-    """Run the callbacks' ``on_epoch_end``; the stop one of them (on any process) asked for.
+) -> None:
+    """Run the callbacks' ``on_epoch_end``; raise the stop one of them (on any process) asked
+    for, on every process.
 
     Every process learns of a stop (a collective), so none waits at the next epoch's first
     collective for a process that has left."""
@@ -310,4 +317,6 @@ def end_epoch(
     code = dist.all_reduce(float(STOP_REASONS.index(stop.reason) if stop else 0), "max")
     if code and stop is None:
         stop = StopTraining(STOP_REASONS[int(code)], "another process stopped training")
-    return stop
+    if stop is not None:
+        state.stopped = stop.reason
+        raise stop

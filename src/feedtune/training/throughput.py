@@ -250,26 +250,21 @@ def measure_training(
 ) -> tuple[float, float, float]:
     """(samples/s end to end, share of time waiting for batches, start-up seconds)."""
     model, optimizer, loss_fn, amp = _probe_parts(model, train.device, train_cfg)
-
-    def step(batch: Any) -> None:
-        train_step(model, optimizer, loss_fn, *train.to_device(batch), amp=amp)
-
     t0 = time.perf_counter()
     it = _batches(train.loader)
     batch = next(it)
     startup = time.perf_counter() - t0
-    for _ in range(warmup):
-        step(batch)
-        batch = next(it)
-    _sync(train.device)
-    wait, samples = 0.0, 0
-    start = time.perf_counter()
-    for _ in range(steps):
-        t = time.perf_counter()
-        batch = next(it)
-        wait += time.perf_counter() - t
-        step(batch)
-        samples += len(batch[1])
+    wait, samples, start = 0.0, 0, 0.0
+    for i in range(warmup + steps):  # the first ``warmup`` steps are not timed
+        if i == warmup:
+            _sync(train.device)
+            start = time.perf_counter()
+        if i > 0:
+            t = time.perf_counter()
+            batch = next(it)
+            wait += (time.perf_counter() - t) if i >= warmup else 0.0
+        train_step(model, optimizer, loss_fn, *train.to_device(batch), amp=amp)
+        samples += len(batch[1]) if i >= warmup else 0
     _sync(train.device)
     elapsed = time.perf_counter() - start
     it.close()

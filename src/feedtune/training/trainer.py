@@ -147,37 +147,24 @@ def train_model(
     finetune: bool = False,
     dist: Dist | None = None,
 ) -> TrainOutcome:
-    """Train ``cfg`` on ``feed`` for ``train.epochs`` epochs, evaluating and checkpointing
-    into ``folder`` after each; ``resume`` is a checkpoint payload to continue from. Returns
-    the best model (weights of the best epoch on ``search.metric``, which early stopping on
-    ``train.patience`` follows too).
+    """Train ``cfg`` on ``feed`` (``resume``: a checkpoint payload to continue from),
+    evaluating and checkpointing into ``folder`` every epoch; returns the best epoch's model
+    (on ``search.metric``, which early stopping on ``train.patience`` follows too).
 
-    ``callbacks`` run after each epoch's checkpoint is written; one that raises
+    ``callbacks`` run after each epoch's checkpoint is written; one raising
     :class:`StopTraining` ends training on every process, stops the feed's workers and
-    propagates. ``model``: start from this model (already sized to the feed's classes and
-    frozen as wanted) instead of a fresh ``build_model(cfg.model)``; ``finetune``: the
-    backbone learns at ``train.lr * train.backbone_lr_scale``.
-
-    ``dist``: this process's place among several (torchrun), ``feed`` its share; the model
-    trains wrapped in ``DistributedDataParallel``. Only the main process writes checkpoints
-    into ``folder`` (the others' stays empty) and each receives the best weights from it at
-    the end. Every process sees the same metrics (the epoch's samples of all processes, the
-    evaluation of the whole validation set), and gets the plain (unwrapped) model."""
+    propagates. ``model``: start from it (sized to the feed's classes, frozen as wanted)
+    rather than ``build_model(cfg.model)``; ``finetune``: the backbone learns at ``train.lr *
+    train.backbone_lr_scale``. ``dist``: this process's place under torchrun, ``feed`` its
+    share; the model trains in ``DistributedDataParallel``, only the main process writes
+    checkpoints, and every process sees the same metrics and gets the best weights."""
     dist = dist or Dist()
     run = _start(cfg, feed, model, resume, finetune=finetune, dist=dist)
     callbacks = [*_own_callbacks(cfg, feed, folder, dist), *callbacks]
     for cb in callbacks:
         cb.on_fit_start(resumed=resume is not None)
     train_cfg, state = cfg.train, run.state
-    epochs = progress_bar(
-        range(state.epoch, train_cfg.epochs),
-        desc="epochs",
-        unit="epoch",
-        initial=state.epoch,
-        total=train_cfg.epochs,
-        enabled=progress,
-        per_item_lines=True,
-    )
+    epochs = _epochs_bar(state, train_cfg, progress=progress)
     try:
         for epoch in epochs:
             _start_epoch(run, epoch, callbacks, train_cfg, dist, feed.device)
@@ -198,12 +185,8 @@ def train_model(
             improved = state.record(epoch, metrics, cfg.search.metric)
             epochs.set_postfix(val_f1=f"{result.f1_macro:.3f}", best=f"{state.best_metric:.3f}")
             context = {"model": run.model, "optimizer": run.optimizer, "evaluation": result}
-            stop = end_epoch(callbacks, epoch, metrics, state, improved, context, dist)
-            if stop is not None:
-                state.stopped = stop.reason
-                raise stop
-            if train_cfg.patience and state.stale_epochs >= train_cfg.patience:
-                state.stopped = "patience"
+            end_epoch(callbacks, epoch, metrics, state, improved, context, dist)  # may stop
+            if state.out_of_patience(train_cfg.patience):
                 break
     except BaseException:
         # A stopped trial, Ctrl-C: the exception's traceback keeps the loaders alive in a
@@ -213,6 +196,18 @@ def train_model(
     finally:
         epochs.close()
     return _finish(run, feed, folder, dist)
+
+
+def _epochs_bar(state: TrainState, cfg: TrainConfig, *, progress: bool) -> Any:
+    return progress_bar(
+        range(state.epoch, cfg.epochs),
+        desc="epochs",
+        unit="epoch",
+        initial=state.epoch,
+        total=cfg.epochs,
+        enabled=progress,
+        per_item_lines=True,
+    )
 
 
 @dataclass
