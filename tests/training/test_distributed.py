@@ -242,7 +242,7 @@ def test_torchrun_train_is_one_run_with_whole_set_metrics(tmp_path, mlflow_store
         *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"),
         *("--master-addr", "127.0.0.1", "--master-port", str(_free_port())),
         *("-m", "feedtune", "train", "--no-progress", "--config", str(config)),
-        *("--set", f"data.path={images}"),
+        *("--set", f"data.path={images}", "--set", "train.lr_scaling=linear"),
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -252,6 +252,10 @@ def test_torchrun_train_is_one_run_with_whole_set_metrics(tmp_path, mlflow_store
     (run,) = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.tags["feedtune.world_size"] == "2"
+    # The global batch is explicit: 2 processes x 8; linear scaling doubles train.lr.
+    params = run.data.params
+    assert params["global_batch_size"] == "16" and params["train.lr_scaling"] == "linear"
+    assert float(params["lr_scaled"]) == pytest.approx(2 * float(params["train.lr"]))
     run_id = run.info.run_id
     best_epoch = int(run.data.metrics["best_epoch"])
     logged = {

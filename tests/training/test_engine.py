@@ -6,8 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from feedtune.config import TrainConfig
 from feedtune.training.devices import is_channels_last
-from feedtune.training.engine import STOP_REASONS, Callback, StopTraining, lr_factor
+from feedtune.training.engine import (
+    STOP_REASONS,
+    Callback,
+    StopTraining,
+    build_optimizer,
+    lr_factor,
+    scaled_lr,
+)
 from feedtune.training.models import SmallCNN
 from feedtune.training.trainer import train_model
 from tests.conftest import tiny_feed
@@ -110,3 +118,12 @@ def test_only_known_stop_reasons():
     assert set(STOP_REASONS[1:]) == {"pruned", "deadline"}
     with pytest.raises(ValueError, match="reason 'bored'"):
         StopTraining("bored")
+
+
+@pytest.mark.parametrize(("scaling", "factor"), [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
+def test_lr_scales_with_the_global_batch_as_configured(scaling, factor):
+    cfg = TrainConfig(lr=0.001, lr_scaling=scaling)
+    assert scaled_lr(cfg, 4) == pytest.approx(0.001 * factor)
+    assert scaled_lr(cfg, 1) == pytest.approx(0.001)  # one process: nothing to scale
+    backbone, head = build_optimizer(SmallCNN(2, width=4, depth=1), cfg, world_size=4).param_groups
+    assert head["lr"] == pytest.approx(0.001 * factor) == backbone["lr"]

@@ -141,6 +141,9 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = field(default=12, metadata=_limits(1, 10000))
     lr: float = field(default=1e-3, metadata=_limits(1e-8, 10.0))
+    # Under torchrun the global batch is loader.batch_size x processes: `linear` scales `lr` by
+    # that factor (Goyal et al.), `sqrt` by its square root (Adam-style); `none` keeps `lr`.
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     weight_decay: float = field(default=1e-4, metadata=_limits(0.0, 1.0))
     optimizer: Literal["adamw", "sgd"] = "adamw"
     label_smoothing: float = field(default=0.0, metadata=_limits(0.0, 0.5))

@@ -20,7 +20,7 @@ from feedtune.sources.prepare import PreparedData
 from feedtune.tracking import mlflow_models, mlflow_store
 from feedtune.tracking.plots import bar_figure, confusion_matrix_figure
 from feedtune.training.checkpoint import load_checkpoint
-from feedtune.training.engine import Callback
+from feedtune.training.engine import Callback, scaled_lr
 from feedtune.training.throughput import Throughput, cache_metrics, measure_run, transform_costs
 from feedtune.training.trainer import BEST, LAST, TrainOutcome
 
@@ -65,6 +65,9 @@ def log_run_inputs(cfg: Config, data: PreparedData, feed: Feed) -> None:
     mlflow_store.log_split(data.split)
     mlflow_store.log_bad_images(data.bad)
     mlflow_store.log_json(feed.describe(), "feed/feed.json")
+    # The batch an optimizer step sees over all processes, and the rate it learns at.
+    lr = scaled_lr(cfg.train, feed.world_size)
+    mlflow_store.log_params({"global_batch_size": feed.global_batch_size, "lr_scaled": lr})
     transform = feed.train_transform
     mlflow_store.log_json(transform.to_dict(), "augment/train.json")
     with tempfile.TemporaryDirectory() as tmp:

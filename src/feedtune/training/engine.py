@@ -257,10 +257,18 @@ def combined_stats(stats: EpochStats, dist: Dist | None) -> EpochStats:
     )
 
 
+def scaled_lr(cfg: TrainConfig, world_size: int) -> float:
+    """``train.lr`` scaled by ``train.lr_scaling`` for a global batch ``world_size`` times the
+    per-process ``loader.batch_size``."""
+    factor = {"none": 1.0, "linear": float(world_size), "sqrt": math.sqrt(world_size)}
+    return cfg.lr * factor[cfg.lr_scaling]
+
+
 def build_optimizer(
-    model: nn.Module, cfg: TrainConfig, *, finetune: bool = False
+    model: nn.Module, cfg: TrainConfig, *, finetune: bool = False, world_size: int = 1
 ) -> torch.optim.Optimizer:
-    """AdamW or SGD; when finetuning, the backbone learns at ``lr * backbone_lr_scale``.
+    """AdamW or SGD at ``scaled_lr`` (the processes' global batch); when finetuning, the
+    backbone learns at that rate times ``backbone_lr_scale``.
 
     Frozen parameters stay in the optimizer (their grads are None, so they do not move) so that
     unfreezing later needs no new optimizer and resuming restores one consistent state.
@@ -268,16 +276,17 @@ def build_optimizer(
     head_ids = {id(p) for p in head_parameters(model)}
     head = [p for p in model.parameters() if id(p) in head_ids]
     backbone = [p for p in model.parameters() if id(p) not in head_ids]
+    lr = scaled_lr(cfg, world_size)
     scale = cfg.backbone_lr_scale if finetune else 1.0
     groups = [
-        {"params": backbone, "lr": cfg.lr * scale, "name": "backbone"},
-        {"params": head, "lr": cfg.lr, "name": "head"},
+        {"params": backbone, "lr": lr * scale, "name": "backbone"},
+        {"params": head, "lr": lr, "name": "head"},
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True
+            groups, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True
         )
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
 
 
 def epoch_metrics(

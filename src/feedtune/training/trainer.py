@@ -236,7 +236,7 @@ def _start(
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     model = _starting_model(cfg, model, len(feed.classes))
-    optimizer = build_optimizer(model, cfg.train, finetune=finetune)
+    optimizer = build_optimizer(model, cfg.train, finetune=finetune, world_size=dist.world_size)
     state = TrainState()
     if resume is not None:
         model.load_state_dict(resume["model_state"])
