@@ -152,7 +152,10 @@ def _study_run(
         "optuna.storage": mlflow_store.redact(storage_url),
         "feedtune.split_digest": data.split.digest,
     }
-    with mlflow_store.start_run("study", run_name=base, nested=nested, tags=tags) as parent:
+    with (
+        mlflow_store.start_run("study", run_name=base, nested=nested, tags=tags) as parent,
+        mlflow_store.heartbeat(parent.info.run_id),
+    ):
         mlflow_store.log_config(cfg)
         mlflow_store.log_split(data.split)
         mlflow_store.log_bad_images(data.bad)

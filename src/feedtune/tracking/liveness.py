@@ -3,7 +3,8 @@
 File storages (Optuna journal, MLflow SQLite) have no heartbeat: a process killed with SIGKILL
 leaves its trial and its runs RUNNING. Recording host, pid and the process's start time lets
 the next feedtune process on the same machine tell a dead worker from a live one (the start
-time guards against pid reuse).
+time guards against pid reuse). A long-lived run (a study's parent) also carries a heartbeat
+its worker refreshes, for workers on other machines, whose pids cannot be checked here.
 
 A hostname alone does not name a process table: containers may share the host's name but
 have their own PID namespace, and cloned machines share a name but not a kernel. So a record
@@ -20,6 +21,10 @@ from typing import Any
 
 import psutil
 
+# A worker refreshes its heartbeat this often; one silent for GRACE_S is dead. Optuna's RDB
+# heartbeats (trials) and feedtune's run heartbeats (a study's parent run) use the same pair.
+HEARTBEAT_S = 10
+GRACE_S = 30
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 PID_NS_PATH = "/proc/self/ns/pid"
 

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -25,13 +26,16 @@ from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 from feedtune.config import PROJECT_ROOT, Config
-from feedtune.tracking.liveness import is_alive, worker_info
+from feedtune.tracking.liveness import GRACE_S, HEARTBEAT_S, is_alive, worker_info
 from feedtune.tracking.plots import close
 from feedtune.training.engine import StopTraining
+
+log = logging.getLogger(__name__)
 
 KIND_TAG = "feedtune.kind"
 WORKER_TAG = "feedtune.worker"
 SYSTEM_METRICS_LOGGER = "mlflow.system_metrics"
+HEARTBEAT_TAG = "feedtune.heartbeat"
 # MLflow caps a param value at 6000 characters; ours are short, but never fail a run on it.
 _PARAM_LIMIT = 6000
 
@@ -335,10 +339,48 @@ def current_store() -> str:
     return mlflow.get_tracking_uri()
 
 
-def close_dead_runs(experiment: str) -> list[str]:
-    """Mark KILLED the RUNNING runs whose process on this machine is gone (killed with SIGKILL,
-    machine lost power): file stores have no heartbeat, so feedtune checks at start-up. Every
-    page of the search is read, not only the first."""
+@contextlib.contextmanager
+def heartbeat(run_id: str, *, every_s: float = HEARTBEAT_S) -> Iterator[None]:
+    """Refresh ``run_id``'s tag ``feedtune.heartbeat`` (unix time) every ``every_s`` seconds
+    while the block runs, from a daemon thread: a worker on another machine that dies leaves
+    a heartbeat that stops moving, which ``close_dead_runs`` anywhere can see."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        client = MlflowClient()
+        while True:
+            try:
+                client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
+            except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the worker
+                log.warning("heartbeat of run %s not written: %s", run_id, exc)
+            if stop.wait(every_s):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=every_s + 5)
+
+
+def _is_dead(run: Any, grace_s: float) -> bool:
+    """A run's worker is dead: its process on this machine is gone, or its heartbeat (a run
+    from any machine that keeps one) is older than ``grace_s``."""
+    tags = run.data.tags
+    info = {k[len(WORKER_TAG) + 1 :]: v for k, v in tags.items() if k.startswith(WORKER_TAG)}
+    if "host" in info and not is_alive(info):
+        return True
+    beat = tags.get(HEARTBEAT_TAG)
+    return beat is not None and time.time() - float(beat) > grace_s
+
+
+def close_dead_runs(experiment: str, *, grace_s: float = GRACE_S) -> list[str]:
+    """Mark KILLED the RUNNING runs whose worker died (killed with SIGKILL, machine lost power):
+    file stores have no heartbeat of their own, so feedtune checks at start-up: the process
+    on this machine, or the run's own heartbeat (clocks of the machines in sync, as Optuna's
+    RDB heartbeats assume). Every page of the search is read, not only the first."""
     # Every page first: closing runs while paging would shift the pages.
     running = search_runs(
         experiment, filter_string="attributes.status = 'RUNNING'", max_results=None
@@ -346,9 +388,7 @@ def close_dead_runs(experiment: str) -> list[str]:
     client = MlflowClient()
     closed = []
     for run in running:
-        tags = run.data.tags
-        info = {k[len(WORKER_TAG) + 1 :]: v for k, v in tags.items() if k.startswith(WORKER_TAG)}
-        if "host" not in info or is_alive(info):
+        if not _is_dead(run, grace_s):
             continue
         client.set_tag(run.info.run_id, "feedtune.error", "worker process died")
         end_run_by_id(run.info.run_id, "KILLED")

@@ -17,14 +17,12 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
-from feedtune.tracking.liveness import is_alive
+from feedtune.tracking.liveness import GRACE_S, HEARTBEAT_S, is_alive
 from feedtune.tracking.mlflow_store import redact
 
 log = logging.getLogger(__name__)
 
 # An RDB worker that misses heartbeats this long is considered dead and its trial failed.
-HEARTBEAT_S = 10
-GRACE_S = 30
 # A trial whose worker died is run again at most this often: one that kills its worker every
 # time (out of memory, say) must not take every restart down with it.
 MAX_RETRIES = 2
