@@ -13,8 +13,9 @@ decode. Modes:
   run on small images. Images already smaller are stored as decoded (no upscaling).
 
 With ``square=n`` (the training set of ``augment.where: batch``) either mode stores each image
-squashed to the ``n x n`` working square with its aspect ratio (``data.squares``), exactly what
-``ToWorkingUint8`` makes of the decoded image per sample: the loader then only slices memory.
+squashed to the ``n x n`` working square with its aspect ratio (``feed.augment.squares``),
+exactly what ``ToWorkingUint8`` makes of the decoded image per sample: the loader then only
+slices memory.
 
 The memory a cache will take is estimated from the image headers and checked against
 ``loader.cache_limit_mb`` before anything is decoded (over it: ``CacheTooLargeError``), then
@@ -184,7 +185,7 @@ def build_cache(
             ``shm_margin(free)``. Tests set it from the folder's real free space to make a
             cache not fit without filling a disk.
         square: store every image squashed to this working square with its aspect ratio
-            (``data.squares``); ``get`` then returns a ``SquashedImage``.
+            (``feed.augment.squares``); ``get`` then returns a ``SquashedImage``.
 
     Raises:
         CacheTooLargeError: the estimate exceeds ``loader.cache_limit_mb``.

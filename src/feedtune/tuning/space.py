@@ -80,7 +80,7 @@ def consistent(settings: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
 
 def batch_augment_qualifies(policy: Any, order: Any) -> bool:
     """Whether ``augment.where: batch`` draws the same transforms as the sample path, which
-    makes it a speed setting for this policy (see ``data.batch_augment``)."""
+    makes it a speed setting for this policy (see ``feed.augment.batch``)."""
     return policy in BATCH_POLICIES and not (policy == "geometric" and order == "augment_first")
 
 

@@ -1,8 +1,8 @@
 """Augmentation of whole uint8 batches: the ``resize_first`` sample path, applied per batch.
 
-The sample path (``augment.build_transform``) resizes, crops, flips and jitters each image in
+The sample path (``per_sample.build_transform``) resizes, crops, flips and jitters each image in
 the loader workers. Here the loader only delivers every image squashed to one working square
-with its original aspect (``data.squares``) so that images collate, and
+with its original aspect (``feed.augment.squares``) so that images collate, and
 :class:`BatchPolicy` does the rest once per batch, on whatever device the batch is on: each
 sample's parameters are drawn as torchvision draws them, crop + flip (+ affine) are one
 ``grid_sample``, colour jitter is a few batched tensor ops.

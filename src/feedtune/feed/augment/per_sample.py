@@ -2,7 +2,7 @@
 
 Input: an RGB ``(H, W, 3)`` uint8 array from the decoder. Output: a float32 ``(3, S, S)`` tensor
 normalised with ``cfg.mean``/``cfg.std``. The same policies exist for torchvision (v2, on uint8
-tensors) and albumentations (on uint8 arrays); see ``augment_policies`` for what each contains.
+tensors) and albumentations (on uint8 arrays); see ``augment.policies`` for what each contains.
 
 Randomness: both libraries draw from torch's global RNG. torchvision does so natively; for
 albumentations, whose ``Compose`` keeps its own generators that ignore global seeds, the first

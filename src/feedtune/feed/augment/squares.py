@@ -1,9 +1,9 @@
 """Working squares: every image squashed to one ``n x n`` uint8 square, with its aspect ratio.
 
 Images of any shape then collate into one uint8 batch, and the batch augmentation
-(``data.batch_augment``) undoes the squash when it places crops, from the recorded aspect.
+(``feed.augment.batch``) undoes the squash when it places crops, from the recorded aspect.
 The squash is done per sample by :class:`ToWorkingUint8`, or once per image when the cache
-stores squares (``data.cache``, ``square=n``): the loader then only slices shared memory.
+stores squares (``feed.cache``, ``square=n``): the loader then only slices shared memory.
 """
 
 from __future__ import annotations
