@@ -20,6 +20,13 @@ def test_conda_env_lists_the_same_dependencies_as_pyproject():
     assert conda_specs == sorted(s.replace(" ", "") for s in project["dependencies"])
 
 
+def test_the_timm_extra_is_tested():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert extras["timm"] and set(extras["timm"]) <= set(extras["test"])
+    assert "timm" not in {_name(s) for s in project["dependencies"]}  # optional, imported lazily
+
+
 def test_mlproject_declares_every_command_and_main_is_tune():
     spec = yaml.safe_load((REPO / "MLproject").read_text())
     points = spec["entry_points"]

@@ -115,6 +115,7 @@ def load_best(
     tracking_uri: str | None = None,
     *,
     device: str = "auto",
+    allowed_factory: str | None = None,
 ) -> BestModel:
     """The best model of ``experiment``: the registered model ``experiment`` alias ``best``,
     else the finished run with the highest ``best_val_f1_macro``.
@@ -124,16 +125,19 @@ def load_best(
         tracking_uri: the store; default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` at
             the project root, as for every feedtune command.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        allowed_factory: the ``module.path:callable`` you trust to rebuild the network when
+            the run's model came from a factory; a factory not named here is never imported.
 
     Raises:
         LookupError: no such model or run, or the run has no checkpoint.
         CheckpointError: the checkpoint holds more than tensors and plain data (it could run
-            code when unpickled) or cannot be read; nothing in it is executed.
+            code when unpickled) or cannot be read, or it names a factory other than
+            ``allowed_factory``; nothing in it is executed.
     """
     with mlflow_store.use_store(tracking_uri), tempfile.TemporaryDirectory() as tmp:
         run_id = find_best_run(experiment).info.run_id
         payload = fetch_checkpoint(run_id, tmp)
-    model, cfg = model_from_checkpoint(payload)
+    model, cfg = model_from_checkpoint(payload, allowed_factory=allowed_factory)
     dev = resolve_device(device)
     return BestModel(
         model=model.to(dev).eval(),

@@ -26,7 +26,11 @@ from feedtune.sources.prepare import prepare_data
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.lookup import fetch_checkpoint, resolve_run_id
 from feedtune.tracking.recording import RunRecorder, finish_run
-from feedtune.training.checkpoint import model_args_of, model_from_checkpoint
+from feedtune.training.checkpoint import (
+    model_args_of,
+    model_from_checkpoint,
+    require_trusted_factory,
+)
 from feedtune.training.devices import resolve_device
 from feedtune.training.models import replace_head, set_backbone_trainable
 from feedtune.training.trainer import train_model
@@ -48,8 +52,11 @@ def effective_config(cfg: Config, payload: dict[str, Any]) -> Config:
     other, and the run's params must say what ran.
 
     ``model.pretrained`` becomes false: the weights come from the parent run (tag
-    ``feedtune.parent_model_run_id``), not from torchvision."""
+    ``feedtune.parent_model_run_id``), not from torchvision or timm. A source built by a
+    factory is refused unless ``cfg`` names the same factory: this is where the checkpoint's
+    name would replace the caller's."""
     source = model_args_of(payload)
+    require_trusted_factory(source["name"], cfg.model.name, where="the source checkpoint")
     for key, value in source.items():
         if getattr(cfg.model, key) != value:
             log.warning(
@@ -68,7 +75,9 @@ def prepare_model(payload: dict[str, Any], cfg: Config, classes: list[str]) -> F
 
     The architecture is the checkpoint's; the other model settings (dropout) are ``cfg``'s. The
     new head's initial weights depend only on ``cfg.seed``."""
-    model, _ = model_from_checkpoint(payload, dropout=cfg.model.dropout, freeze="none")
+    model, _ = model_from_checkpoint(
+        payload, allowed_factory=cfg.model.name, dropout=cfg.model.dropout, freeze="none"
+    )
     source_classes = list(payload["classes"])
     replaced = source_classes != list(classes)
     if replaced:

@@ -24,6 +24,7 @@ from feedtune.tracking.recording import (
     finish_run,
     relog_missing_epochs,
 )
+from feedtune.training.checkpoint import require_trusted_factory
 from feedtune.training.devices import resolve_device
 from feedtune.training.distributed import Dist, init_from_env
 from feedtune.training.trainer import train_model
@@ -31,8 +32,10 @@ from feedtune.training.trainer import train_model
 
 def _resumed_config(asked: Config, resume: dict, run_id: str) -> Config:
     """The configuration the resumed run was started with; settings asked for now that differ
-    are named on stderr, since a resumed run cannot change what it trains."""
+    are named on stderr, since a resumed run cannot change what it trains. A run built by a
+    factory is resumed only when ``asked`` names the same factory."""
     resumed = config_from_dict(resume["config"])
+    require_trusted_factory(resumed.model.name, asked.model.name, where=f"run {run_id}")
     theirs = resumed.flat()
     ignored = [f"{k}={v}" for k, v in asked.flat().items() if theirs.get(k) != v]
     if ignored:
@@ -97,7 +100,11 @@ def _train(
             if dist.is_main:
                 cfg = _resumed_config(cfg, resume, resume_run_id)
             else:
-                cfg = config_from_dict(resume["config"])
+                resumed = config_from_dict(resume["config"])
+                require_trusted_factory(
+                    resumed.model.name, cfg.model.name, where=f"run {resume_run_id}"
+                )
+                cfg = resumed
         data = prepare_data(cfg, progress=progress and dist.is_main)
         _same_data(dist, data)
         feed = build_feed(cfg, data, device, rank=dist.rank, world_size=dist.world_size)

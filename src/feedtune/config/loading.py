@@ -68,7 +68,8 @@ def _type_name(tp: Any) -> str:
         (inner,) = typing.get_args(tp) or (Any,)
         return f"a list of {_type_name(inner)}"
     if origin is dict:
-        return "a mapping"
+        _, inner = typing.get_args(tp) or (str, Any)
+        return f"a mapping of names to {_type_name(inner)}"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -104,6 +105,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: got {value!r}, expected {_type_name(tp)}")
         return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict:
+        return _coerce_mapping(key, value, tp)
     if tp is Any:
         return value
     if tp is bool:
@@ -126,6 +129,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: got {value!r}, expected a string")
         return value
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _coerce_mapping(key: str, value: Any, tp: Any) -> dict[str, Any]:
+    """A mapping of string keys, each value checked as ``key.<name>`` against the value type."""
+    key_tp, value_tp = typing.get_args(tp) or (str, Any)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: got {value!r}, expected {_type_name(tp)}")
+    out = {}
+    for name, item in value.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{key}: key {name!r} is not a name (letters, digits, _)")
+        out[_coerce(f"{key}.{name}", name, key_tp)] = _coerce(f"{key}.{name}", item, value_tp)
+    return out
 
 
 def _build_section(cls: type, values: Any, prefix: str) -> Any:

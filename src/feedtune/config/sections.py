@@ -29,6 +29,11 @@ DEFAULT_FINETUNE_CONFIG_PATH = PROJECT_ROOT / "experiments" / "finetune-shapes-s
 DEFAULT_EXPERIMENT = "feedtune-shapes"
 
 
+# A value of ``model.kwargs``: plain YAML scalars or a list of them. ``str`` comes first so a
+# string stays a string (the float check would read "1e-3" as a number).
+KwargValue = str | bool | int | float | list[str | bool | int | float] | None
+
+
 class ConfigError(ValueError):
     """A configuration key, type or value that cannot be used; the message names the key."""
 
@@ -123,9 +128,12 @@ class LoaderConfig:
 
 @dataclass
 class ModelConfig:
-    # small_cnn trains in minutes on a laptop; torchvision names (resnet18, ...) also work.
+    # small_cnn trains in minutes on a laptop; torchvision names (resnet18, ...), timm/<name>
+    # (pip install "feedtune[timm]") and a factory module.path:callable (called with
+    # num_classes=... and `kwargs`) also work.
     name: str = "small_cnn"
-    # Uses torchvision weights only if already in the local torch cache; never downloads.
+    # Uses torchvision or timm weights only if already in the local torch or Hugging Face
+    # cache; never downloads.
     pretrained: bool = False
     freeze: Literal["none", "backbone"] = "none"
     dropout: float = field(default=0.2, metadata=_limits(0.0, 0.95))
@@ -135,6 +143,9 @@ class ModelConfig:
     # Conv blocks of small_cnn, each halving the feature map: 5 sees a whole 64 px image;
     # 4 learned shapes ~1.5x slower (BENCHMARKS.md, "Default recipe").
     depth: int = field(default=5, metadata=_limits(1, 8))
+    # Keyword arguments of a timm/<name> or module.path:callable model (e.g. drop_rate: 0.1);
+    # logged as params model.kwargs.<key>.
+    kwargs: dict[str, KwargValue] = field(default_factory=dict)
 
 
 @dataclass

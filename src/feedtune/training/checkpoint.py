@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from feedtune.config import Config, config_from_dict
+from feedtune.training.external_models import is_factory
 from feedtune.training.models import ARCHITECTURE_KEYS, build_model
 
 FORMAT_VERSION = 1
@@ -125,16 +126,31 @@ def model_args_of(payload: dict[str, Any]) -> dict[str, Any]:
     """The architecture-deciding model settings of a checkpoint (``ARCHITECTURE_KEYS``).
 
     Checkpoints carry them as ``model_args``; older ones are read from their config, with the
-    depth small_cnn had before it was a setting."""
+    depth small_cnn had before it was a setting and no kwargs (they came later too)."""
     if "model_args" in payload:
-        return {key: payload["model_args"][key] for key in ARCHITECTURE_KEYS}
+        saved = payload["model_args"]
+        args = {key: saved[key] for key in ARCHITECTURE_KEYS if key in saved}
+        return {"kwargs": {}, **args}
     saved = payload["config"].get("model", {})
     model = config_from_dict(payload["config"]).model
     return {
         "name": model.name,
         "width": model.width,
         "depth": saved.get("depth", _DEPTH_BEFORE_THE_KEY),
+        "kwargs": dict(model.kwargs),
     }
+
+
+def require_trusted_factory(name: str, allowed: str | None, *, where: str) -> None:
+    """Refuse to import the factory ``name`` that ``where`` (a checkpoint, a run) asks for
+    unless the caller named the same one: a file from elsewhere must not choose the code that
+    runs here. timm and torchvision names import only those libraries, so they pass."""
+    if is_factory(name) and name != allowed:
+        raise CheckpointError(
+            f"{where} is built by the factory '{name}', code that runs only when you name it: "
+            f"pass --set model.name={name} (allowed_factory='{name}' from Python) to trust "
+            "it, with its module on PYTHONPATH or installed"
+        )
 
 
 def load_weights(model: nn.Module, payload: dict[str, Any]) -> nn.Module:
@@ -150,16 +166,22 @@ def load_weights(model: nn.Module, payload: dict[str, Any]) -> nn.Module:
 
 
 def model_from_checkpoint(
-    payload: dict[str, Any], *, num_classes: int | None = None, **model_overrides: Any
+    payload: dict[str, Any],
+    *,
+    num_classes: int | None = None,
+    allowed_factory: str | None = None,
+    **model_overrides: Any,
 ) -> tuple[nn.Module, Config]:
     """The checkpoint's model with its weights, and its config.
 
     The architecture comes from ``model_args_of(payload)`` alone; ``pretrained`` is off because
-    the weights come from the checkpoint (no torchvision weight file is needed).
+    the weights come from the checkpoint (no torchvision or timm weight file is needed). A
+    checkpoint built by a ``module.path:callable`` factory is rebuilt only when
+    ``allowed_factory`` names that factory (``require_trusted_factory``).
     ``model_overrides`` set other model settings (e.g. ``dropout``, ``freeze``)."""
+    args = model_args_of(payload)
+    require_trusted_factory(args["name"], allowed_factory, where="the checkpoint")
     cfg = config_from_dict(payload["config"])
-    model_cfg = dataclasses.replace(
-        cfg.model, **model_overrides, **model_args_of(payload), pretrained=False
-    )
+    model_cfg = dataclasses.replace(cfg.model, **model_overrides, **args, pretrained=False)
     model = build_model(model_cfg, num_classes=num_classes or len(payload["classes"]))
     return load_weights(model, payload), cfg

@@ -1,4 +1,5 @@
-"""Model factory: a small CNN that trains in minutes on a laptop, or a torchvision model."""
+"""Model factory: a small CNN that trains in minutes on a laptop, a torchvision or timm model, or
+a user's ``module.path:callable`` factory (``external_models``)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,33 @@ import torch
 from torch import nn
 
 from feedtune.config import ModelConfig
+from feedtune.training.external_models import (
+    TIMM_PREFIX,
+    build_factory,
+    build_timm,
+    is_factory,
+)
 
 # The ModelConfig fields that decide the shape of the weights: a checkpoint records exactly
 # these (``model_args``) and a model is rebuilt from them alone.
-ARCHITECTURE_KEYS = ("name", "width", "depth")
+ARCHITECTURE_KEYS = ("name", "width", "depth", "kwargs")
+
+
+def model_source(name: str) -> str:
+    """Where ``model.name``'s network comes from: small_cnn, torchvision, timm or factory."""
+    if name == "small_cnn":
+        return "small_cnn"
+    if name.startswith(TIMM_PREFIX):
+        return "timm"
+    return "factory" if is_factory(name) else "torchvision"
 
 
 def model_args(cfg: ModelConfig) -> dict[str, object]:
-    """``cfg``'s architecture-deciding fields, as a checkpoint stores them."""
-    return {key: getattr(cfg, key) for key in ARCHITECTURE_KEYS}
+    """``cfg``'s architecture-deciding fields, as a checkpoint stores them, and their source
+    (so a reader sees which library, or whose code, rebuilds the network)."""
+    args: dict[str, object] = {key: getattr(cfg, key) for key in ARCHITECTURE_KEYS}
+    args["kwargs"] = dict(cfg.kwargs)
+    return {**args, "source": model_source(cfg.name)}
 
 
 class SmallCNN(nn.Module):
@@ -81,7 +100,24 @@ def _head_path(model: nn.Module) -> str:
     for name in ("classifier", "fc", "head", "heads"):
         if hasattr(model, name):
             return name
-    raise ValueError(f"cannot find the classification head of {type(model).__name__}")
+    raise ValueError(
+        f"cannot find the classification head of {type(model).__name__}: name it classifier, "
+        "fc, head or heads, or give the model get_classifier() and reset_classifier(n)"
+    )
+
+
+def _has_classifier_api(model: nn.Module) -> bool:
+    """timm's interface (any model may offer it): ``get_classifier()`` returns the head and
+    ``reset_classifier(n)`` replaces it, whatever the family calls it."""
+    return callable(getattr(model, "get_classifier", None)) and callable(
+        getattr(model, "reset_classifier", None)
+    )
+
+
+def _head(model: nn.Module) -> nn.Module:
+    if _has_classifier_api(model):
+        return model.get_classifier()
+    return getattr(model, _head_path(model))
 
 
 def _last_linear(module: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
@@ -97,11 +133,15 @@ def _last_linear(module: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return list(getattr(model, _head_path(model)).parameters())
+    return list(_head(model).parameters())
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
-    """Swap the last linear layer of the head for a new one with ``num_classes`` outputs."""
+    """A new head with ``num_classes`` outputs: ``reset_classifier`` where the model has it,
+    else the last linear layer of the head is swapped."""
+    if _has_classifier_api(model):
+        model.reset_classifier(num_classes)
+        return model
     head = getattr(model, _head_path(model))
     if isinstance(head, nn.Linear):
         setattr(model, _head_path(model), nn.Linear(head.in_features, num_classes))
@@ -112,7 +152,7 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
 
 
 def num_outputs(model: nn.Module) -> int:
-    head = getattr(model, _head_path(model))
+    head = _head(model)
     return head.out_features if isinstance(head, nn.Linear) else _last_linear(head)[2].out_features
 
 
@@ -139,41 +179,71 @@ def _cached_weights(name: str) -> Path:
     return path
 
 
-def build_model(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
-    """``small_cnn`` or any torchvision classification model, head sized to ``num_classes``."""
-    if cfg.name == "small_cnn":
-        if cfg.pretrained:
-            raise ValueError("model.pretrained: small_cnn has no pretrained weights; use false")
-        model: nn.Module = SmallCNN(
-            num_classes, dropout=cfg.dropout, width=cfg.width, depth=cfg.depth
-        )
-    else:
-        from torchvision.models import get_model, list_models
+def _small_cnn(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    if cfg.pretrained:
+        raise ValueError("model.pretrained: small_cnn has no pretrained weights; use false")
+    return SmallCNN(num_classes, dropout=cfg.dropout, width=cfg.width, depth=cfg.depth)
 
-        allowed = list_models(module=__import__("torchvision").models)
-        if cfg.name not in allowed:
-            raise ValueError(
-                f"model.name: unknown model '{cfg.name}'; allowed: small_cnn, "
-                + ", ".join(
-                    n
-                    for n in allowed
-                    if n
-                    in (
-                        "resnet18",
-                        "resnet50",
-                        "mobilenet_v3_small",
-                        "efficientnet_b0",
-                        "convnext_tiny",
-                    )
-                )
-                + ", ... (any torchvision classification model)"
-            )
-        model = get_model(cfg.name, weights=None)
-        if cfg.pretrained:
-            state = torch.load(_cached_weights(cfg.name), map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        if num_outputs(model) != num_classes:
-            replace_head(model, num_classes)
+
+def _torchvision(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    from torchvision.models import get_model, list_models
+
+    allowed = list_models(module=__import__("torchvision").models)
+    if cfg.name not in allowed:
+        shown = ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny")
+        raise ValueError(
+            f"model.name: unknown model '{cfg.name}'; allowed: small_cnn, "
+            + ", ".join(n for n in allowed if n in shown)
+            + ", ... (any torchvision classification model), timm/<name>, module.path:callable"
+        )
+    model = get_model(cfg.name, weights=None)
+    if cfg.pretrained:
+        state = torch.load(_cached_weights(cfg.name), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    if num_outputs(model) != num_classes:
+        replace_head(model, num_classes)
+    return model
+
+
+def _timm(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    return build_timm(
+        cfg.name, num_classes=num_classes, pretrained=cfg.pretrained, kwargs=cfg.kwargs
+    )
+
+
+def _factory(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    if cfg.pretrained:
+        raise ValueError(f"model.pretrained: {cfg.name} loads its own weights, if any; use false")
+    model = build_factory(cfg.name, num_classes=num_classes, kwargs=cfg.kwargs)
+    try:
+        outputs = num_outputs(model)
+    except ValueError:  # no head we can find: fine until freezing or finetuning needs one
+        return model
+    if outputs != num_classes:
+        raise ValueError(
+            f"model.name: {cfg.name}(num_classes={num_classes}) built a head with {outputs} "
+            "outputs; the factory must size its head from num_classes"
+        )
+    return model
+
+
+_BUILDERS = {
+    "small_cnn": _small_cnn,
+    "torchvision": _torchvision,
+    "timm": _timm,
+    "factory": _factory,
+}
+
+
+def build_model(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
+    """The network ``model.name`` names (``model_source``), head sized to ``num_classes``."""
+    source = model_source(cfg.name)
+    if cfg.kwargs and source not in ("timm", "factory"):
+        raise ValueError(
+            f"model.kwargs: only timm/<name> and module.path:callable models take kwargs, "
+            f"not {cfg.name}; remove them"
+        )
+    model = _BUILDERS[source](cfg, num_classes)
     if cfg.freeze == "backbone":
         set_backbone_trainable(model, False)
     return model
