@@ -333,6 +333,20 @@ def _resume_hint(args: argparse.Namespace, exc: BaseException) -> str:
     return "nothing was lost that had been saved"
 
 
+def _lost_group(exc: BaseException | None) -> str | None:
+    """Under torchrun, the one-line error when ``exc`` says another process of the job died
+    or stopped answering, with the resume command when the run has one; else None."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    from feedtune.training.distributed import group_failure
+
+    lost = group_failure(exc)
+    hint = getattr(exc, "resume_hint", None)
+    if lost and hint:
+        return f"{lost}; the last checkpoint is saved: resume with `{hint}`"
+    return lost
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=os.environ.get("FEEDTUNE_LOG", "WARNING"),
@@ -349,6 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"feedtune: config error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
+        # Under torchrun, the agent's SIGTERM can come while this process is already ending on
+        # a lost peer: that error is the cause.
+        lost = _lost_group(exc.__context__)
+        if lost:
+            print(f"feedtune: error: {lost}", file=sys.stderr)
+            return 1
         print(f"feedtune: interrupted; {_resume_hint(args, exc)}", file=sys.stderr)
         return 130
     except (FileNotFoundError, ValueError, ConnectionError, LookupError) as exc:
@@ -359,6 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if isinstance(exc, CheckpointError):  # refused or unreadable; names its file
             print(f"feedtune: error: {exc}", file=sys.stderr)
+            return 1
+        lost = _lost_group(exc)
+        if lost:
+            print(f"feedtune: error: {lost}", file=sys.stderr)
             return 1
         # MLflow server unreachable and the like: one line, plus where to look for more.
         if type(exc).__module__.split(".")[0] not in ("mlflow", "optuna", "sqlalchemy"):

@@ -1,11 +1,16 @@
 """One run on several processes: the shares of the samplers, the gathered evaluation, and
-`torchrun -m feedtune train` end to end (one MLflow run, metrics of the whole val set)."""
+`torchrun -m feedtune train` end to end (one MLflow run, metrics of the whole val set; a rank
+killed mid-run ends the others within train.dist_timeout_s)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +21,14 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
-from feedtune.config import SamplerConfig, load_config
+from feedtune.config import ConfigError, SamplerConfig, load_config
 from feedtune.feed.feed import build_feed
 from feedtune.feed.sampling import DistributedWeightedSampler, build_sampler, epoch_draw
 from feedtune.sources.prepare import prepare_data
-from feedtune.training.distributed import Dist, init_from_env, unwrap
+from feedtune.training.distributed import Dist, group_failure, init_from_env, unwrap
 from feedtune.training.engine import EpochStats, combined_stats
 from feedtune.training.evaluation import evaluate
-from tests.conftest import REPO, env_with_src, write_image_folder
+from tests.conftest import REPO, env_with_src, reaped, write_image_folder
 
 
 def _targets() -> np.ndarray:
@@ -209,6 +214,90 @@ def test_tune_under_torchrun_fails_fast(monkeypatch, capsys):
     assert "torchrun" in err and "feedtune train" in err and err.count("\n") == 1
 
 
+def test_dist_timeout_is_a_positive_number_of_seconds():
+    assert load_config(None, []).train.dist_timeout_s == 120
+    assert load_config(None, ["train.dist_timeout_s=20"]).train.dist_timeout_s == 20
+    with pytest.raises(ConfigError, match="train.dist_timeout_s"):
+        load_config(None, ["train.dist_timeout_s=0"])
+
+
+GLOO_RESET = (
+    "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:405: "
+    "Connection reset by peer. This is typically caused by a remote worker hanging."
+)
+
+
+def test_group_failures_are_told_apart_from_other_errors(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    said = group_failure(RuntimeError(GLOO_RESET))
+    assert said is not None and "\n" not in said
+    assert "rank 0 of 2" in said and "Read error [127.0.0.1]:405: Connection reset by peer" in said
+    assert "pair.cc" not in said and "typically" not in said
+    assert group_failure(torch.distributed.DistBackendError("NCCL watchdog timeout")) is not None
+    assert group_failure(RuntimeError("DataLoader timed out after 5 seconds")) is None
+    assert group_failure(ValueError(GLOO_RESET)) is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert group_failure(RuntimeError(GLOO_RESET)) is None
+
+
+@pytest.mark.parametrize("then_sigterm", [False, True])
+def test_a_group_failure_is_one_line_from_main(monkeypatch, capsys, then_sigterm):
+    """The lost peer is the error, also when torchrun's SIGTERM (KeyboardInterrupt) comes
+    while the process is already ending on it."""
+    import feedtune.cli as cli
+
+    def lost(**kwargs: Any) -> None:
+        error = RuntimeError(GLOO_RESET)
+        error.resume_hint = "feedtune train --resume abc"  # type: ignore[attr-defined]
+        try:
+            raise error
+        finally:
+            if then_sigterm:
+                raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(cli, "_call", lambda args: cli.Call(lost, {}))
+    assert cli.main(["train", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("feedtune: error: process group:") and err.count("\n") == 1
+    assert err.rstrip().endswith("resume with `feedtune train --resume abc`")
+
+
+def test_a_sigterm_while_a_run_ends_comes_after_its_status(mlflow_store, monkeypatch):
+    """torchrun's SIGTERM can reach rank 0 while it ends its run FAILED: the run still ends,
+    then the signal is handled (KeyboardInterrupt from feedtune's handler)."""
+    import os
+    import signal
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from feedtune.cli import _interrupt
+    from feedtune.tracking import mlflow_store as store
+
+    set_tags = mlflow.set_tags
+
+    def tags_then_sigterm(tags):
+        os.kill(os.getpid(), signal.SIGTERM)
+        set_tags(tags)
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt) as interrupt:
+            with store.start_run("train", system_metrics=False) as run:
+                monkeypatch.setattr(mlflow, "set_tags", tags_then_sigterm)
+                raise RuntimeError("Connection reset by peer")
+        assert isinstance(interrupt.value.__context__, RuntimeError)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    finished = MlflowClient().get_run(run.info.run_id)
+    assert finished.info.status == "FAILED"
+    assert finished.data.tags["feedtune.error"] == "RuntimeError: Connection reset by peer"
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -293,3 +382,91 @@ def _csv_paths(path: Path) -> list[str]:
     import pandas as pd
 
     return pd.read_csv(path)["path"].tolist()
+
+
+def _rank_process(agent: Any, rank: int, deadline: float) -> Any:
+    """The worker torchrun's agent started for ``rank`` (a child of the agent whose
+    environment says RANK=rank)."""
+    import psutil
+
+    while time.monotonic() < deadline:
+        for child in psutil.Process(agent.pid).children():
+            try:
+                if child.environ().get("RANK") == str(rank):
+                    return child
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"torchrun started no process of rank {rank}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_a_lost_rank_ends_the_others_within_the_timeout(tmp_path, mlflow_store, how):
+    """Rank 1 killed (its sockets close: rank 0 fails at once) or frozen (alive to torchrun,
+    silent to rank 0: its collective fails after train.dist_timeout_s) mid-run: rank 0 exits
+    within the timeout (+ slack), saying why in one line (the lost peer, or torchrun's
+    SIGTERM), torchrun exits non-zero, and rank 0's MLflow run is not left RUNNING."""
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    timeout_s, slack_s = 20, 30
+    images = write_image_folder(tmp_path / "imgs", {"red": 29, "green": 15, "blue": 11})
+    config = tmp_path / "long.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": "ddp-kill",
+                "augment": {"image_size": 32},
+                "loader": {"batch_size": 8},
+                "train": {"epochs": 500, "patience": 0, "measure_batches": 0},
+            }
+        )
+    )
+    env = {**env_with_src(), "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": mlflow_store}
+    cmd = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"),
+        *("--master-addr", "127.0.0.1", "--master-port", str(_free_port())),
+        *("-m", "feedtune", "train", "--no-progress", "--config", str(config)),
+        *("--set", f"data.path={images}", "--set", f"train.dist_timeout_s={timeout_s}"),
+    ]
+    err_path = tmp_path / "stderr.txt"
+    client = MlflowClient()
+    workers: list[psutil.Process] = []
+    with open(err_path, "w") as err, reaped() as procs:
+        agent = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        procs.append(agent)
+        try:
+            deadline = time.monotonic() + 240
+            run = None
+            while run is None or "val_f1_macro" not in run.data.metrics:  # one epoch done
+                assert agent.poll() is None, err_path.read_text()[-4000:]
+                workers = psutil.Process(agent.pid).children()
+                assert time.monotonic() < deadline, "no epoch logged within 240 s"
+                time.sleep(0.5)
+                experiment = client.get_experiment_by_name("ddp-kill")
+                runs = client.search_runs([experiment.experiment_id]) if experiment else []
+                run = runs[0] if runs else None
+            assert run.info.status == "RUNNING"
+            victim, main = (_rank_process(agent, rank, deadline) for rank in (1, 0))
+            lost_at = time.monotonic()
+            os.kill(victim.pid, how)
+            main.wait(timeout=timeout_s + slack_s)
+            took = time.monotonic() - lost_at
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                victim.kill()  # a frozen rank would hold torchrun for its own grace period
+            code = agent.wait(timeout=60)
+        finally:
+            for worker in workers:  # whatever happened, no rank keeps training
+                with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                    worker.kill()  # psutil checks that the pid is still this process
+    stderr = err_path.read_text()
+    assert code != 0 and took < timeout_s + slack_s, stderr[-4000:]
+    said = [line for line in stderr.splitlines() if line.startswith("feedtune: ")]
+    assert any(
+        line.startswith("feedtune: error: process group: another process died")
+        or line.startswith("feedtune: interrupted")
+        for line in said
+    ), stderr[-4000:]
+    status = client.get_run(run.info.run_id).info.status
+    assert status in ("FAILED", "KILLED"), stderr[-4000:]

@@ -64,7 +64,7 @@ def run_train(cfg: Config, *, resume_run_id: str | None = None, progress: bool =
     Under torchrun (``WORLD_SIZE`` > 1) this is one process of the run: the process group is
     started here and ended on return; every process returns the run id."""
     device = resolve_device(cfg.train.device)
-    dist = init_from_env(device)
+    dist = init_from_env(device, cfg.train.dist_timeout_s)
     try:
         return _train(
             cfg, dist, dist.device(device), resume_run_id=resume_run_id, progress=progress
@@ -112,7 +112,7 @@ def _train(
             run_id = dist.broadcast(None)
             try:
                 train_model(cfg, feed, folder=folder, resume=resume, progress=False, dist=dist)
-            except KeyboardInterrupt as exc:
+            except (KeyboardInterrupt, RuntimeError) as exc:  # RuntimeError: a lost peer
                 exc.resume_hint = f"feedtune train --resume {run_id}"
                 raise
             return run_id
@@ -134,7 +134,7 @@ def _train(
                     callbacks=[RunRecorder(cfg, data, feed, folder)],
                     dist=dist,
                 )
-            except KeyboardInterrupt as exc:
+            except (KeyboardInterrupt, RuntimeError) as exc:  # RuntimeError: a lost peer
                 exc.resume_hint = f"feedtune train --resume {run.info.run_id}"
                 raise
             finish_run(cfg, outcome, feed)

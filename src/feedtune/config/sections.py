@@ -179,6 +179,10 @@ class TrainConfig:
     # Batches per round of the loader and model probes after training (3 interleaved rounds,
     # medians; 0 = skip). The end-to-end rate comes from the epochs themselves, for free.
     measure_batches: int = field(default=10, metadata=_limits(0))
+    # Under torchrun, seconds a collective may wait for the other processes before it fails:
+    # a rank that died or hangs ends the run with an error instead of blocking the others
+    # forever. Long enough for rank 0's checkpoint and MLflow logging between epochs.
+    dist_timeout_s: int = field(default=120, metadata=_limits(1))
 
 
 @dataclass

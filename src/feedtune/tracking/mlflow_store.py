@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import signal
 import tempfile
 import threading
 import time
@@ -159,24 +160,55 @@ def start_run(
         mlflow.set_tags({KIND_TAG: kind, **worker, **(tags or {})})
         yield run
     except KeyboardInterrupt:
-        mlflow.set_tag("feedtune.error", "interrupted (Ctrl-C or SIGTERM)")
-        mlflow.end_run("KILLED")
+        _end_run("KILLED", {"feedtune.error": "interrupted (Ctrl-C or SIGTERM)"})
         raise
     except StopTraining as stop:
         # Stopped on purpose (pruned, or the job's deadline): KILLED, with the reason.
-        mlflow.set_tags({"feedtune.stopped": stop.reason, "feedtune.error": str(stop)[:500]})
-        mlflow.end_run("KILLED")
+        _end_run("KILLED", {"feedtune.stopped": stop.reason, "feedtune.error": str(stop)[:500]})
         raise
     except BaseException as exc:
         # One line in the UI saying why, e.g. a DataLoader worker that died or timed out.
-        mlflow.set_tag(
-            "feedtune.error",
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500],
-        )
-        mlflow.end_run("FAILED")
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        _end_run("FAILED", {"feedtune.error": f"{type(exc).__name__}: {first}"[:500]})
         raise
     else:
-        mlflow.end_run("FINISHED")
+        _end_run("FINISHED", {})
+
+
+def _end_run(status: str, tags: dict[str, str]) -> None:
+    """Tag and end the active run with Ctrl-C and SIGTERM held back until it is ended: one
+    arriving in between (torchrun stops the other processes with SIGTERM as soon as one fails)
+    would leave the run RUNNING. A signal held back is handled right after."""
+    with _signals_held():
+        if tags:
+            mlflow.set_tags(tags)
+        mlflow.end_run(status)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM recorded instead of handled inside the block, then handed to their
+    own handlers (the first one that came). Only the main thread handles signals: elsewhere
+    the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: handler for sig, handler in handlers.items() if handler is not None}
+    came: list[int] = []
+    for sig in handlers:
+        signal.signal(sig, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if came:
+            handler = handlers[came[0]]
+            if callable(handler):
+                handler(came[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(came[0])
 
 
 def log_params(flat: dict[str, Any]) -> None:

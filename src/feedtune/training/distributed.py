@@ -9,7 +9,9 @@ commands decide what only it does (tracking, checkpoint files).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal
 
 import torch
@@ -19,6 +21,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 # What torchrun sets in every process it starts.
 WORLD_SIZE_ENV, RANK_ENV, LOCAL_RANK_ENV = "WORLD_SIZE", "RANK", "LOCAL_RANK"
+# NCCL's error handling (read when the group starts): 2 aborts the communicators of a
+# collective that failed or outlived the group's timeout (the watchdog thread checks every one,
+# DDP's gradient all-reduces included) without killing the process, so the next collective or
+# wait raises in Python and the command ends with one line and a FAILED run. Torch's default, 3,
+# kills the process from the watchdog instead (rank 0's run would stay RUNNING), and
+# TORCH_NCCL_BLOCKING_WAIT would make the host wait for every collective (no overlap of the
+# step with the GPU) and turns the watchdog's handling off. A value set by the user is kept.
+# Only a job on several GPUs exercises this path.
+NCCL_ERROR_HANDLING_ENV, NCCL_CLEAN_UP_ONLY = "TORCH_NCCL_ASYNC_ERROR_HANDLING", "2"
+# What gloo's errors say (plain RuntimeErrors, raised from gloo's sources) when a peer process
+# died (its sockets closed) or did not answer within the group's timeout.
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out")
 
 ReduceOp = Literal["sum", "max", "min"]
 _OPS = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}
@@ -128,10 +142,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def init_from_env(device: torch.device) -> Dist:
+def init_from_env(device: torch.device, timeout_s: float = 120) -> Dist:
     """The job's ``Dist``: under torchrun (``WORLD_SIZE`` > 1) the process group is started
     (``nccl`` for CUDA, on ``cuda:LOCAL_RANK``; ``gloo`` on the CPU), once per process: a second
-    call returns the group already running. Outside torchrun: one process, no group."""
+    call returns the group already running. Outside torchrun: one process, no group.
+
+    ``timeout_s`` (``train.dist_timeout_s``) bounds every collective: a process whose peer died
+    or hangs gets an error (``group_failure`` words it) instead of waiting forever. Gloo applies
+    it to each send and receive, and fails at once when a peer's socket closes; NCCL through
+    its watchdog (``NCCL_ERROR_HANDLING_ENV``)."""
     world_size = env_world_size()
     if world_size <= 1:
         return Dist()
@@ -142,5 +161,32 @@ def init_from_env(device: torch.device) -> Dist:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)  # object collectives use the current device
-    tdist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        os.environ.setdefault(NCCL_ERROR_HANDLING_ENV, NCCL_CLEAN_UP_ONLY)
+    tdist.init_process_group(
+        backend=backend,
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
     return Dist(rank, world_size, local_rank, backend)
+
+
+def group_failure(exc: BaseException) -> str | None:
+    """One line saying that another process of the job died or stopped answering, when
+    ``exc`` is how torch.distributed reports that (a ``DistError``; gloo's ``RuntimeError`` on
+    a closed connection or a timeout); None for any other error, and outside torchrun."""
+    world_size = env_world_size()
+    if world_size <= 1 or not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc)
+    from_gloo = "gloo" in text and any(p in text.lower() for p in _PEER_LOST)
+    if not (isinstance(exc, tdist.DistError) or from_gloo):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    # Gloo's messages start with its source position and go on with advice after the cause.
+    said = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0] or type(exc).__name__
+    return (
+        f"process group: another process died or stopped responding (rank {env_rank()} of "
+        f"{world_size} got {type(exc).__name__}: {said}); the first error in torchrun's output "
+        "says which and why"
+    )
