@@ -320,7 +320,7 @@ def _resume_hint(args: argparse.Namespace, exc: BaseException) -> str:
     if hint:
         return f"the last checkpoint is saved: resume with `{hint}`"
     if args.command == "tune":
-        from feedtune.tracking.mlflow_store import redact
+        from feedtune.tracking.urls import redact
 
         storage = redact(args.storage) if args.storage else None
         if storage is None:

@@ -8,7 +8,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from feedtune.tracking.mlflow_store import redact
+from feedtune.tracking.urls import redact
 from tests.conftest import REPO, env_with_src
 
 SETUP = (

@@ -15,6 +15,7 @@ import numpy as np
 from feedtune.config import PROJECT_ROOT, Config
 from feedtune.sources.prepare import PreparedData, prepare_data
 from feedtune.tracking import mlflow_models, mlflow_store
+from feedtune.tracking.urls import redact
 from feedtune.tuning import optuna_storage, optuna_study
 from feedtune.tuning.space import covers, quality_space, speed_space
 from feedtune.tuning.stages import SKIPPED_ATTR, STAGES, Tuner, close_dead_trial_run
@@ -98,7 +99,7 @@ def run_tune(
     data = prepare_data(cfg, progress=progress)
     tuner = Tuner(cfg, data, base, progress=progress)
     seed = cfg.search.sampler_seed if cfg.search.sampler_seed is not None else cfg.seed
-    result = TuneResult("", base, mlflow_store.redact(storage_url), None, None, {})
+    result = TuneResult("", base, redact(storage_url), None, None, {})
     with (
         _outer_project_run() as project_run,
         _study_run(cfg, base, storage_url, data, nested=project_run is not None) as parent,
@@ -149,7 +150,7 @@ def _study_run(
     """The study's parent run, with what every trial shares: config, split, bad files."""
     tags = {
         "optuna.study_name": base,
-        "optuna.storage": mlflow_store.redact(storage_url),
+        "optuna.storage": redact(storage_url),
         "feedtune.split_digest": data.split.digest,
     }
     with (

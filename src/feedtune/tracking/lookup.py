@@ -9,6 +9,7 @@ from typing import Any
 
 from feedtune.config import DEFAULT_EXPERIMENT
 from feedtune.tracking import mlflow_models, mlflow_store
+from feedtune.tracking.urls import redact
 from feedtune.training.checkpoint import CheckpointError, load_checkpoint
 
 BEST_ALIAS = "best"
@@ -31,7 +32,7 @@ def find_best_run(experiment: str, *, metric: str = RANKING_METRIC) -> Any:
     if mlflow_store.experiment_id(experiment) is None:
         raise LookupError(
             f"no registered model '{experiment}' with alias '{BEST_ALIAS}' and no experiment "
-            f"'{experiment}' in store {mlflow_store.redact(store)}; run `feedtune train` or "
+            f"'{experiment}' in store {redact(store)}; run `feedtune train` or "
             "`feedtune tune` first, or name another experiment"
         )
     runs = mlflow_store.search_runs(
@@ -46,7 +47,7 @@ def find_best_run(experiment: str, *, metric: str = RANKING_METRIC) -> Any:
     if not runs:
         raise LookupError(
             f"no registered model '{experiment}' with alias '{BEST_ALIAS}' and no finished run "
-            f"with {metric} in experiment '{experiment}' of store {mlflow_store.redact(store)}; "
+            f"with {metric} in experiment '{experiment}' of store {redact(store)}; "
             "run `feedtune train` or `feedtune tune` first"
         )
     return runs[0]

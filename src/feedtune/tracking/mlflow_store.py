@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import random
-import signal
 import tempfile
 import threading
 import time
@@ -19,7 +18,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit, urlunsplit
+from urllib.parse import urlparse
 
 import mlflow
 import pandas as pd
@@ -29,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from feedtune.config import PROJECT_ROOT, Config
 from feedtune.tracking.liveness import GRACE_S, HEARTBEAT_S, is_alive, worker_info
 from feedtune.tracking.plots import close
+from feedtune.tracking.signals import signals_held
 from feedtune.training.engine import StopTraining
 
 log = logging.getLogger(__name__)
@@ -39,29 +39,6 @@ SYSTEM_METRICS_LOGGER = "mlflow.system_metrics"
 HEARTBEAT_TAG = "feedtune.heartbeat"
 # MLflow caps a param value at 6000 characters; ours are short, but never fail a run on it.
 _PARAM_LIMIT = 6000
-
-
-# Query parameters that carry credentials in database and server URLs.
-_SECRET_QUERY_KEYS = {"password", "passwd", "pwd", "secret", "token", "access_token", "sslpassword"}
-
-
-def redact(url: str) -> str:
-    """``url`` without its password (in the user-info part or a query parameter), safe to
-    print, log and show in the UI."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, host = netloc.rsplit("@", 1)
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode(
-            [(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*/:"
-        )
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url  # urlunsplit would drop the empty host of sqlite:///...
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def default_tracking_uri() -> str:
@@ -179,36 +156,10 @@ def _end_run(status: str, tags: dict[str, str]) -> None:
     """Tag and end the active run with Ctrl-C and SIGTERM held back until it is ended: one
     arriving in between (torchrun stops the other processes with SIGTERM as soon as one fails)
     would leave the run RUNNING. A signal held back is handled right after."""
-    with _signals_held():
+    with signals_held():
         if tags:
             mlflow.set_tags(tags)
         mlflow.end_run(status)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM recorded instead of handled inside the block, then handed to their
-    own handlers (the first one that came). Only the main thread handles signals: elsewhere
-    the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    handlers = {sig: handler for sig, handler in handlers.items() if handler is not None}
-    came: list[int] = []
-    for sig in handlers:
-        signal.signal(sig, lambda signum, frame: came.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        if came:
-            handler = handlers[came[0]]
-            if callable(handler):
-                handler(came[0], None)
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(came[0])
 
 
 def log_params(flat: dict[str, Any]) -> None:

@@ -188,9 +188,7 @@ def train_model(
             end_epoch(callbacks, epoch, metrics, state, improved, context, dist)  # may stop
             if state.out_of_patience(train_cfg.patience):
                 break
-    except BaseException:
-        # A stopped trial, Ctrl-C: the exception's traceback keeps the loaders alive in a
-        # reference cycle, so stop their workers now (see Feed.close).
+    except BaseException:  # a stop, Ctrl-C: the traceback keeps the loaders alive (Feed.close)
         feed.close()
         raise
     finally:

@@ -18,7 +18,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from feedtune.tracking.liveness import GRACE_S, HEARTBEAT_S, is_alive
-from feedtune.tracking.mlflow_store import redact
+from feedtune.tracking.urls import redact
 
 log = logging.getLogger(__name__)
 
