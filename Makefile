@@ -44,8 +44,10 @@ format: install-test
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
+# Two workers: many tests wait on processes, servers and heartbeats, and each module runs on
+# one worker (--dist loadfile), so its real servers and processes are never shared.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # On a CUDA machine, within 8 minutes: the CUDA tests, bench, train and tune with a real model
 # (README, "Several processes or GPUs"); OUT=folder (new or empty) for the logs and summary.
