@@ -283,6 +283,7 @@ def test_a_sigterm_while_a_run_ends_comes_after_its_status(mlflow_store, monkeyp
         os.kill(os.getpid(), signal.SIGTERM)
         set_tags(tags)
 
+    store.setup("sigterm-unit")  # this test's own store and experiment, whatever ran before
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with pytest.raises(KeyboardInterrupt) as interrupt:

@@ -328,16 +328,19 @@ def heartbeat(run_id: str, *, every_s: float = HEARTBEAT_S) -> Iterator[None]:
     while the block runs, from a daemon thread: a worker on another machine that dies leaves
     a heartbeat that stops moving, which ``close_dead_runs`` anywhere can see."""
     stop = threading.Event()
+    client = MlflowClient()
+
+    def beat_once() -> None:
+        try:
+            client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
+        except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the worker
+            log.warning("heartbeat of run %s not written: %s", run_id, exc)
 
     def beat() -> None:
-        client = MlflowClient()
-        while True:
-            try:
-                client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
-            except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the worker
-                log.warning("heartbeat of run %s not written: %s", run_id, exc)
-            if stop.wait(every_s):
-                return
+        while not stop.wait(every_s):
+            beat_once()
+
+    beat_once()  # on record before the block starts
 
     thread = threading.Thread(target=beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
     thread.start()
