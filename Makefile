@@ -44,11 +44,11 @@ format: install-test
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
-# Four workers on two cores: most tests wait on processes, servers and heartbeats (a serial
-# run keeps the CPU about half busy). Each module runs on one worker (--dist loadfile), so
-# its servers and processes are never shared.
+# Two workers: many tests wait on processes, servers and heartbeats. Each module runs on one
+# worker (--dist loadfile), so its servers and processes are never shared. (Four workers,
+# or tests handed out one by one, took longer on two cores: BENCHMARKS.md, "Test suite".)
 test: lint
-	$(BIN)/python -m pytest -n 4 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # On a CUDA machine, within 8 minutes: the CUDA tests, bench, train and tune with a real model
 # (README, "Several processes or GPUs"); OUT=folder (new or empty) for the logs and summary.

@@ -166,3 +166,11 @@ from tests.servers import (  # noqa: E402, F401
     postgres_server,
     postgres_url,
 )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with slow end-to-end tests first, the rest after (stable within a module):
+    with one module per xdist worker, the short modules then fill the workers' last minutes
+    instead of one long module running alone at the end."""
+    slow = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow)
