@@ -14,6 +14,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+# Under pytest-xdist every core already runs a test: torch in each worker, and in the
+# processes its tests start (they inherit the variable), gets one OpenMP thread, as more
+# threads than free cores only spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Tiny models on a busy 2-core VM: two OpenMP threads spin against each other (~10x slower
 # steps), so tests that train run torch on one thread, with the library's own context manager.
 from feedtune.feed.dataset import single_torch_thread

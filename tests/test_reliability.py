@@ -91,9 +91,9 @@ def _running_runs(client: MlflowClient, experiment: str) -> list:
 
 # Epochs of the killed tune worker's trials: at ~0.3 s an epoch, a 3-epoch trial could finish
 # between the poll that saw its first epoch and the kill (a starved poll loop, a slow store).
-# With 20 the kill lands seconds before the trial can end; the retry resumes from the
-# checkpoint, so it trains only the epochs that are left.
-KILLED_EPOCHS = 20
+# With 10 the kill lands about three seconds before the trial can end; the retry resumes from
+# the checkpoint, so it trains only the epochs that are left.
+KILLED_EPOCHS = 10
 
 
 def test_killed_tune_worker_is_failed_retried_and_resumed(tmp_path, data, mlflow_store):

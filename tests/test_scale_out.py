@@ -172,7 +172,7 @@ def test_a_storage_password_is_shown_nowhere(tmp_path, data, postgres_url, mlflo
 
 # Quality trials long enough that a SIGKILL after the first epoch always lands mid-trial
 # (~0.3 s an epoch here); the retry resumes from the checkpoint and trains only the rest.
-HEARTBEAT_EPOCHS = 20
+HEARTBEAT_EPOCHS = 10
 HEARTBEAT_CONFIG = """
 experiment: {experiment}
 augment: {{image_size: 32}}
