@@ -115,6 +115,12 @@ def test_finetune_from_a_factory_run_needs_the_caller_to_name_the_factory(
             assert f"--set model.name={factory}" in err
             assert MlflowClient().get_experiment_by_name("ft") is None  # no run was opened
 
+            # Resuming the run is the same: its checkpoint names the factory, the caller not.
+            resume = ["train", "--no-progress", "--resume", source, f"--set=data.path={colours}"]
+            assert feedtune_main(resume) == 1
+            err = capsys.readouterr().err.strip().splitlines()[-1]
+            assert err.startswith("feedtune: error:") and f"model.name={factory}" in err
+
             assert feedtune_main([*argv, f"--set=model.name={factory}"]) == 0
         with pytest.raises(CheckpointError, match="allowed_factory"):
             feedtune.load_best("fac", mlflow_store)
