@@ -11,11 +11,13 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from feedtune.cli import main as feedtune_main
 from tests.conftest import (
     REPO,
     artifact_paths,
     env_with_src,
     reaped,
+    single_torch_thread,
     tune_command,
     write_image_folder,
 )
@@ -49,11 +51,19 @@ def _tune(
     *args: str,
     experiment: str = "tiny-tune",
     background=False,
+    in_process=False,
     config: str = TINY,
 ):
+    """``feedtune tune`` in its own process; ``in_process`` runs the same command line in this
+    one, for tests about what the study records rather than about processes (a fresh
+    interpreter's imports cost several seconds)."""
     cfg = tmp / "tiny.yaml"
     cfg.write_text(config.format(experiment=experiment))
     cmd = tune_command(cfg, data, "--storage", f"journal:{tmp / 'optuna.journal'}", *args)
+    if in_process:
+        with single_torch_thread():
+            assert feedtune_main(cmd[3:]) == 0
+        return None
     if background:
         return subprocess.Popen(
             cmd, cwd=REPO, env=env_with_src(), stderr=subprocess.PIPE, text=True
@@ -213,7 +223,15 @@ def test_quality_trials_run_with_the_best_speed_settings(tmp_path, data, mlflow_
     speed = optuna.create_study(study_name="D-speed", storage=storage, direction="maximize")
     for decoder in ("pil", "opencv"):
         speed.enqueue_trial({"data.decoder": decoder})
-    _tune(tmp_path, data, "--study", "D", experiment="decoder", config=SPEED_THEN_QUALITY)
+    _tune(
+        tmp_path,
+        data,
+        "--study",
+        "D",
+        experiment="decoder",
+        config=SPEED_THEN_QUALITY,
+        in_process=True,
+    )
 
     client = MlflowClient()
     runs = _runs(client, "decoder")
@@ -241,6 +259,7 @@ def test_quality_trials_run_with_the_best_speed_settings(tmp_path, data, mlflow_
         *("--set", f"data.decoder={loser}"),
         experiment="decoder",
         config=SPEED_THEN_QUALITY,
+        in_process=True,
     )
     again = [
         r for r in _runs(client, "decoder") if r.info.run_id not in {x.info.run_id for x in runs}
@@ -278,6 +297,7 @@ def test_the_best_alias_stays_when_a_later_study_does_worse(tmp_path, data, mlfl
             *("--set", f"train.lr={lr}"),
             experiment="alias",
             config=QUALITY_ONLY,
+            in_process=True,
         )
         (parent,) = [
             r

@@ -100,3 +100,15 @@ def test_rung_spearman_ranks_the_first_rung_against_the_full_length(tmp_path):
     assert rung_spearman(study, **epochs) == pytest.approx(1.0)
     study.add_trial(_trial({1: 0.4, 3: 0.3, 8: 0.2}))  # best at the rung, worst at the end
     assert rung_spearman(study, **epochs) == pytest.approx(-0.2)
+
+
+def test_rung_spearman_of_tied_scores_is_none_without_a_scipy_warning(tmp_path, recwarn):
+    # Three trials that all reach a perfect score at the end: nothing to rank, and the user's
+    # log must not get scipy's ConstantInputWarning.
+    study = optuna.create_study(
+        storage=open_storage(f"journal:{tmp_path / 'j.log'}"), direction="maximize"
+    )
+    for rung in (0.2, 0.5, 0.9):
+        study.add_trial(_trial({1: rung, 3: 1.0}))
+    assert rung_spearman(study, rung_epochs=1, full_epochs=3) is None
+    assert not [w for w in recwarn if "constant" in str(w.message).lower()]

@@ -261,6 +261,8 @@ def rung_spearman(study: optuna.Study, *, rung_epochs: int, full_epochs: int) ->
     if len(pairs) < 3:
         return None
     rung, final = zip(*pairs, strict=True)
+    if len(set(rung)) < 2 or len(set(final)) < 2:
+        return None  # checked here: scipy would warn into the user's log, then return NaN
     value = float(spearmanr(rung, final).statistic)
     return None if math.isnan(value) else value
 
