@@ -58,6 +58,38 @@ def write_image_folder(
     return root
 
 
+def tiny_checkpoint(classes=("a", "b"), *overrides: str, seed: int = 0) -> dict:
+    """A checkpoint payload as training writes one (weights, ``model_args``, classes, config)
+    for an untrained 2-block small_cnn at 32 px: what ``mlflow_models.log_model`` logs,
+    without training a run."""
+    import torch
+
+    from feedtune.config import load_config
+    from feedtune.training.models import build_model, model_args
+
+    over = ["augment.image_size=32", "model.width=4", "model.depth=2", *overrides]
+    cfg = load_config(None, over)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, num_classes=len(classes))
+    return {
+        "model_state": model.state_dict(),
+        "model_args": model_args(cfg.model),
+        "classes": list(classes),
+        "config": cfg.to_dict(),
+    }
+
+
+def encoded_image(size=(40, 30), *, fmt: str = "JPEG", seed: int = 0) -> bytes:
+    """A real encoded image (noise) of ``size`` (width, height) in format ``fmt``."""
+    import io
+
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt)
+    return buf.getvalue()
+
+
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "imgs", {"a": 24, "b": 12, "c": 8}, groups_of=4)

@@ -1,7 +1,7 @@
 """``feedtune.load_best``: the best model of an experiment, ready to predict or to finetune.
 
     best = feedtune.load_best("feedtune-shapes")
-    labels, probs = best.predict(["a.jpg", "b.png"])
+    labels, probs = best.predict(["a.jpg", "b.png"])  # as the served model answers them
 
 The model is rebuilt from ``checkpoints/best.pt`` of the chosen run, read with
 ``weights_only=True``: a checkpoint is data (tensors, names, numbers), never code, so a
@@ -12,7 +12,6 @@ best-run rule, the same as ``feedtune best`` and ``feedtune finetune --from best
 from __future__ import annotations
 
 import dataclasses
-import os
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -23,12 +22,11 @@ from torch import nn
 
 from feedtune.config import DEFAULT_EXPERIMENT, Config
 from feedtune.feed.augment.per_sample import Transform, build_transform
-from feedtune.feed.geometry import working_size
-from feedtune.sources.imageio import decode_image
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.lookup import fetch_checkpoint, find_best_run
 from feedtune.training.checkpoint import model_from_checkpoint
 from feedtune.training.devices import resolve_device
+from feedtune.training.inference import ImageClassifier
 
 
 @dataclass
@@ -52,56 +50,30 @@ class BestModel:
     device: torch.device
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    def _array(self, image: Any) -> np.ndarray:
-        if isinstance(image, (str, os.PathLike)):
-            # Decoded as the feed decodes validation images (large JPEGs at reduced scale), so
-            # a file gets the prediction it got during validation.
-            return decode_image(
-                image,
-                backend=self.config.data.decoder,
-                min_size=working_size(self.config.augment.image_size),
-            )
-        if isinstance(image, np.ndarray):
-            return image
-        if hasattr(image, "convert"):  # a PIL image, any mode
-            return np.array(image.convert("RGB"))
-        raise TypeError(
-            f"predict: expected paths, PIL images or (H, W, 3) uint8 arrays, got "
-            f"{type(image).__name__}"
+    @property
+    def classifier(self) -> ImageClassifier:
+        """The prediction path, shared with the served MLflow model ``runs:/<run_id>/model``."""
+        return ImageClassifier(
+            model=self.model,
+            eval_transform=self.eval_transform,
+            classes=self.classes,
+            decoder=self.config.data.decoder,
+            device=self.device,
         )
-
-    @staticmethod
-    def _as_list(images: Any) -> list[Any]:
-        if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
-            return [images]
-        if isinstance(images, np.ndarray) and images.ndim == 3:
-            return [images]
-        return list(images)
 
     def preprocess(self, images: Any) -> torch.Tensor:
         """The model's input for ``images`` (``[n, 3, S, S]`` float, on the CPU): decoded and
-        passed through ``eval_transform`` exactly as validation images are. Also the input of
-        the MLflow model ``runs:/<run_id>/model``."""
-        items = self._as_list(images)
-        size = self.config.augment.image_size
-        if not items:
-            return torch.zeros((0, 3, size, size))
-        return torch.stack([self.eval_transform(self._array(im)) for im in items])
+        passed through ``eval_transform`` exactly as validation images are."""
+        return self.classifier.preprocess(images)
 
-    @torch.inference_mode()
     def predict(self, images: Any, *, batch_size: int = 64) -> tuple[list[str], np.ndarray]:
         """Labels and class probabilities ``[n, n_classes]`` (rows sum to 1).
 
-        ``images``: a sequence of (or one) image path, PIL image (any mode) or ``(H, W, 3)``
-        uint8 RGB array; each goes through ``preprocess``, as validation images do."""
-        items = self._as_list(images)
-        probs = np.zeros((len(items), len(self.classes)), dtype=np.float32)
-        for start in range(0, len(items), batch_size):
-            batch = self.preprocess(items[start : start + batch_size])
-            logits = self.model(batch.to(self.device))
-            probs[start : start + len(batch)] = torch.softmax(logits.float(), 1).cpu().numpy()
-        labels = [self.classes[i] for i in probs.argmax(1)]
-        return labels, probs
+        ``images``: a sequence of (or one) image path, encoded image bytes (JPEG, PNG, WebP,
+        ...), PIL image (any mode) or ``(H, W, 3)`` uint8 RGB array; each goes through
+        ``preprocess``, as validation images do. The same answer as the served model
+        (``mlflow models serve -m models:/<experiment>@best``) gives for the same file."""
+        return self.classifier.predict(images, batch_size=batch_size)
 
     def __repr__(self) -> str:
         return (

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from torch import nn
 
 from feedtune.commands.tune import register_best
 from feedtune.config import load_config
 from feedtune.tracking import mlflow_models
 from feedtune.tracking import mlflow_store as tracking
+from tests.conftest import encoded_image, tiny_checkpoint
 
 
 def _run_with_model(scores: dict[str, float]) -> str:
     with tracking.start_run("trial", system_metrics=False) as run:
         tracking.log_metrics(scores)
-        model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
-        mlflow_models.log_model(model, np.zeros((1, 3, 2, 2), np.float32))
+        mlflow_models.log_model(tiny_checkpoint(), encoded_image())
     return run.info.run_id
 
 

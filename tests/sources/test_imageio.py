@@ -27,6 +27,7 @@ from feedtune.sources.imageio import (
     TRUNCATED_PNG,
     BadImageError,
     check_image,
+    decode_bytes,
     decode_image,
     image_size,
 )
@@ -290,6 +291,26 @@ def test_bad_files_raise_and_are_reported(tmp_path, name):
         assert name in str(info.value)
         assert info.value.reason == reason
         assert info.value.path == str(path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make", ODD_KINDS, ids=lambda f: f.__name__)
+def test_bytes_in_memory_decode_as_their_file_does(tmp_path, make, backend):
+    """An upload (the served model's input) gets the file's orientation, modes and scale."""
+    path, _ = make(tmp_path)
+    for min_size in (None, 8):
+        from_file = decode_image(path, backend=backend, min_size=min_size)
+        from_bytes = decode_bytes(path.read_bytes(), backend=backend, min_size=min_size)
+        assert np.array_equal(from_bytes, from_file)
+
+
+def test_bad_bytes_name_the_input_and_the_reason(tmp_path):
+    for name, (make, reason) in BAD_FILES.items():
+        with pytest.raises(BadImageError) as info:
+            decode_bytes(make(tmp_path), name=f"upload {name}")
+        assert info.value.reason == reason and info.value.path == f"upload {name}"
+    with pytest.raises(BadImageError, match="upload"):
+        decode_bytes(_jpeg_bytes(tmp_path), name="upload", max_bytes=100)
 
 
 def test_missing_file(tmp_path):

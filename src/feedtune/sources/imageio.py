@@ -62,6 +62,7 @@ from feedtune.sources.image_checks import (
     _resolve_limits,
     _stat_problem,
     _structure_problem,
+    _too_many_bytes,
     _unreadable,
 )
 
@@ -82,6 +83,7 @@ __all__ = [
     "TRUNCATED_PNG",
     "TRUNCATED_WEBP",
     "check_image",
+    "decode_bytes",
     "decode_image",
     "image_size",
 ]
@@ -143,11 +145,7 @@ def decode_image(
             truncated, or not an image.
         ValueError: unknown ``backend``, or a ``min_size`` or limit below 1.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown image backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    if min_size is not None and (isinstance(min_size, bool) or min_size < 1):
-        raise ValueError(f"min_size must be a positive integer or None, got {min_size!r}")
-    max_pixels, max_bytes = _resolve_limits(max_pixels, max_bytes)
+    max_pixels, max_bytes = _decode_limits(backend, min_size, max_pixels, max_bytes)
     problem = _stat_problem(path, max_bytes)
     if problem:
         raise BadImageError(path, problem)
@@ -163,6 +161,31 @@ def decode_image(
         raise BadImageError(path, NOT_FOUND) from None
     except OSError as exc:
         raise BadImageError(path, _unreadable(exc)) from None
+    return _decode_data(data, path, backend=backend, min_size=min_size, max_pixels=max_pixels)
+
+
+def decode_bytes(
+    data: bytes,
+    *,
+    name: str = "<bytes>",
+    backend: str = "pil",
+    min_size: int | None = None,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+) -> np.ndarray:
+    """``decode_image`` of an encoded image in memory (an upload): the same checks, limits and
+    decoding as for a file, so the same array; ``name`` stands for the path in errors."""
+    max_pixels, max_bytes = _decode_limits(backend, min_size, max_pixels, max_bytes)
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise BadImageError(name, _too_many_bytes(len(data), max_bytes))
+    return _decode_data(data, name, backend=backend, min_size=min_size, max_pixels=max_pixels)
+
+
+def _decode_data(
+    data: bytes, path: str | Path, *, backend: str, min_size: int | None, max_pixels: int
+) -> np.ndarray:
+    """Encoded ``data`` (``path`` names it in errors) to RGB, for files and bytes alike."""
     if not data:
         raise BadImageError(path, EMPTY)
     problem = _structure_problem(data[:_HEAD], data[-_TAIL:], len(data), lambda: data)
@@ -196,6 +219,17 @@ def decode_image(
     except Exception as exc:
         raise BadImageError(path, f"decode failed ({type(exc).__name__}: {exc})") from None
     return _orient(rgb, orientation)
+
+
+def _decode_limits(
+    backend: str, min_size: int | None, max_pixels: int | None, max_bytes: int | None
+) -> tuple[int, int]:
+    """The limits to apply, after refusing a bad ``backend`` or ``min_size`` (caller bugs)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown image backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if min_size is not None and (isinstance(min_size, bool) or min_size < 1):
+        raise ValueError(f"min_size must be a positive integer or None, got {min_size!r}")
+    return _resolve_limits(max_pixels, max_bytes)
 
 
 def check_image(

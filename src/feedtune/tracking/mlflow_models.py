@@ -3,49 +3,86 @@ alias, versions). The rest of feedtune's MLflow calls live in ``mlflow_store``."
 
 from __future__ import annotations
 
-import warnings
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 from mlflow.tracking import MlflowClient
 
+from feedtune.training import serving
+from feedtune.training.external_models import TIMM_PREFIX, is_factory
 
-def log_model(model: Any, input_example: np.ndarray) -> None:
-    """The model as MLflow model ``model``, with a signature inferred from a real batch."""
-    import torch
-    from mlflow.models import infer_signature
 
-    model.eval()
-    with torch.no_grad():
-        output = model(torch.from_numpy(input_example)).numpy()
-    signature = infer_signature(input_example, output)
-    # torch.export's format (pt2), not a pickle: the graph and weights are data, so loading
-    # ``models:/NAME@best`` from a shared server runs no code from the artifact (with
-    # MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false MLflow checks that the archive holds no pickle).
-    # It is exported in eval mode, for inference; to finetune, feedtune rebuilds the network
-    # from the weights-only checkpoint. The requirements are given so MLflow need not re-load
-    # the model in a subprocess to infer them.
-    with warnings.catch_warnings():
-        # torch.export's archive writer warns at every save of a model whose weights share
-        # storage ("No complete tensor found in the group!"); the weights are on the CPU, the
-        # case it says is safe.
-        warnings.filterwarnings("ignore", message="No complete tensor found", category=UserWarning)
-        mlflow.pytorch.log_model(
-            model,
+def log_model(payload: dict[str, Any], example_image: bytes) -> None:
+    """The model of checkpoint ``payload`` as MLflow model ``model``: a pyfunc that answers
+    encoded images with ``label`` and ``probabilities`` (``served_model``), logged as code.
+
+    Its files are data: the weights as a ``state_dict`` (read with ``weights_only=True``) and
+    a JSON of what rebuilds the network and preprocesses images (``training.serving``); the
+    code is this package's, so a ``module.path:callable`` network is rebuilt only where
+    ``FEEDTUNE_ALLOWED_FACTORY`` names it. ``example_image`` (a small real JPEG) is the input
+    example; MLflow checks at logging time that the model answers it."""
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    spec = serving.serving_spec(payload)
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.binary, serving.IMAGE_COLUMN)]),
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, serving.LABEL_COLUMN),
+                ColSpec(Array(DataType.double), serving.PROBS_COLUMN),
+            ]
+        ),
+    )
+    name = spec["model_args"]["name"]
+    with tempfile.TemporaryDirectory() as tmp, _factory_trusted(name):
+        mlflow.pyfunc.log_model(
             name="model",
+            python_model=str(Path(__file__).with_name("served_model.py")),
+            artifacts=serving.write_bundle(payload, Path(tmp)),
             signature=signature,
-            input_example=input_example,
-            serialization_format="pt2",
-            pip_requirements=_model_requirements(),
+            input_example=pd.DataFrame({serving.IMAGE_COLUMN: [example_image]}),
+            # Given, so MLflow need not load the model in a subprocess to infer them.
+            pip_requirements=_model_requirements(name),
+            metadata={"classes": spec["classes"]},
         )
 
 
-def _model_requirements() -> list[str]:
+@contextlib.contextmanager
+def _factory_trusted(name: str) -> Iterator[None]:
+    """While the model is logged, MLflow loads it to check its input example: the factory the
+    run was built by is trusted here (this run's own config named it), not where it is served."""
+    if not is_factory(name):
+        yield
+        return
+    before = os.environ.get(serving.FACTORY_ENV)
+    os.environ[serving.FACTORY_ENV] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(serving.FACTORY_ENV, None)
+        else:
+            os.environ[serving.FACTORY_ENV] = before
+
+
+def _model_requirements(model_name: str) -> list[str]:
+    """What the served model imports, at the versions installed here. feedtune itself is not
+    on PyPI: serve with ``--env-manager local`` from an environment where it is installed."""
     from importlib.metadata import PackageNotFoundError, version
 
+    dists = ["torch", "torchvision", "numpy", "pandas", "pillow", "albumentations", "pyyaml"]
+    dists += ["opencv-python-headless"]
+    if model_name.startswith(TIMM_PREFIX):
+        dists.append("timm")
     reqs = []
-    for dist in ("torch", "numpy"):
+    for dist in dists:
         try:
             reqs.append(f"{dist}=={version(dist).split('+')[0]}")
         except PackageNotFoundError:

@@ -21,6 +21,7 @@ from feedtune.tracking import mlflow_models, mlflow_store
 from feedtune.tracking.plots import bar_figure, confusion_matrix_figure
 from feedtune.training.checkpoint import load_checkpoint
 from feedtune.training.engine import Callback, scaled_lr
+from feedtune.training.serving import example_image
 from feedtune.training.throughput import Throughput, cache_metrics, measure_run, transform_costs
 from feedtune.training.trainer import BEST, LAST, TrainOutcome
 
@@ -105,8 +106,16 @@ def log_run_results(outcome: TrainOutcome, feed: Feed) -> None:
         ),
         "plots/confusion_matrix.png",
     )
-    example = next(b for b in feed.val.loader if b is not None)[0][:2].numpy()
-    mlflow_models.log_model(outcome.model.cpu(), example)
+    # The model served is the best checkpoint's, as load_best rebuilds it; its input example
+    # is a real validation image, shrunk.
+    payload = load_checkpoint(outcome.checkpoint)
+    config = payload["config"]
+    example = example_image(
+        feed.val_set.paths,
+        image_size=config["augment"]["image_size"],
+        decoder=config["data"]["decoder"],
+    )
+    mlflow_models.log_model(payload, example)
 
 
 def log_throughput(cfg: Config, outcome: TrainOutcome, feed: Feed) -> Throughput | None:

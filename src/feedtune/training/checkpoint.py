@@ -141,15 +141,18 @@ def model_args_of(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def require_trusted_factory(name: str, allowed: str | None, *, where: str) -> None:
+def require_trusted_factory(
+    name: str, allowed: str | None, *, where: str, how: str | None = None
+) -> None:
     """Refuse to import the factory ``name`` that ``where`` (a checkpoint, a run) asks for
     unless the caller named the same one: a file from elsewhere must not choose the code that
-    runs here. timm and torchvision names import only those libraries, so they pass."""
+    runs here. timm and torchvision names import only those libraries, so they pass. ``how``
+    tells the caller how to name it (default: the command line and ``load_best``'s way)."""
     if is_factory(name) and name != allowed:
+        how = how or f"pass --set model.name={name} (allowed_factory='{name}' from Python)"
         raise CheckpointError(
             f"{where} is built by the factory '{name}', code that runs only when you name it: "
-            f"pass --set model.name={name} (allowed_factory='{name}' from Python) to trust "
-            "it, with its module on PYTHONPATH or installed"
+            f"{how} to trust it, with its module on PYTHONPATH or installed"
         )
 
 
