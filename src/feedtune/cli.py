@@ -188,16 +188,21 @@ def _storage(args: argparse.Namespace) -> str | None:
     return args.storage or os.environ.get(STORAGE_ENV) or None
 
 
+# Commands whose processes under torchrun share the work: one run (``train``), one worker
+# of a study (``tune``: rank 0 owns the study and sends each trial to the others).
+UNDER_TORCHRUN = ("train", "tune")
+
+
 def _refuse_under_torchrun(command: str) -> None:
-    """Only ``train`` shares one run among torchrun's processes; any other command would run
-    once in each of them (``tune``: one study driven from several processes at once)."""
+    """Any other command would run once in each of torchrun's processes."""
     from feedtune.training.distributed import env_world_size
 
     world = env_world_size()
-    if world > 1 and command != "train":
+    if world > 1 and command not in UNDER_TORCHRUN:
         raise ValueError(
             f"`feedtune {command}` does not run under torchrun (WORLD_SIZE={world}); launch "
-            f"`feedtune train` under torchrun, and `feedtune {command}` as one process"
+            f"`feedtune train` or `feedtune tune` under torchrun, and `feedtune {command}` as "
+            "one process"
         )
 
 
@@ -265,6 +270,8 @@ def _tune_call(args: argparse.Namespace, cfg: Config, progress: bool) -> Call:
 
 
 def _report_tune(result: Any, metric: str) -> None:
+    if result is None:  # under torchrun, a process other than rank 0: rank 0 reports
+        return
     print(
         f"study '{result.study_name}' (storage {result.storage}), parent run {result.parent_run_id}"
     )

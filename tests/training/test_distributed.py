@@ -205,13 +205,13 @@ def test_one_process_needs_no_process_group(monkeypatch):
     dist.destroy()
 
 
-def test_tune_under_torchrun_fails_fast(monkeypatch, capsys):
+def test_commands_other_than_train_and_tune_refuse_torchrun(monkeypatch, capsys):
     from feedtune.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["tune", "--no-progress"]) == 1
+    assert main(["bench", "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "torchrun" in err and "feedtune train" in err and err.count("\n") == 1
+    assert "torchrun" in err and "feedtune tune" in err and err.count("\n") == 1
 
 
 def test_dist_timeout_is_a_positive_number_of_seconds():

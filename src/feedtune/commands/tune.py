@@ -1,5 +1,8 @@
 """``feedtune tune``: a speed stage then a quality stage (``tuning.stages``), under one parent
-MLflow run that collects the study's table, plots and best trial."""
+MLflow run that collects the study's table, plots and best trial.
+
+Under torchrun the processes are one worker of the study: rank 0 owns the study and the MLflow
+runs and sends each trial to the others (``tuning.trial_group``), which train their share."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +20,12 @@ from feedtune.config import PROJECT_ROOT, Config
 from feedtune.sources.prepare import PreparedData, prepare_data
 from feedtune.tracking import mlflow_models, mlflow_store
 from feedtune.tracking.urls import redact
+from feedtune.training.devices import resolve_device
+from feedtune.training.distributed import Dist, init_from_env
 from feedtune.tuning import optuna_storage, optuna_study
 from feedtune.tuning.space import covers, quality_space, speed_space
 from feedtune.tuning.stages import SKIPPED_ATTR, STAGES, Tuner, close_dead_trial_run
+from feedtune.tuning.trial_group import Order, TrialGroup, follow
 
 DEFAULT_STORAGE = PROJECT_ROOT / "optuna.journal"
 log = logging.getLogger(__name__)
@@ -80,63 +87,96 @@ def run_tune(
     storage: str | None = None,
     study_name: str | None = None,
     progress: bool = True,
-) -> TuneResult:
+) -> TuneResult | None:
     """Run the requested stages within ``timeout`` seconds (default ``search.timeout_s``; the
     speed stage gets at most ``search.speed_share`` of it); returns the parent run, the best
-    quality trial and how it compares with the start configuration."""
+    quality trial and how it compares with the start configuration.
+
+    Under torchrun (``WORLD_SIZE`` > 1) this is one process of the group: rank 0 runs the study
+    and returns its result, the others train the trials it sends and return None."""
     started = time.monotonic()
     if stage not in (*STAGES, "all"):
         raise ValueError(f"--stage {stage!r}: allowed: speed, quality, all")
-    stages = STAGES if stage == "all" else (stage,)
-    budget = timeout if timeout is not None else cfg.search.timeout_s
-    job_deadline = None if budget is None else started + budget
-    speed_deadline = None if budget is None else started + budget * cfg.search.speed_share
-    storage_url = storage or optuna_storage.storage_url_for(DEFAULT_STORAGE)
-    study_storage = optuna_storage.open_storage(storage_url, on_dead_trial=close_dead_trial_run)
-    base = study_name or cfg.experiment
-    mlflow_store.setup(cfg.experiment)
-    mlflow_store.close_dead_runs(cfg.experiment)
-    data = prepare_data(cfg, progress=progress)
-    tuner = Tuner(cfg, data, base, progress=progress)
-    seed = cfg.search.sampler_seed if cfg.search.sampler_seed is not None else cfg.seed
-    result = TuneResult("", base, redact(storage_url), None, None, {})
-    with (
-        _outer_project_run() as project_run,
-        _study_run(cfg, base, storage_url, data, nested=project_run is not None) as parent,
-    ):
-        result.parent_run_id = parent.info.run_id
-        speed_study = optuna_study.create_study(f"{base}-speed", study_storage, seed=seed)
-        optuna_storage.reap_dead_trials(speed_study, on_dead_trial=close_dead_trial_run)
-        if "speed" in stages and speed_space(cfg.search):
-            before = optuna_study.n_trials(speed_study)
-            optuna_study.optimize(
-                speed_study,
-                tuner.start_stage(speed_study, "speed"),
-                n_trials=tuner.planned_trials("speed", n_trials),
-                timeout=_seconds_left(speed_deadline),
-                progress=progress,
-                callbacks=[tuner.stop_before(speed_deadline)],
-            )
-            result.speed_skipped = _log_speed_stage(speed_study, before)
-        speed_params = _log_best_speed(speed_study)
-        _log_study(speed_study, "study/speed")
-        if "quality" in stages:
-            quality = _quality_study(cfg, base, study_storage, seed)
-            noise = tuner.noise_runs(
-                _noise_seeds(cfg), speed_params=speed_params, deadline=job_deadline
-            )
-            optuna_study.optimize(
-                quality,
-                tuner.start_stage(
-                    quality, "quality", speed_params=speed_params, deadline=job_deadline
-                ),
-                n_trials=tuner.planned_trials("quality", n_trials),
-                timeout=_seconds_left(job_deadline),
-                progress=progress,
-                callbacks=[tuner.stop_before(job_deadline)],
-            )
-            _log_quality_stage(result, quality, noise, cfg, speed_params)
+    with _process_group(cfg) as group:
+        if not group.dist.is_main:
+            _follow(cfg, group)
+            return None
+        stages = STAGES if stage == "all" else (stage,)
+        budget = timeout if timeout is not None else cfg.search.timeout_s
+        job_deadline = None if budget is None else started + budget
+        speed_deadline = None if budget is None else started + budget * cfg.search.speed_share
+        storage_url = storage or optuna_storage.storage_url_for(DEFAULT_STORAGE)
+        study_storage = optuna_storage.open_storage(storage_url, on_dead_trial=close_dead_trial_run)
+        base = study_name or cfg.experiment
+        mlflow_store.setup(cfg.experiment)
+        mlflow_store.close_dead_runs(cfg.experiment)
+        data = prepare_data(cfg, progress=progress)
+        group.agree(cfg, data.split.digest)
+        tuner = Tuner(cfg, data, base, progress=progress, group=group)
+        in_group = group.dist.enabled  # a failed trial ends the group's job
+        seed = cfg.search.sampler_seed if cfg.search.sampler_seed is not None else cfg.seed
+        result = TuneResult("", base, redact(storage_url), None, None, {})
+        with (
+            _outer_project_run() as project_run,
+            _study_run(
+                cfg, base, storage_url, data, nested=project_run is not None, dist=group.dist
+            ) as parent,
+        ):
+            result.parent_run_id = parent.info.run_id
+            speed_study = optuna_study.create_study(f"{base}-speed", study_storage, seed=seed)
+            optuna_storage.reap_dead_trials(speed_study, on_dead_trial=close_dead_trial_run)
+            if "speed" in stages and speed_space(cfg.search):
+                before = optuna_study.n_trials(speed_study)
+                optuna_study.optimize(
+                    speed_study,
+                    tuner.start_stage(speed_study, "speed"),
+                    n_trials=tuner.planned_trials("speed", n_trials),
+                    timeout=_seconds_left(speed_deadline),
+                    progress=progress,
+                    callbacks=[tuner.stop_before(speed_deadline)],
+                    stop_on_error=in_group,
+                )
+                result.speed_skipped = _log_speed_stage(speed_study, before)
+            speed_params = _log_best_speed(speed_study)
+            _log_study(speed_study, "study/speed")
+            if "quality" in stages:
+                quality = _quality_study(cfg, base, study_storage, seed)
+                noise = tuner.noise_runs(
+                    _noise_seeds(cfg), speed_params=speed_params, deadline=job_deadline
+                )
+                optuna_study.optimize(
+                    quality,
+                    tuner.start_stage(
+                        quality, "quality", speed_params=speed_params, deadline=job_deadline
+                    ),
+                    n_trials=tuner.planned_trials("quality", n_trials),
+                    timeout=_seconds_left(job_deadline),
+                    progress=progress,
+                    callbacks=[tuner.stop_before(job_deadline)],
+                    stop_on_error=in_group,
+                )
+                _log_quality_stage(result, quality, noise, cfg, speed_params)
+        group.send(Order("done"), cfg)  # the other processes end
     return result
+
+
+@contextlib.contextmanager
+def _process_group(cfg: Config) -> Iterator[TrialGroup]:
+    """Under torchrun, the job's process group (started here, ended on leaving); else one
+    process alone."""
+    dist = init_from_env(resolve_device(cfg.train.device), cfg.train.dist_timeout_s)
+    try:
+        yield TrialGroup(dist)
+    finally:
+        dist.destroy()
+
+
+def _follow(cfg: Config, group: TrialGroup) -> None:
+    """A process other than rank 0: the same data, then whatever rank 0 sends."""
+    data = prepare_data(cfg, progress=False)
+    group.agree(cfg, data.split.digest)
+    device = group.dist.device(resolve_device(cfg.train.device))
+    follow(cfg, data, group, device)
 
 
 def _seconds_left(deadline: float | None) -> float | None:
@@ -145,13 +185,15 @@ def _seconds_left(deadline: float | None) -> float | None:
 
 @contextlib.contextmanager
 def _study_run(
-    cfg: Config, base: str, storage_url: str, data: PreparedData, *, nested: bool
+    cfg: Config, base: str, storage_url: str, data: PreparedData, *, nested: bool, dist: Dist
 ) -> Any:
-    """The study's parent run, with what every trial shares: config, split, bad files."""
+    """The study's parent run, with what every trial shares: config, split, bad files, and
+    how many processes train each trial."""
     tags = {
         "optuna.study_name": base,
         "optuna.storage": redact(storage_url),
         "feedtune.split_digest": data.split.digest,
+        "feedtune.world_size": str(dist.world_size),
     }
     with (
         mlflow_store.start_run("study", run_name=base, nested=nested, tags=tags) as parent,

@@ -86,20 +86,22 @@ class Dist:
         tdist.all_reduce(tensor, op=_OPS[op])
         return float(tensor.item())
 
-    def all_gather(self, obj: Any) -> list[Any]:
-        """Every process's ``obj`` (picklable), in rank order, on every process."""
+    def all_gather(self, obj: Any, group: Any = None) -> list[Any]:
+        """Every process's ``obj`` (picklable), in rank order, on every process (``group``:
+        one made by ``cpu_group``, else the job's own)."""
         if not self.enabled:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        tdist.all_gather_object(out, obj)
+        tdist.all_gather_object(out, obj, group=group)
         return out
 
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        """Rank ``src``'s ``obj`` (picklable) on every process."""
+    def broadcast(self, obj: Any, src: int = 0, group: Any = None) -> Any:
+        """Rank ``src``'s ``obj`` (picklable) on every process (``group`` as in
+        ``all_gather``)."""
         if not self.enabled:
             return obj
         box = [obj if self.rank == src else None]
-        tdist.broadcast_object_list(box, src=src)
+        tdist.broadcast_object_list(box, src=src, group=group)
         return box[0]
 
     def broadcast_buffers(self, model: nn.Module, src: int = 0) -> None:
@@ -169,6 +171,16 @@ def init_from_env(device: torch.device, timeout_s: float = 120) -> Dist:
         timeout=timedelta(seconds=timeout_s),
     )
     return Dist(rank, world_size, local_rank, backend)
+
+
+def cpu_group(dist: Dist, timeout_s: float) -> Any:
+    """A gloo group of every process of the job with its own timeout, for Python objects
+    passed between pieces of work (CPU tensors, whatever the job's backend): a wait there may
+    outlast ``train.dist_timeout_s``. None without a process group. Every process must call
+    it, in the same order."""
+    if not dist.enabled:
+        return None
+    return tdist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
 def group_failure(exc: BaseException) -> str | None:

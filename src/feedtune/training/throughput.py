@@ -28,6 +28,7 @@ from torch.utils.data import default_collate
 from feedtune.config import TrainConfig
 from feedtune.feed.device import DeviceLoader
 from feedtune.feed.feed import Feed
+from feedtune.training.distributed import Dist
 from feedtune.training.engine import build_optimizer, train_step
 
 
@@ -247,9 +248,16 @@ def measure_training(
     steps: int,
     warmup: int = 2,
     train_cfg: TrainConfig | None = None,
+    dist: Dist | None = None,
 ) -> tuple[float, float, float]:
-    """(samples/s end to end, share of time waiting for batches, start-up seconds)."""
+    """(samples/s end to end, share of time waiting for batches, start-up seconds).
+
+    ``dist`` (under torchrun, ``train`` this process's share): the steps run in
+    DistributedDataParallel, and the result is the job's: every process's samples over the
+    slowest one's time, the longest wait and start-up (the processes wait for each other at
+    every step)."""
     model, optimizer, loss_fn, amp = _probe_parts(model, train.device, train_cfg)
+    net = dist.wrap(model, train.device) if dist is not None else model
     t0 = time.perf_counter()
     it = _batches(train.loader)
     batch = next(it)
@@ -263,12 +271,20 @@ def measure_training(
             t = time.perf_counter()
             batch = next(it)
             wait += (time.perf_counter() - t) if i >= warmup else 0.0
-        train_step(model, optimizer, loss_fn, *train.to_device(batch), amp=amp)
+        train_step(net, optimizer, loss_fn, *train.to_device(batch), amp=amp)
         samples += len(batch[1]) if i >= warmup else 0
     _sync(train.device)
     elapsed = time.perf_counter() - start
     it.close()
-    return samples / elapsed, wait / elapsed, startup
+    if dist is None or not dist.enabled:
+        return samples / elapsed, wait / elapsed, startup
+    rows = dist.all_gather((samples, elapsed, wait, startup))
+    slowest = max(r[1] for r in rows)
+    return (
+        sum(r[0] for r in rows) / slowest,
+        max(r[2] / r[1] for r in rows),
+        max(r[3] for r in rows),
+    )
 
 
 def measure(

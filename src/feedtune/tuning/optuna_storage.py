@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
@@ -129,27 +130,36 @@ def reap_dead_trials(
             continue  # another process reaped it first
         if on_dead_trial is not None:
             on_dead_trial(trial)
-        retries = int(trial.user_attrs.get("retries", 0))
         worker = trial.user_attrs.get("worker", "never claimed")
-        if retries >= MAX_RETRIES:
-            log.warning(
-                "trial %d of %s: worker %s is gone; failed, not retried (its worker died %d times)",
-                trial.number,
-                study.study_name,
-                worker,
-                retries + 1,
-            )
-        else:
-            attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
-            attrs.update(retry_of=trial.number, retries=retries + 1, retry_reason="worker died")
-            study.enqueue_trial(trial.params, user_attrs=attrs)
-            log.warning(
-                "trial %d of %s: worker %s is gone; failed and queued again (retry %d of %d)",
-                trial.number,
-                study.study_name,
-                worker,
-                retries + 1,
-                MAX_RETRIES,
-            )
+        queue_again(study, trial, why=f"worker {worker} is gone", reason="worker died")
         reaped.append(trial)
     return reaped
+
+
+def queue_again(study: optuna.Study, trial: Any, *, why: str, reason: str) -> bool:
+    """Queue ``trial`` (a frozen trial, or the live one of an objective) again with the same
+    parameters and user attributes (among them the MLflow run whose checkpoint the retry
+    resumes from), unless it was already retried ``MAX_RETRIES`` times; whether it was.
+    ``why`` goes to the warning, ``reason`` to the retry's ``retry_reason``."""
+    retries = int(trial.user_attrs.get("retries", 0))
+    if retries >= MAX_RETRIES:
+        log.warning(
+            "trial %d of %s: %s; failed, not retried (it failed so %d times)",
+            trial.number,
+            study.study_name,
+            why,
+            retries + 1,
+        )
+        return False
+    attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
+    attrs.update(retry_of=trial.number, retries=retries + 1, retry_reason=reason)
+    study.enqueue_trial(trial.params, user_attrs=attrs)
+    log.warning(
+        "trial %d of %s: %s; failed and queued again (retry %d of %d)",
+        trial.number,
+        study.study_name,
+        why,
+        retries + 1,
+        MAX_RETRIES,
+    )
+    return True

@@ -152,19 +152,42 @@ def optimize(
     timeout: float | None,
     progress: bool = True,
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = None,
+    stop_on_error: bool = False,
 ) -> None:
-    # Exceptions other than pruning mark the trial FAIL and the study goes on.
+    """Exceptions other than pruning mark the trial FAIL and the study goes on; with
+    ``stop_on_error`` (trials run by a torchrun group, whose other processes cannot go on
+    without this one) the failed trial's error ends the loop and propagates."""
     # Optuna's bar only in bar mode; in a log, one line per finished trial instead.
     mode = progress_mode() if progress else "off"
-    study.optimize(
-        objective,
-        n_trials=n_trials,
-        timeout=timeout,
-        catch=(Exception,),
-        show_progress_bar=mode == "bar",
-        callbacks=[*(callbacks or []), *([_write_trial_line] if mode == "lines" else [])],
-        gc_after_trial=True,
-    )
+    quiet = _NoTraceback() if stop_on_error else None
+    if quiet is not None:
+        _OPTIMIZE_LOG.addFilter(quiet)
+    try:
+        study.optimize(
+            objective,
+            n_trials=n_trials,
+            timeout=timeout,
+            catch=() if stop_on_error else (Exception,),
+            show_progress_bar=mode == "bar",
+            callbacks=[*(callbacks or []), *([_write_trial_line] if mode == "lines" else [])],
+            gc_after_trial=True,
+        )
+    finally:
+        if quiet is not None:
+            _OPTIMIZE_LOG.removeFilter(quiet)
+
+
+# Where Optuna says that a trial failed, with the error's traceback.
+_OPTIMIZE_LOG = logging.getLogger("optuna.study._optimize")
+
+
+class _NoTraceback(logging.Filter):
+    """Optuna's line about a failed trial without the traceback: the error propagates, and
+    the command's own one-line error says what happened."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
 
 
 def trial_line(trial: FrozenTrial) -> str:

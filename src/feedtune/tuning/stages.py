@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from feedtune.config import Config, with_overrides
 from feedtune.feed.cache import CacheMemo
-from feedtune.feed.feed import build_feed
 from feedtune.sources.prepare import PreparedData
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.liveness import worker_info
@@ -33,12 +31,13 @@ from feedtune.tracking.recording import (
     finish_run,
     relog_missing_epochs,
 )
-from feedtune.training.devices import prepare_model, resolve_device
+from feedtune.tracking.signals import signals_held
+from feedtune.training.devices import resolve_device
+from feedtune.training.distributed import group_failure
 from feedtune.training.engine import Callback, StopTraining
-from feedtune.training.models import build_model
-from feedtune.training.throughput import measure_training
 from feedtune.training.trainer import train_model
-from feedtune.tuning import optuna_study, space
+from feedtune.tuning import optuna_storage, optuna_study, space
+from feedtune.tuning.trial_group import Order, TrialGroup, group_feed, speed_trial
 
 STAGES = ("speed", "quality")
 # Trial user attribute: why the speed stage stopped after the start configuration's trial.
@@ -79,37 +78,13 @@ class StopAtDeadline(Callback):
             raise StopTraining("deadline", f"stopped at the deadline after epoch {epoch + 1}")
 
 
-def trial_tags(stage: str, study_name: str, number: int) -> dict[str, str]:
+def trial_tags(stage: str, study_name: str, number: int, world_size: int = 1) -> dict[str, str]:
     return {
         "feedtune.stage": stage,
         "optuna.study_name": study_name,
         "optuna.trial_number": str(number),
+        "feedtune.world_size": str(world_size),
     }
-
-
-def speed_trial(
-    cfg: Config,
-    data: PreparedData,
-    device: torch.device,
-    *,
-    steps: int,
-    caches: CacheMemo | None = None,
-) -> dict[str, float]:
-    """A fixed number of real training steps with ``cfg``'s feed; no validation."""
-    torch.manual_seed(cfg.seed)
-    feed = build_feed(cfg, data, device, caches=caches)
-    model = prepare_model(
-        build_model(cfg.model, num_classes=len(data.classes)),
-        device,
-        channels_last=cfg.train.channels_last,
-    )
-    try:
-        rate, wait_frac, startup = measure_training(
-            model, feed.train, steps=steps, train_cfg=cfg.train
-        )
-    finally:
-        feed.close()
-    return {"train_samples_per_s": rate, "data_wait_frac": wait_frac, "train_startup_s": startup}
 
 
 def claim(trial: Any, run_id: str) -> str | None:
@@ -138,10 +113,12 @@ def nested_run(name: str, tags: dict[str, str], *, system_metrics: bool = True) 
 
 
 @contextlib.contextmanager
-def trial_run(trial: Any, stage: str, study_name: str, **kwargs: Any) -> Iterator[Any]:
+def trial_run(
+    trial: Any, stage: str, study_name: str, *, world_size: int = 1, **kwargs: Any
+) -> Iterator[Any]:
     """The trial's nested run, claimed in the study; a stop inside (pruned, deadline) ends the
-    run KILLED and the trial pruned."""
-    tags = trial_tags(stage, study_name, trial.number)
+    run KILLED and the trial pruned. ``world_size``: the processes that train it (torchrun)."""
+    tags = trial_tags(stage, study_name, trial.number, world_size)
     try:
         with nested_run(f"{stage}-{trial.number}", tags, **kwargs) as run:
             claim(trial, run.info.run_id)
@@ -152,15 +129,28 @@ def trial_run(trial: Any, stage: str, study_name: str, **kwargs: Any) -> Iterato
 
 class Tuner:
     """Objectives of both stages over one prepared dataset, on one device (resolved once),
-    sharing the image caches of their feeds and the epoch timings the deadline needs."""
+    sharing the image caches of their feeds and the epoch timings the deadline needs.
 
-    def __init__(self, cfg: Config, data: PreparedData, study_base: str, *, progress: bool) -> None:
+    ``group``: under torchrun this is rank 0 of a process group; each trial is then sent to
+    the other processes (``trial_group.follow``) and trained by all of them together."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        data: PreparedData,
+        study_base: str,
+        *,
+        progress: bool,
+        group: TrialGroup | None = None,
+    ) -> None:
         self.cfg = cfg
         self.data = data
         self.study_base = study_base
         self.progress = progress
+        self.group = group or TrialGroup()
+        self.dist = self.group.dist
         self.settings = cfg.flat()  # the config's own values, dotted
-        self.device = resolve_device(cfg.train.device)
+        self.device = self.dist.device(resolve_device(cfg.train.device))
         # Trials with the same cache settings (every quality trial) share one filled cache.
         self.caches = CacheMemo()
         self.epoch_seconds: list[float] = []  # of every quality epoch run here
@@ -182,11 +172,29 @@ class Tuner:
         if search.enqueue_config:
             optuna_study.enqueue_values(study, stage_space, start)
         if speed:
-            return self.speed_objective
-        # A partial, not a lambda: no frame of its own between Optuna and the objective.
-        return functools.partial(
-            self.quality_objective, speed_params=speed_params or {}, deadline=deadline
-        )
+            objective: Callable[[Any], float] = self.speed_objective
+        else:
+            # A partial, not a lambda: no frame of its own between Optuna and the objective.
+            objective = functools.partial(
+                self.quality_objective, speed_params=speed_params or {}, deadline=deadline
+            )
+        if self.dist.enabled:
+            return functools.partial(self._in_group, objective)
+        return objective
+
+    def _in_group(self, objective: Callable[[Any], float], trial: Any) -> float:
+        """Under torchrun: a trial the group could not finish (a process died or stopped
+        answering, torchrun's SIGTERM) is queued again, to resume from its last checkpoint in
+        the next `tune` on the study; the error then ends this process (the others cannot go
+        on without it, see ``optuna_study.optimize``'s ``stop_on_error``)."""
+        try:
+            return objective(trial)
+        except (RuntimeError, KeyboardInterrupt) as exc:
+            if isinstance(exc, KeyboardInterrupt) or group_failure(exc):
+                with signals_held():
+                    why = f"its process group was lost ({type(exc).__name__})"
+                    optuna_storage.queue_again(trial.study, trial, why=why, reason=why)
+            raise
 
     def planned_trials(self, stage: str, n_trials: int | None) -> int:
         search = self.cfg.search
@@ -215,10 +223,16 @@ class Tuner:
         params = optuna_study.suggest(trial, space.speed_space(self.cfg.search), self.inert({}))
         cfg = with_overrides(self.cfg, params)
         study_name = f"{self.study_base}-speed"
-        with trial_run(trial, "speed", study_name, system_metrics=False):
+        world = self.dist.world_size
+        with trial_run(trial, "speed", study_name, world_size=world, system_metrics=False):
             mlflow_store.log_config(cfg)
             steps = self.cfg.search.speed_steps
-            result = speed_trial(cfg, self.data, self.device, steps=steps, caches=self.caches)
+            self.group.send(
+                Order("speed", params, study_name, "speed", trial.number, steps=steps), cfg
+            )
+            result = speed_trial(
+                cfg, self.data, self.device, steps=steps, caches=self.caches, dist=self.dist
+            )
             mlflow_store.log_metrics(result)
         for key, value in result.items():
             trial.set_user_attr(key, value)
@@ -233,25 +247,31 @@ class Tuner:
             trial.study.stop()
         return result["train_samples_per_s"]
 
-    def quality_cfg(self, speed_params: dict[str, Any], params: dict[str, Any]) -> Config:
-        overrides = space.consistent(self.settings, {**speed_params, **params})
-        return with_overrides(self.cfg, overrides)
+    def quality_overrides(
+        self, speed_params: dict[str, Any], params: dict[str, Any]
+    ) -> dict[str, Any]:
+        return space.consistent(self.settings, {**speed_params, **params})
 
     def quality_objective(
         self, trial: Any, *, speed_params: dict[str, Any], deadline: float | None
     ) -> float:
         search_space = space.quality_space(self.cfg.search)
         params = optuna_study.suggest(trial, search_space, self.inert(speed_params))
-        cfg = self.quality_cfg(speed_params, params)
+        overrides = self.quality_overrides(speed_params, params)
+        cfg = with_overrides(self.cfg, overrides)
         metric = self.cfg.search.metric
         previous = trial.user_attrs.get("mlflow_run_id")  # the attempt this one retries
+        study_name = f"{self.study_base}-quality"
+        world = self.dist.world_size
         with (
-            trial_run(trial, "quality", f"{self.study_base}-quality") as run,
+            trial_run(trial, "quality", study_name, world_size=world) as run,
             tempfile.TemporaryDirectory() as tmp,
         ):
             mlflow_store.set_tags({"feedtune.split_digest": self.data.split.digest})
             resume = self._resume(trial, previous, run.info.run_id, Path(tmp))
-            feed = build_feed(cfg, self.data, self.device, caches=self.caches)
+            order = Order("train", overrides, study_name, "quality", trial.number, resume=resume)
+            self.group.send(order, cfg)
+            feed = group_feed(cfg, self.data, self.device, self.dist, self.caches)
             outcome = train_model(
                 cfg,
                 feed,
@@ -259,6 +279,7 @@ class Tuner:
                 resume=resume,
                 progress=self.progress,
                 callbacks=self._callbacks(cfg, feed, Path(tmp), deadline, trial),
+                dist=self.dist,
             )
             speed = finish_run(cfg, outcome, feed)
         best = max(h[metric] for h in outcome.state.history)
@@ -302,19 +323,31 @@ class Tuner:
         with each of ``seeds``, as nested runs (``feedtune.stage=noise``): how much the score
         moves with the seed alone. Runs the deadline stops are left out."""
         metric = self.cfg.search.metric
-        tags = {"feedtune.stage": "noise", "optuna.study_name": f"{self.study_base}-quality"}
+        study_name = f"{self.study_base}-quality"
+        tags = {
+            "feedtune.stage": "noise",
+            "optuna.study_name": study_name,
+            "feedtune.world_size": str(self.dist.world_size),
+        }
         scores = []
         for seed in seeds:
-            cfg = with_overrides(self.quality_cfg(speed_params, {}), {"seed": seed})
+            overrides = {**self.quality_overrides(speed_params, {}), "seed": seed}
+            cfg = with_overrides(self.cfg, overrides)
             try:
                 with (
                     nested_run(f"noise-seed-{seed}", tags),
                     tempfile.TemporaryDirectory() as tmp,
                 ):
-                    feed = build_feed(cfg, self.data, self.device, caches=self.caches)
+                    self.group.send(Order("train", overrides, study_name, "noise"), cfg)
+                    feed = group_feed(cfg, self.data, self.device, self.dist, self.caches)
                     callbacks = self._callbacks(cfg, feed, Path(tmp), deadline)
                     outcome = train_model(
-                        cfg, feed, folder=Path(tmp), progress=self.progress, callbacks=callbacks
+                        cfg,
+                        feed,
+                        folder=Path(tmp),
+                        progress=self.progress,
+                        callbacks=callbacks,
+                        dist=self.dist,
                     )
                     finish_run(cfg, outcome, feed)
             except StopTraining:  # the deadline came first
