@@ -32,6 +32,7 @@ from feedtune.feed.dataset import ImageDataset
 from feedtune.feed.feed import build_feed
 from feedtune.feed.geometry import working_size
 from feedtune.feed.loader import build_loader
+from feedtune.sources import items as items_mod
 from feedtune.sources.imageio import BadImageError, decode_image
 from feedtune.sources.prepare import prepare_data
 from feedtune.training.throughput import cache_metrics
@@ -156,7 +157,7 @@ def test_estimate_over_the_limit_refuses_before_decoding(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded before checking the limit")
 
-    monkeypatch.setattr(cache_mod, "decode_image", no_decoding)
+    monkeypatch.setattr(items_mod, "decode_image", no_decoding)
     with pytest.raises(CacheTooLargeError, match=r"loader\.cache_limit_mb=7") as err:
         build_cache(ds, _cfg("decoded", cache_limit_mb=7), image_size=IMAGE_SIZE)
     assert "~7 MiB" in str(err.value) and "loader.cache=resized" in str(err.value)
@@ -353,7 +354,7 @@ def test_a_memo_reuses_a_matching_cache_and_keeps_only_the_latest(tmp_path, monk
 
     # The next trial with the same images and cache settings decodes nothing...
     with monkeypatch.context() as patch:
-        patch.setattr(cache_mod, "decode_image", no_decoding)
+        patch.setattr(items_mod, "decode_image", no_decoding)
         again = _dataset(table, min_decode_size=side)
         (second,) = cache_datasets([again], _cfg("resized"), image_size=IMAGE_SIZE, memo=memo)
     assert second is first and memo.reused == [first] and again.cache is first

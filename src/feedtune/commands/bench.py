@@ -55,10 +55,12 @@ RANK_BY = "train_samples_per_s"
 QUALITY_AXES = ("batch_size", "library", "order")
 
 
-def grid(cfg: Config) -> list[dict[str, Any]]:
-    """The cells of ``cfg.bench``, num_workers varying fastest (one plot line per setting)."""
+def grid(cfg: Config, inert: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """The cells of ``cfg.bench``, num_workers varying fastest (one plot line per setting);
+    an axis whose key the data source makes ``inert`` keeps the config's value."""
     values = {
-        axis: list(dict.fromkeys(getattr(cfg.bench, axis))) or [cfg.get(key)]
+        axis: ([] if key in inert else list(dict.fromkeys(getattr(cfg.bench, axis))))
+        or [cfg.get(key)]
         for axis, key in AXES.items()
     }
     outer = [a for a in AXES if a != "num_workers"]
@@ -201,7 +203,7 @@ def run_bench(cfg: Config, *, progress: bool = True) -> pd.DataFrame:
         else StandIn(len(data.classes), samples_per_s=rate)
     )
     model = prepare_model(network, device, channels_last=cfg.train.channels_last)
-    cells = grid(cfg)
+    cells = grid(cfg, data.reader.inert)
     for cell in cells:  # a bad grid value fails now, naming its key, not after minutes
         cell_config(cfg, cell)
     caches: dict[tuple, ImageCache] = {}

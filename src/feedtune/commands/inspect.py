@@ -55,6 +55,7 @@ def run_inspect(cfg: Config, *, progress: bool = True) -> str:
         working_size=working_size(cfg.augment.image_size),
         decoder=cfg.data.decoder,
         progress=progress,
+        reader=data.reader,
     )
     mlflow_store.setup(cfg.experiment)
     tags = {"feedtune.split_digest": data.split.digest}

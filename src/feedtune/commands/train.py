@@ -16,6 +16,7 @@ import torch
 
 from feedtune.config import Config, config_from_dict
 from feedtune.feed.feed import build_feed
+from feedtune.sources.dataset_source import is_dataset_spec
 from feedtune.sources.prepare import PreparedData, prepare_data
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.recording import (
@@ -36,6 +37,7 @@ def _resumed_config(asked: Config, resume: dict, run_id: str) -> Config:
     factory is resumed only when ``asked`` names the same factory."""
     resumed = config_from_dict(resume["config"])
     require_trusted_factory(resumed.model.name, asked.model.name, where=f"run {run_id}")
+    _require_trusted_dataset(resumed.data.path, asked.data.path, run_id=run_id)
     theirs = resumed.flat()
     ignored = [f"{k}={v}" for k, v in asked.flat().items() if theirs.get(k) != v]
     if ignored:
@@ -45,6 +47,16 @@ def _resumed_config(asked: Config, resume: dict, run_id: str) -> Config:
             file=sys.stderr,
         )
     return resumed
+
+
+def _require_trusted_dataset(path: str | None, asked: str | None, *, run_id: str) -> None:
+    """A run's ``data.path`` naming a Dataset callable is code: imported on resume only when
+    the caller names the same one, as for a model factory."""
+    if path and is_dataset_spec(path) and path != asked:
+        raise ValueError(
+            f"run {run_id} reads its data from the callable '{path}', code that runs only when "
+            f"you name it: pass --set data.path={path} to trust it"
+        )
 
 
 def _same_data(dist: Dist, data: PreparedData) -> None:

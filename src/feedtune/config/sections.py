@@ -46,8 +46,16 @@ def _limits(minimum: float | None = None, maximum: float | None = None, **extra:
 class DataConfig:
     # Embedded dataset written to data/<name>/ when `path` is unset (see `feedtune data`).
     name: Literal["shapes", "shapes-shift"] = "shapes"
-    # Your own images: an ImageFolder tree (class/xxx.jpg) or a CSV manifest path,label[,group].
+    # Your own images: an ImageFolder tree (class/xxx.jpg), a CSV manifest path,label[,group],
+    # a Hugging Face dataset saved to disk or a folder of parquet/arrow files (pip install
+    # "feedtune[hf]"), or module.path:callable returning a torch Dataset of (image, label).
     path: str | None = None
+    # Columns of a Hugging Face dataset or parquet/arrow folder (ignored by other sources):
+    # the encoded images, the labels (ClassLabel names become the classes) and, optionally,
+    # the groups kept on one side of the split.
+    image_column: str = "image"
+    label_column: str = "label"
+    group_column: str | None = None
     # PIL is the reference decoder; OpenCV is often faster on JPEG.
     decoder: Literal["pil", "opencv"] = "pil"
     # A bad file is skipped and reported by default: one corrupt photo must not end a long run.
@@ -62,6 +70,19 @@ class DataConfig:
     # Files larger than this many MiB are bad images, refused from their size before being
     # read: files are read whole to check and decode them.
     max_file_mb: int = field(default=100, metadata=_limits(1))
+
+    def __post_init__(self) -> None:
+        for key in ("image_column", "label_column"):
+            if not str(getattr(self, key)).strip():
+                raise ConfigError(f"data.{key}: got an empty name, expected a column name")
+        if self.group_column is not None and not self.group_column.strip():
+            self.group_column = None  # empty means none, as in a CSV cell
+        named = [self.image_column, self.label_column, self.group_column]
+        if len({c for c in named if c}) < len([c for c in named if c]):
+            raise ConfigError(
+                "data.image_column, data.label_column, data.group_column: got "
+                f"{', '.join(repr(c) for c in named)}; each must name a different column"
+            )
 
 
 @dataclass

@@ -53,7 +53,8 @@ from feedtune.feed.cache_sizing import (
 )
 from feedtune.feed.geometry import working_size
 from feedtune.progress import progress_bar
-from feedtune.sources.imageio import BadImageError, decode_image
+from feedtune.sources.imageio import BadImageError
+from feedtune.sources.items import FILES
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,8 @@ def build_cache(
     and for a cache that does not fit in shared memory (a warning says why and what to change).
 
     Args:
-        dataset: an ``ImageDataset`` (``paths``, ``decoder``, ``min_decode_size`` are used).
+        dataset: an ``ImageDataset`` (``paths``, ``reader``, ``decoder``, ``min_decode_size``
+            are used).
         cfg: ``cache`` (mode) and ``cache_limit_mb`` (refused above it, before decoding).
         image_size: the training resolution; ``resized`` keeps a shorter side of
             ``working_size(image_size)``.
@@ -197,16 +199,26 @@ def build_cache(
     start = time.perf_counter()
     paths = list(dataset.paths)
     target = working_size(image_size)
+    reader = getattr(dataset, "reader", FILES)
     estimate = estimate_cache(
         paths,
         mode=cfg.cache,
         min_decode_size=_decode_min_size(dataset, mode=cfg.cache, target=target),
         target=target,
         square=square,
+        reader=reader,
     )
-    check_limit(estimate, cfg, paths=paths, target=target, reserved_bytes=reserved_bytes)
+    check_limit(
+        estimate, cfg, paths=paths, target=target, reserved_bytes=reserved_bytes, reader=reader
+    )
     if not fits_in_shm(
-        estimate, cfg, paths=paths, target=target, path=shm_path, margin=shm_margin_bytes
+        estimate,
+        cfg,
+        paths=paths,
+        target=target,
+        path=shm_path,
+        margin=shm_margin_bytes,
+        reader=reader,
     ):
         return None
     cache = _fill(
@@ -229,6 +241,7 @@ def _entry_loader(
     """What the cache stores for image ``i``: its pixels (with its aspect for squares), or the
     reason it is bad."""
     decoder = getattr(dataset, "decoder", "pil")
+    reader = getattr(dataset, "reader", FILES)  # files, Arrow rows or a user's Dataset
     min_decode = _decode_min_size(dataset, mode=mode, target=target)
     # The dataset's own size limits: the cache must refuse exactly what the dataset refuses.
     limits = {
@@ -240,7 +253,7 @@ def _entry_loader(
         if i in estimate.bad:
             return estimate.bad[i]
         try:
-            image = decode_image(paths[i], backend=decoder, min_size=min_decode, **limits)
+            image = reader.decode(paths[i], backend=decoder, min_size=min_decode, **limits)
         except BadImageError as exc:
             return exc.reason
         if square is not None:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from feedtune.config import LoaderConfig
-from feedtune.sources.imageio import BadImageError, image_size, jpeg_scale
+from feedtune.sources.imageio import BadImageError
+from feedtune.sources.items import FILES, ItemReader
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +58,6 @@ class CacheEstimate:
         return int((self.shapes[:, 0] * self.shapes[:, 1] * 3).sum())
 
 
-def _decoded_hw(path: str, min_size: int | None) -> tuple[int, int]:
-    """(H, W) that ``decode_image(path, min_size=min_size)`` returns, from the header."""
-    w, h = image_size(path)
-    if min_size is not None:
-        with open(path, "rb") as f:
-            is_jpeg = f.read(3) == _JPEG_MAGIC
-        scale = jpeg_scale((w, h), min_size) if is_jpeg else 1
-        w, h = math.ceil(w / scale), math.ceil(h / scale)
-    return h, w
-
-
 def resized_hw(h: int, w: int, target: int) -> tuple[int, int]:
     """Shorter side scaled down to ``target`` (aspect kept); smaller images unchanged."""
     shorter = min(h, w)
@@ -85,13 +75,15 @@ def estimate_cache(
     min_decode_size: int | None,
     target: int,
     square: int | None = None,
+    reader: ItemReader = FILES,
 ) -> CacheEstimate:
-    """Shapes each image will have in the cache, from headers only (no decoding)."""
+    """Shapes each image will have in the cache, from headers only (no decoding) where the
+    source's ``reader`` can read them."""
     shapes = np.zeros((len(paths), 2), dtype=np.int64)
     bad: dict[int, str] = {}
     for i, path in enumerate(paths):
         try:
-            h, w = _decoded_hw(path, min_decode_size)
+            h, w = reader.decoded_hw(path, min_decode_size)
         except (BadImageError, OSError) as exc:
             bad[i] = getattr(exc, "reason", None) or str(exc)
             continue
@@ -102,11 +94,13 @@ def estimate_cache(
     return CacheEstimate(shapes=shapes, bad=bad)
 
 
-def resized_hint(mode: str, paths: list[str], *, target: int) -> str:
+def resized_hint(mode: str, paths: list[str], *, target: int, reader: ItemReader = FILES) -> str:
     """``, or use loader.cache=resized (~N MiB)`` for a ``decoded`` cache, else empty."""
     if mode != "decoded":
         return ""
-    small = estimate_cache(paths, mode="resized", min_decode_size=target, target=target)
+    small = estimate_cache(
+        paths, mode="resized", min_decode_size=target, target=target, reader=reader
+    )
     return f", or use loader.cache=resized (~{small.nbytes / MIB:.0f} MiB)"
 
 
@@ -117,12 +111,13 @@ def check_limit(
     paths: list[str],
     target: int,
     reserved_bytes: int = 0,
+    reader: ItemReader = FILES,
 ) -> None:
     """Raise ``CacheTooLargeError`` when ``estimate`` plus what other caches of the run hold
     (``reserved_bytes``) is over ``loader.cache_limit_mb``, saying what to change."""
     if estimate.nbytes + reserved_bytes <= cfg.cache_limit_mb * MIB:
         return
-    hint = resized_hint(cfg.cache, paths, target=target)
+    hint = resized_hint(cfg.cache, paths, target=target, reader=reader)
     held = f" + {reserved_bytes / MIB:.0f} MiB already cached" if reserved_bytes else ""
     raise CacheTooLargeError(
         f"loader.cache={cfg.cache} needs ~{estimate.nbytes / MIB:.0f} MiB for "
@@ -139,6 +134,7 @@ def fits_in_shm(
     target: int,
     path: str | os.PathLike[str] | None,
     margin: int | None,
+    reader: ItemReader = FILES,
 ) -> bool:
     """Whether ``estimate`` fits in the free shared memory at ``path`` less a margin; if not,
     warn with the numbers and the settings to change. True where it cannot be checked."""
@@ -161,6 +157,6 @@ def fits_in_shm(
         free / MIB,
         keep / MIB,
         math.ceil(short / MIB),
-        resized_hint(cfg.cache, paths, target=target),
+        resized_hint(cfg.cache, paths, target=target, reader=reader),
     )
     return False

@@ -12,7 +12,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from feedtune.sources.imageio import BadImageError, decode_image
+from feedtune.sources.imageio import BadImageError
+from feedtune.sources.items import FILES, ItemReader
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def single_torch_thread() -> Iterator[None]:
 
 
 class ImageDataset(Dataset):
-    """Images listed in ``table`` (columns path, label) -> ``(tensor, class_index)``.
+    """Images listed in ``table`` (columns path, label) -> ``(tensor, class_index)``; each
+    ``path`` is read through ``reader`` (the source's: files, Arrow rows, a user's Dataset).
 
     With ``on_bad_image='skip'`` a file that fails to decode at run time yields ``None``,
     which ``loader.collate_skipping_none`` drops; with ``'raise'`` the error names the file.
@@ -52,7 +54,9 @@ class ImageDataset(Dataset):
         min_decode_size: int | None = None,
         max_pixels: int | None = None,
         max_bytes: int | None = None,
+        reader: ItemReader = FILES,
     ) -> None:
+        self.reader = reader
         self.paths: list[str] = [str(p) for p in table["path"]]
         index = {name: i for i, name in enumerate(classes)}
         unknown = sorted(set(table["label"]) - set(index))
@@ -75,7 +79,7 @@ class ImageDataset(Dataset):
     def load_image(self, index: int) -> np.ndarray:
         if self.cache is not None:
             return self.cache.get(index)
-        return decode_image(
+        return self.reader.decode(
             self.paths[index],
             backend=self.decoder,
             min_size=self.min_decode_size,

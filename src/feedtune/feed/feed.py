@@ -69,6 +69,7 @@ class Feed:
             "world_size": self.world_size,
             "global_batch_size": self.global_batch_size,
             "train_collate": repr(self.train.loader.collate_fn),
+            "source": self.train_set.reader.describe(),
             "cache_fill_s": round(self.cache_fill_s, 3),
         }
 
@@ -161,6 +162,7 @@ def _datasets(
         # JPEGs >= 2x the working size are decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT
         # scaling); the transform resizes anyway, so output shapes do not change.
         "min_decode_size": working_size(cfg.augment.image_size),
+        "reader": data.reader,  # how this source's items are read: files, Arrow, a Dataset
         **size_limits(cfg),
     }
     train_set = ImageDataset(data.split.train, data.classes, aug.per_sample, **common)

@@ -65,6 +65,8 @@ from feedtune.sources.image_checks import (
     _too_many_bytes,
     _unreadable,
 )
+from feedtune.sources.pixels import decode_opencv as _decode_opencv
+from feedtune.sources.pixels import pil_to_rgb
 
 # The reasons a file is bad (shared with ``image_checks``) are part of this module's API:
 # tests and reports match on them.
@@ -83,6 +85,8 @@ __all__ = [
     "TRUNCATED_PNG",
     "TRUNCATED_WEBP",
     "check_image",
+    "bytes_header",
+    "check_bytes",
     "decode_bytes",
     "decode_image",
     "image_size",
@@ -90,9 +94,8 @@ __all__ = [
 
 BACKENDS = ("pil", "opencv")
 
+
 _ORIENTATION_TAG = 0x0112
-_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
-_16BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
 class BadImageError(ValueError):
@@ -161,63 +164,63 @@ def decode_image(
         raise BadImageError(path, NOT_FOUND) from None
     except OSError as exc:
         raise BadImageError(path, _unreadable(exc)) from None
-    return _decode_data(data, path, backend=backend, min_size=min_size, max_pixels=max_pixels)
+    return decode_bytes(
+        data,
+        name=path,
+        backend=backend,
+        min_size=min_size,
+        max_pixels=max_pixels,
+        max_bytes=max_bytes,
+    )
 
 
 def decode_bytes(
     data: bytes,
     *,
-    name: str = "<bytes>",
+    name: str | Path = "<bytes>",
     backend: str = "pil",
     min_size: int | None = None,
     max_pixels: int | None = None,
     max_bytes: int | None = None,
 ) -> np.ndarray:
-    """``decode_image`` of an encoded image in memory (an upload): the same checks, limits and
-    decoding as for a file, so the same array; ``name`` stands for the path in errors."""
+    """``decode_image`` of an encoded image held in memory (an upload, an Arrow dataset's image
+    bytes): the same checks, limits and result; ``name`` is what a ``BadImageError`` names."""
     max_pixels, max_bytes = _decode_limits(backend, min_size, max_pixels, max_bytes)
     data = bytes(data)
     if len(data) > max_bytes:
         raise BadImageError(name, _too_many_bytes(len(data), max_bytes))
-    return _decode_data(data, name, backend=backend, min_size=min_size, max_pixels=max_pixels)
-
-
-def _decode_data(
-    data: bytes, path: str | Path, *, backend: str, min_size: int | None, max_pixels: int
-) -> np.ndarray:
-    """Encoded ``data`` (``path`` names it in errors) to RGB, for files and bytes alike."""
     if not data:
-        raise BadImageError(path, EMPTY)
+        raise BadImageError(name, EMPTY)
     problem = _structure_problem(data[:_HEAD], data[-_TAIL:], len(data), lambda: data)
     if problem:
-        raise BadImageError(path, problem)
+        raise BadImageError(name, problem)
     try:
         im = Image.open(io.BytesIO(data))  # header only: format, mode, size, EXIF
     except UnidentifiedImageError:
-        raise BadImageError(path, NOT_AN_IMAGE) from None
+        raise BadImageError(name, NOT_AN_IMAGE) from None
     except Exception as exc:  # Pillow raises many types (SyntaxError, struct.error, ...)
-        raise BadImageError(path, f"bad header ({type(exc).__name__}: {exc})") from None
+        raise BadImageError(name, f"bad header ({type(exc).__name__}: {exc})") from None
     problem = _pixels_problem(im.size, max_pixels)
     if problem:
-        raise BadImageError(path, problem)
+        raise BadImageError(name, problem)
     try:
         orientation = _orientation(im)
         scale = jpeg_scale(im.size, min_size) if data.startswith(_JPEG_MAGIC) else 1
         if backend == "opencv" and data.startswith(_JPEG_MAGIC) and im.mode != "CMYK":
             rgb = _decode_opencv(data, scale)
             if rgb is None:
-                raise BadImageError(path, "OpenCV could not decode it")
+                raise BadImageError(name, "OpenCV could not decode it")
         else:
             if scale > 1:
                 # Pillow keeps the size >= the request and picks the largest scale that fits.
                 w, h = im.size
                 im.draft(im.mode, (w // scale, h // scale))
             im.load()
-            rgb = _pil_to_rgb(im)
+            rgb = pil_to_rgb(im)
     except BadImageError:
         raise
     except Exception as exc:
-        raise BadImageError(path, f"decode failed ({type(exc).__name__}: {exc})") from None
+        raise BadImageError(name, f"decode failed ({type(exc).__name__}: {exc})") from None
     return _orient(rgb, orientation)
 
 
@@ -287,6 +290,43 @@ def check_image(
     return _pixels_problem(dimensions, max_pixels)
 
 
+def check_bytes(
+    data: bytes, *, max_pixels: int | None = None, max_bytes: int | None = None
+) -> str | None:
+    """``check_image`` of an encoded image held in memory: None if OK, else a short reason."""
+    max_pixels, max_bytes = _resolve_limits(max_pixels, max_bytes)
+    if not data:
+        return EMPTY
+    if len(data) > max_bytes:
+        return _too_many_bytes(len(data), max_bytes)
+    problem = _structure_problem(data[:_HEAD], data[-_TAIL:], len(data), lambda: data)
+    if problem:
+        return problem
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            dimensions = im.size
+    except UnidentifiedImageError:
+        return NOT_AN_IMAGE
+    except Exception as exc:
+        return f"bad header ({type(exc).__name__}: {exc})"
+    return _pixels_problem(dimensions, max_pixels)
+
+
+def bytes_header(data: bytes, *, name: str | Path) -> tuple[int, int, str, str]:
+    """``(width, height, format, mode)`` of an encoded image in memory, from its header
+    (width and height as ``decode_bytes`` returns them without ``min_size``)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if _orientation(im) >= 5:  # 5-8 swap width and height
+                w, h = h, w
+            return w, h, im.format or "", im.mode
+    except UnidentifiedImageError:
+        raise BadImageError(name, NOT_AN_IMAGE) from None
+    except Exception as exc:
+        raise BadImageError(name, f"bad header ({type(exc).__name__}: {exc})") from None
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
     """``(width, height)`` as ``decode_image`` returns it without ``min_size`` (EXIF
     orientation applied), from the header only. An orientation stored in a PNG eXIf chunk
@@ -352,49 +392,3 @@ def jpeg_scale(size: tuple[int, int], min_size: int | None) -> int:
         if shorter >= scale * min_size:  # decoded side is ceil(shorter / scale) >= min_size
             return scale
     return 1
-
-
-def _pil_to_rgb(im: Image.Image) -> np.ndarray:
-    mode = im.mode
-    if mode == "RGB":
-        return np.asarray(im)
-    if mode in _16BIT_MODES:
-        # 16-bit grayscale: scale 0..65535 to 0..255 with rounding (Pillow's convert clips).
-        wide = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
-        gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    has_alpha = (
-        mode in _ALPHA_MODES
-        or "transparency" in im.info
-        or (mode == "P" and im.palette is not None and im.palette.mode == "RGBA")
-    )
-    if not has_alpha:
-        return np.asarray(im.convert("RGB"))  # L, 1, P, CMYK (Adobe inversion handled), ...
-    rgba = np.asarray(im.convert("RGBA"))
-    # Composite on white: out = rgb * a + 255 * (1 - a), in integers (max 65025 fits uint16).
-    rgb = rgba[:, :, :3].astype(np.uint16)
-    alpha = rgba[:, :, 3:].astype(np.uint16)
-    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
-
-
-_cv2: Any = None
-
-
-def _decode_opencv(data: bytes, scale: int) -> np.ndarray | None:
-    global _cv2
-    if _cv2 is None:
-        import cv2  # lazily: a slow import that the pil backend does not need
-
-        _cv2 = cv2
-    cv2 = _cv2
-    reduced = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2}
-    reduced |= {4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
-    # Orientation is applied by _orient for both backends, so OpenCV must not apply it too.
-    flags = reduced[scale] | cv2.IMREAD_IGNORE_ORIENTATION
-    rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10: no BGR->RGB pass
-    if rgb_flag is not None:
-        flags = (flags & ~cv2.IMREAD_COLOR) | rgb_flag
-    out = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    if out is None or rgb_flag is not None:
-        return out
-    return cv2.cvtColor(out, cv2.COLOR_BGR2RGB)

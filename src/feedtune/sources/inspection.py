@@ -11,7 +11,6 @@ Pure analysis: no MLflow, no plotting (``feedtune.tracking.inspect_plots`` draws
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -19,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from feedtune.progress import progress_bar
-from feedtune.sources.imageio import BadImageError, check_image, image_size
+from feedtune.sources.imageio import BadImageError
+from feedtune.sources.items import FILES, ItemReader
 from feedtune.sources.split import Split
 
 # Largest/smallest class above this: plain random sampling starves the small classes.
@@ -55,6 +54,7 @@ class Inspection:
     image_size: int
     working_size: int
     decoder: str
+    reader: ItemReader = FILES  # how the source's items are read (the example grid too)
 
     @property
     def good(self) -> pd.DataFrame:
@@ -82,12 +82,14 @@ def inspect_data(
     working_size: int,
     decoder: str = "pil",
     progress: bool = True,
+    reader: ItemReader = FILES,
 ) -> Inspection:
     """Read every file of ``table`` (from ``load_table``) and relate it to ``split``.
 
     ``image_size`` is ``augment.image_size`` and ``working_size`` the side images are kept
     at for it (the size advice compares against both);
-    ``decoder`` is kept for the example grid, so it shows what training decodes.
+    ``decoder`` is kept for the example grid, so it shows what training decodes; ``reader``
+    reads the items (files, Arrow rows, a user's Dataset), each ``path`` being its key.
     """
     side = {p: "train" for p in split.train["path"]} | {p: "val" for p in split.val["path"]}
     groups = table["group"] if "group" in table.columns else pd.Series([""] * len(table))
@@ -100,7 +102,7 @@ def inspect_data(
         leave=False,
     ):
         row = {"path": path, "label": label, "group": group, "side": side.get(path, EXCLUDED)}
-        rows.append(row | _read_file(path))
+        rows.append(row | _read_item(path, reader))
     files = pd.DataFrame(rows, columns=COLUMNS)
     files[["width", "height"]] = files[["width", "height"]].astype("Int64")
     root = str(split.summary.get("root", ""))
@@ -112,6 +114,7 @@ def inspect_data(
         image_size=image_size,
         working_size=working_size,
         decoder=decoder,
+        reader=reader,
     )
     found.summary = _summarise(found, has_groups="group" in table.columns)
     found.advice = _advise(found)
@@ -119,22 +122,15 @@ def inspect_data(
     return found
 
 
-def _read_file(path: str) -> dict[str, Any]:
-    """Size, content hash, structural check and header fields of one file."""
+def _read_item(path: str, reader: ItemReader) -> dict[str, Any]:
+    """Size, content hash, structural check and header fields of one item."""
     out: dict[str, Any] = {"width": None, "height": None, "format": "", "mode": ""}
-    try:
-        with open(path, "rb") as f:
-            out["bytes"] = os.fstat(f.fileno()).st_size
-            out["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError:
-        out |= {"bytes": 0, "sha256": ""}
-    out["bad"] = check_image(path) or ""
+    out["bytes"], out["sha256"] = reader.digest(path)
+    out["bad"] = reader.check(path) or ""
     if out["bad"]:
         return out
-    try:
-        with Image.open(path) as im:  # lazy: reads the header, not the pixels
-            out["format"], out["mode"] = im.format or "", im.mode
-        out["width"], out["height"] = image_size(path)  # EXIF orientation applied
+    try:  # the header only where the source has one: format, mode, oriented size
+        out["width"], out["height"], out["format"], out["mode"] = reader.header(path)
     except BadImageError as exc:
         out["bad"] = exc.reason
     return out

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from feedtune.sources.imageio import BadImageError, decode_image  # noqa: E402
+from feedtune.sources.imageio import BadImageError  # noqa: E402
 from feedtune.sources.inspection import Inspection  # noqa: E402
 
 SIDE_COLOURS = {"train": "tab:blue", "val": "tab:orange"}
@@ -111,7 +111,9 @@ def examples_figure(found: Inspection, per_class: int = EXAMPLES_PER_CLASS) -> F
                 ax.axis("off")
                 continue
             try:
-                image = decode_image(paths[col], backend=found.decoder, min_size=_THUMB_MIN_SIZE)
+                image = found.reader.decode(
+                    paths[col], backend=found.decoder, min_size=_THUMB_MIN_SIZE
+                )
                 ax.imshow(image)
             except BadImageError as exc:
                 ax.text(0.5, 0.5, exc.reason, ha="center", va="center", fontsize=6, wrap=True)

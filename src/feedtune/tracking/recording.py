@@ -15,7 +15,6 @@ from feedtune.feed.augment.per_sample import save_sample_grid
 from feedtune.feed.dataset import single_torch_thread
 from feedtune.feed.feed import Feed
 from feedtune.feed.sampling import epoch_class_counts
-from feedtune.sources.imageio import decode_image
 from feedtune.sources.prepare import PreparedData
 from feedtune.tracking import mlflow_models, mlflow_store
 from feedtune.tracking.plots import bar_figure, confusion_matrix_figure
@@ -75,7 +74,8 @@ def log_run_inputs(cfg: Config, data: PreparedData, feed: Feed) -> None:
         transform.save(Path(tmp) / "train.yaml")
         mlflow_store.log_file(Path(tmp) / "train.yaml", "augment")
         picks = np.linspace(0, len(feed.train_set) - 1, num=min(4, len(feed.train_set)), dtype=int)
-        images = [decode_image(feed.train_set.paths[i], backend=cfg.data.decoder) for i in picks]
+        read = feed.train_set.reader.decode
+        images = [read(feed.train_set.paths[i], backend=cfg.data.decoder) for i in picks]
         grid = save_sample_grid(
             images, transform, Path(tmp) / "samples.png", mean=cfg.augment.mean, std=cfg.augment.std
         )

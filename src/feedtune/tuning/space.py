@@ -8,7 +8,7 @@ throughput trials. Everything else in ``search`` is a quality setting, tuned by 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from feedtune.config import ParamSpec, SearchConfig
@@ -43,9 +43,11 @@ def quality_space(search: SearchConfig) -> dict[str, ParamSpec]:
     return {k: v for k, v in search.space.items() if k not in SPEED_KEYS}
 
 
-def inert_settings(values: dict[str, Any], *, cuda: bool) -> set[str]:
-    """Dotted keys that cannot change a trial given the other ``values`` (all settings)."""
-    inert = set()
+def inert_settings(values: dict[str, Any], *, cuda: bool, source: Iterable[str] = ()) -> set[str]:
+    """Dotted keys that cannot change a trial given the other ``values`` (all settings);
+    ``source``: the keys the data source makes inert (``ItemReader.inert``, e.g.
+    ``data.decoder`` for a Dataset of in-memory images)."""
+    inert = set(source)
     if values.get("loader.num_workers", 1) == 0:
         # The loader drops these without workers (``loader.loader_kwargs``).
         inert |= {"loader.prefetch_factor", "loader.persistent_workers", "loader.timeout"}
@@ -84,10 +86,10 @@ def batch_augment_qualifies(policy: Any, order: Any) -> bool:
     return policy in BATCH_POLICIES and not (policy == "geometric" and order == "augment_first")
 
 
-def inert_given(settings: dict[str, Any], *, cuda: bool) -> Inert:
+def inert_given(settings: dict[str, Any], *, cuda: bool, source: Iterable[str] = ()) -> Inert:
     """The ``inert`` callback for a trial whose settings, apart from the values drawn, are
-    ``settings`` (a config's ``flat()``)."""
-    return lambda values: inert_settings({**settings, **values}, cuda=cuda)
+    ``settings`` (a config's ``flat()``), on a source whose reader makes ``source`` inert."""
+    return lambda values: inert_settings({**settings, **values}, cuda=cuda, source=source)
 
 
 def covers(space: dict[str, ParamSpec], values: dict[str, Any]) -> bool:

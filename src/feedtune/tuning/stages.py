@@ -217,7 +217,8 @@ class Tuner:
     def inert(self, speed_params: dict[str, Any]) -> space.Inert:
         """Keys that cannot matter in a trial (the speed stage's winner fixed)."""
         cuda = self.device.type == "cuda"
-        return space.inert_given({**self.settings, **speed_params}, cuda=cuda)
+        source = self.data.reader.inert  # e.g. data.decoder for a Dataset of arrays
+        return space.inert_given({**self.settings, **speed_params}, cuda=cuda, source=source)
 
     def speed_objective(self, trial: Any) -> float:
         params = optuna_study.suggest(trial, space.speed_space(self.cfg.search), self.inert({}))
