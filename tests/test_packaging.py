@@ -1,11 +1,13 @@
 """The MLflow project, the package and the docs agree with each other."""
 
 import re
+import subprocess
+import sys
 import tomllib
 
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, env_with_src
 
 
 def _name(spec: str) -> str:
@@ -25,6 +27,17 @@ def test_the_timm_extra_is_tested():
     extras = project["optional-dependencies"]
     assert extras["timm"] and set(extras["timm"]) <= set(extras["test"])
     assert "timm" not in {_name(s) for s in project["dependencies"]}  # optional, imported lazily
+
+
+def test_the_hf_extra_is_tested_and_feedtune_runs_without_it():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert extras["hf"] and set(extras["hf"]) <= set(extras["test"])
+    assert "datasets" not in {_name(s) for s in project["dependencies"]}
+    # Every source is dispatched from prepare: datasets is imported only for a Hugging Face one.
+    code = "import sys, feedtune.sources.prepare; sys.exit('datasets' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], env=env_with_src(), cwd=REPO)
+    assert proc.returncode == 0
 
 
 def test_mlproject_declares_every_command_and_main_is_tune():

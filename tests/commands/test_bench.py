@@ -41,6 +41,14 @@ def test_grid_varies_num_workers_fastest(tiny_folder):
     assert {c["order"] for c in cells[:2]} == {"resize_first"}
 
 
+def test_an_axis_the_source_makes_inert_keeps_the_configs_value(tiny_folder):
+    cfg = _cfg(tiny_folder, "bench.decoder=[pil, opencv]", "data.decoder=opencv")
+    assert {c["decoder"] for c in grid(cfg)} == {"pil", "opencv"}
+    # a Dataset of in-memory images: nothing for a decoder to do, one column of cells
+    cells = grid(cfg, frozenset({"data.decoder"}))
+    assert {c["decoder"] for c in cells} == {"opencv"} and len(cells) == len(grid(cfg)) // 2
+
+
 def test_bench_logs_one_run_with_results_plot_and_best_cell(tiny_folder, mlflow_store, tmp_path):
     cfg = _cfg(tiny_folder)
     results = run_bench(cfg, progress=False)

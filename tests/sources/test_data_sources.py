@@ -4,14 +4,17 @@ them. The same images must give the same split whatever holds them."""
 
 from __future__ import annotations
 
+import pickle
 import sys
 
+import numpy as np
 import pytest
 
-from feedtune.config import load_config
+from feedtune.config import ConfigError, load_config
 from feedtune.sources.imageio import BadImageError
 from feedtune.sources.prepare import prepare_data
 from feedtune.sources.tables import DataSourceError
+from tests.conftest import tiny_feed
 from tests.sources.source_builders import (
     CLASSES,
     hf_dataset,
@@ -151,3 +154,24 @@ def test_without_the_datasets_package_the_error_says_what_to_install(tmp_path, i
         DataSourceError, match=r'needs the datasets package: pip install "feedtune\[hf\]"'
     ):
         _prepare(root)
+
+
+def test_workers_read_the_arrow_items_themselves(tmp_path, images):
+    root = write_hf(tmp_path / "hf", *images)
+    cfg, data, feed = tiny_feed(root, "loader.num_workers=2", "augment.policy=none")
+    # What reaches a worker holds no opened Arrow table: each process maps the files itself.
+    sent = pickle.loads(pickle.dumps(feed.train_set))
+    assert sent.reader._tables is None
+    ref = data.split.train["path"][0]
+    assert pixel_hash(sent.reader.decode(ref)) == pixel_hash(data.reader.decode(ref))
+    labels = np.concatenate([y.numpy() for _, y in feed.val])
+    assert sorted(labels.tolist()) == sorted(feed.val_set.targets.tolist())
+    assert sum(len(y) for _, y in feed.train) == len(data.split.train)
+
+
+def test_the_column_keys_are_validated_by_name():
+    with pytest.raises(ConfigError, match=r"^data.label_column: got an empty name"):
+        load_config(None, ["data.label_column=' '"])
+    with pytest.raises(ConfigError, match="each must name a different column"):
+        load_config(None, ["data.group_column=image"])
+    assert load_config(None, ["data.group_column=''"]).data.group_column is None

@@ -305,7 +305,7 @@ def format_report(found: Inspection) -> str:
     short, aspect = sizes["shorter_side"], sizes["aspect_ratio"]
     lines = [
         f"data: {s['n_images']} images in {s['n_classes']} classes (train {s['n_train']}, "
-        f"val {s['n_val']}) under {s['root']}",
+        f"val {s['n_val']})" + (f" under {s['root']}" if s["root"] else ""),
         f"classes: {counts} (imbalance {s['imbalance_ratio']:.1f}:1)",
     ]
     if s["groups"]:
