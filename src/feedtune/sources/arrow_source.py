@@ -158,7 +158,7 @@ def load_arrow_source(
         raise DataSourceError(f"data.path {root}: the dataset has no items")
     table = table.sort_values(["label", "path"], kind="mergesort").reset_index(drop=True)
     classes = declared_classes(names, table["label"], where=str(root)) if names else None
-    return Source(table=table.astype(str), reader=reader, classes=classes, root=root)
+    return Source(table=table.astype(str), reader=reader, classes=classes)
 
 
 class ArrowItems(ItemReader):

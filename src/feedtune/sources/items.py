@@ -16,7 +16,6 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -127,7 +126,6 @@ class Source:
     unlisted: pd.DataFrame = field(
         default_factory=lambda: pd.DataFrame(columns=["path", "label", "reason"])
     )
-    root: Path | None = None
 
 
 def declared_classes(declared: list[str], labels: pd.Series, *, where: str) -> list[str]:

@@ -103,7 +103,7 @@ def load_source(source: Path | str, cfg: Config, *, progress: bool = True) -> So
             label_column=cfg.data.label_column,
             group_column=cfg.data.group_column,
         )
-    return Source(table=load_table(source), root=source)
+    return Source(table=load_table(source))
 
 
 def prepare_data(cfg: Config, *, progress: bool = True) -> PreparedData:
