@@ -21,7 +21,8 @@ from feedtune.config import AugmentConfig, LoaderConfig, load_config, with_overr
 from feedtune.feed import cache as cache_mod
 from feedtune.feed.augment.per_sample import build_transform
 from feedtune.feed.augment.squares import SquashedImage, ToWorkingUint8
-from feedtune.feed.cache import attach_cache, build_cache, cache_datasets
+from feedtune.feed.cache import attach_cache, build_cache
+from feedtune.feed.cache_reuse import cache_datasets
 from feedtune.feed.cache_sizing import (
     CacheTooLargeError,
     estimate_cache,

@@ -15,7 +15,7 @@ from feedtune.feed.augment.batch import build_batch_policy
 from feedtune.feed.augment.mixing import AugmentThenMix, StepCollate, build_mix
 from feedtune.feed.augment.per_sample import Transform, build_transform
 from feedtune.feed.augment.squares import ToWorkingUint8
-from feedtune.feed.cache import CacheMemo, cache_datasets
+from feedtune.feed.cache_reuse import CacheMemo, cache_datasets
 from feedtune.feed.dataset import ImageDataset
 from feedtune.feed.device import DeviceLoader
 from feedtune.feed.geometry import working_size

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from feedtune.config import Config, with_overrides
-from feedtune.feed.cache import CacheMemo
+from feedtune.feed.cache_reuse import CacheMemo
 from feedtune.sources.prepare import PreparedData
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.liveness import worker_info
