@@ -114,6 +114,7 @@ def log_run_results(outcome: TrainOutcome, feed: Feed) -> None:
         feed.val_set.paths,
         image_size=config["augment"]["image_size"],
         decoder=config["data"]["decoder"],
+        reader=feed.val_set.reader,
     )
     mlflow_models.log_model(payload, example)
 

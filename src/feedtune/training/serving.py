@@ -29,7 +29,8 @@ from PIL import Image
 from feedtune.config import config_from_dict
 from feedtune.feed.augment.per_sample import build_transform
 from feedtune.feed.geometry import working_size
-from feedtune.sources.imageio import BadImageError, decode_image
+from feedtune.sources.imageio import BadImageError
+from feedtune.sources.items import FILES, ItemReader
 from feedtune.training.checkpoint import (
     CheckpointError,
     load_weights,
@@ -167,13 +168,20 @@ def response_frame(labels: list[str], probs: np.ndarray) -> pd.DataFrame:
     )
 
 
-def example_image(paths: Sequence[str | Path], *, image_size: int, decoder: str = "pil") -> bytes:
-    """A small real JPEG for the model's input example: the first of ``paths`` that decodes,
-    decoded as feedtune decodes it and shrunk to the working size (kilobytes)."""
+def example_image(
+    paths: Sequence[str | Path],
+    *,
+    image_size: int,
+    decoder: str = "pil",
+    reader: ItemReader = FILES,
+) -> bytes:
+    """A small real JPEG for the model's input example: the first of ``paths`` (items of
+    ``reader``'s source) that decodes, decoded as feedtune decodes it and shrunk to the working
+    size (kilobytes)."""
     side = 2 * working_size(image_size)
     for path in paths:
         try:
-            rgb = decode_image(path, backend=decoder, min_size=working_size(image_size))
+            rgb = reader.decode(str(path), backend=decoder, min_size=working_size(image_size))
         except BadImageError:
             continue  # a bad image the run skipped
         im = Image.fromarray(rgb)
