@@ -1,10 +1,10 @@
-"""timm and user-factory models through the commands: ``feedtune train``, ``load_best`` and
-``feedtune finetune``, and a source run whose factory the caller did not name."""
+"""timm and user-factory models through the commands: ``feedtune train``, a two-trial
+``feedtune tune`` that registers the best, ``load_best`` and ``feedtune finetune``, and a
+source run whose factory the caller did not name."""
 
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from feedtune.cli import main as feedtune_main
 from feedtune.commands.train import run_train
 from feedtune.config import load_config
 from feedtune.training.checkpoint import CheckpointError
-from tests.conftest import REPO, env_with_src, single_torch_thread, write_image_folder
+from tests.conftest import single_torch_thread, write_image_folder
 from tests.training.test_external_models import FACTORY_MODULE
 
 pytest.importorskip("timm")
@@ -46,30 +46,48 @@ def new_data(tmp_path: Path) -> Path:
     )
 
 
-def _feedtune(store: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**env_with_src(), "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
-    for leaked in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
-        env.pop(leaked, None)  # this process's own MLflow state must not steer the command
-    return subprocess.run(
-        [sys.executable, "-m", "feedtune", *args, "--no-progress"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+# Two quality trials (the learning rate only), no speed stage, no pruning: what `tune`
+# registers as the experiment's `best` is then reloaded and finetuned.
+TWO_TRIALS = """
+experiment: {experiment}
+search:
+  train.lr: {{float: [1.0e-3, 1.0e-2], log: true}}
+  n_trials_quality: 2
+  pruner: none
+  noise_seeds: 0
+  speed_skip_wait_frac: 0
+"""
+
+
+def _tune_two_trials(tmp_path: Path, experiment: str, *settings: str) -> str:
+    """A two-trial quality study in this process; the run id the `best` alias points at."""
+    config = tmp_path / f"{experiment}.yaml"
+    config.write_text(TWO_TRIALS.format(experiment=experiment))
+    argv = ["tune", "--no-progress", "--config", str(config), "--stage", "quality"]
+    argv += ["--storage", f"journal:{tmp_path / 'optuna.journal'}", "--study", experiment]
+    with single_torch_thread():
+        assert feedtune_main([*argv, *[f"--set={s}" for s in settings]]) == 0
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    trials = [
+        r
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get("feedtune.kind") == "trial"
+    ]
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    return client.get_model_version_by_alias(experiment, "best").run_id
 
 
 @pytest.mark.slow
 def test_a_timm_model_trains_reloads_and_finetunes_end_to_end(
     mlflow_store, colours, new_data, tmp_path
 ):
-    settings = [*TINY, f"data.path={colours}", "experiment=timm-src"]
+    settings = [*TINY, f"data.path={colours}"]
     settings += ["model.name=timm/test_resnet", "model.kwargs={drop_rate: 0.1}"]
-    proc = _feedtune(mlflow_store, "train", *[f"--set={s}" for s in settings])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    registered = _tune_two_trials(tmp_path, "timm-src", *settings)
 
     best = feedtune.load_best("timm-src", mlflow_store, device="cpu")
+    assert best.run_id == registered
     assert type(best.model).__name__ == "ResNet" and best.model.drop_rate == 0.1
     labels, probs = best.predict(sorted(colours.rglob("*.jpg"))[:4])
     assert probs.shape == (4, 3) and set(labels) <= {"red", "green", "blue"}
@@ -104,8 +122,12 @@ def test_finetune_from_a_factory_run_needs_the_caller_to_name_the_factory(
             cfg = load_config(
                 None, [*TINY, f"data.path={colours}", "experiment=fac", f"model.name={factory}"]
             )
-            source = run_train(cfg, progress=False)
-
+            trained = run_train(cfg, progress=False)
+            assert MlflowClient().get_run(trained).info.status == "FINISHED"
+        source = _tune_two_trials(
+            tmp_path, "fac", *TINY, f"data.path={colours}", f"model.name={factory}"
+        )
+        with single_torch_thread():
             argv = ["finetune", "--no-progress", "--from", source]
             argv += [f"--set={s}" for s in [*TINY, f"data.path={new_data}", "experiment=ft"]]
             assert feedtune_main(argv) == 1
@@ -116,7 +138,7 @@ def test_finetune_from_a_factory_run_needs_the_caller_to_name_the_factory(
             assert MlflowClient().get_experiment_by_name("ft") is None  # no run was opened
 
             # Resuming the run is the same: its checkpoint names the factory, the caller not.
-            resume = ["train", "--no-progress", "--resume", source, f"--set=data.path={colours}"]
+            resume = ["train", "--no-progress", "--resume", trained, f"--set=data.path={colours}"]
             assert feedtune_main(resume) == 1
             err = capsys.readouterr().err.strip().splitlines()[-1]
             assert err.startswith("feedtune: error:") and f"model.name={factory}" in err

@@ -38,6 +38,10 @@ def test_a_recorded_run_logs_its_inputs_epochs_results_and_feed(
     } <= paths
     history = client.get_metric_history(run.info.run_id, "val_f1_macro")
     assert [m.step for m in history] == [0, 1]  # one value per epoch, step = epoch
+    rates = client.get_metric_history(run.info.run_id, "epoch_samples_per_s")
+    assert [m.step for m in rates] == [0, 1] and all(m.value > 0 for m in rates)
+    waits = client.get_metric_history(run.info.run_id, "epoch_data_wait_frac")
+    assert all(0 <= m.value <= 1 for m in waits) and len(waits) == 2
     local = client.download_artifacts(run.info.run_id, "feed/feed.json", str(tmp_path))
     described = json.loads(Path(local).read_text())
     assert described["device"] == "cpu" and described["world_size"] == 1

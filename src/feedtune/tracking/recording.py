@@ -24,7 +24,16 @@ from feedtune.training.serving import example_image
 from feedtune.training.throughput import Throughput, cache_metrics, measure_run, transform_costs
 from feedtune.training.trainer import BEST, LAST, TrainOutcome
 
-EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "val_f1_macro", "lr")
+# Per epoch, with its step; the rate and the waiting share show a feed that slows down.
+EPOCH_METRICS = (
+    "train_loss",
+    "val_loss",
+    "val_acc",
+    "val_f1_macro",
+    "lr",
+    "epoch_samples_per_s",
+    "epoch_data_wait_frac",
+)
 
 
 class RunRecorder(Callback):
