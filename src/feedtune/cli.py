@@ -188,21 +188,19 @@ def _storage(args: argparse.Namespace) -> str | None:
     return args.storage or os.environ.get(STORAGE_ENV) or None
 
 
-# Commands whose processes under torchrun share the work: one run (``train``), one worker
-# of a study (``tune``: rank 0 owns the study and sends each trial to the others).
 UNDER_TORCHRUN = ("train", "tune")
 
 
 def _refuse_under_torchrun(command: str) -> None:
-    """Any other command would run once in each of torchrun's processes."""
+    """Under torchrun, ``train`` shares one run and ``tune`` one study worker; any other
+    command would run once in each process."""
     from feedtune.training.distributed import env_world_size
 
     world = env_world_size()
     if world > 1 and command not in UNDER_TORCHRUN:
         raise ValueError(
             f"`feedtune {command}` does not run under torchrun (WORLD_SIZE={world}); launch "
-            f"`feedtune train` or `feedtune tune` under torchrun, and `feedtune {command}` as "
-            "one process"
+            f"`feedtune train` or `tune` under torchrun, and `feedtune {command}` alone"
         )
 
 
@@ -277,9 +275,8 @@ def _report_tune(result: Any, metric: str) -> None:
     )
     if result.best_run_id:
         print(f"best trial run {result.best_run_id}: {metric} = {result.best_value:.4f}")
-        settings = " ".join(f"--set {k}={v}" for k, v in result.best_params.items())
         print(_verdict_line(result, metric))
-        print("settings: " + settings)
+        print("settings: " + " ".join(f"--set {k}={v}" for k, v in result.best_params.items()))
 
 
 def _bench_call(args: argparse.Namespace, cfg: Config, progress: bool) -> Call:

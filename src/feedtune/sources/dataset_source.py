@@ -14,10 +14,8 @@ again (forked ones inherit it).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import operator
 import os
-import re
 import sys
 from typing import Any
 
@@ -25,6 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from feedtune.config.callables import CALLABLE_NAME, import_callable
 from feedtune.progress import progress_bar
 from feedtune.sources.imageio import DEFAULT_MAX_PIXELS, BadImageError, check_image, decode_image
 from feedtune.sources.items import ItemReader, Source, declared_classes, item_ref, ref_index
@@ -32,35 +31,24 @@ from feedtune.sources.pixels import pil_to_rgb
 from feedtune.sources.tables import DataSourceError
 
 # ``package.module:callable`` (the callable may be an attribute path, ``mod:Class.build``).
-_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 # Settings that only act on image files: inert when no item is a file path.
 FILE_ONLY = frozenset({"data.decoder", "data.max_file_mb"})
 
 
 def is_dataset_spec(text: str) -> bool:
     """``text`` names a callable (``module.path:callable``), not an existing file or folder."""
-    return bool(_SPEC.fullmatch(text)) and not os.path.exists(text)
+    return bool(CALLABLE_NAME.fullmatch(text)) and not os.path.exists(text)
 
 
 def make_dataset(spec: str) -> Any:
     """Import ``spec`` and call it; the result must be a sized, indexable Dataset."""
-    module_name, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())  # "the current directory", as `python -m` would have it
     try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise DataSourceError(
-            f"data.path: cannot import '{module_name}' ({exc}); put it on PYTHONPATH or in "
-            "the current directory"
-        ) from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise DataSourceError(f"data.path: '{module_name}' has no '{attr}'")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise DataSourceError(f"data.path: '{spec}' is not callable")
-    dataset = obj()
+        make = import_callable(spec, key="data.path", where="in the current directory")
+    except ValueError as exc:
+        raise DataSourceError(str(exc)) from None
+    dataset = make()
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise DataSourceError(
             f"data.path: {spec}() returned a {type(dataset).__name__}, not a map-style "

@@ -4,18 +4,16 @@
 
 from __future__ import annotations
 
-import importlib
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from feedtune.config.callables import CALLABLE_NAME, import_callable
+
 TIMM_PREFIX = "timm/"
-# ``package.module:callable`` (the callable may be an attribute path, ``mod:Class.build``).
-_FACTORY = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 # Weight files timm publishes on the Hugging Face hub, preferred first (safetensors holds no code).
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -111,25 +109,11 @@ def build_timm(
 
 
 def _import_factory(name: str) -> Any:
-    if not _FACTORY.fullmatch(name):
+    if not CALLABLE_NAME.fullmatch(name):
         raise ValueError(
             f"model.name: '{name}' is not module.path:callable (e.g. mypkg.nets:make_net)"
         )
-    module_name, _, attr = name.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(
-            f"model.name: cannot import '{module_name}' ({exc}); put it on PYTHONPATH or "
-            "install its package"
-        ) from exc
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"model.name: '{module_name}' has no '{attr}'")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"model.name: '{name}' is not callable")
-    return obj
+    return import_callable(name, key="model.name", where="install its package")
 
 
 def build_factory(name: str, *, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
