@@ -200,7 +200,7 @@ def _refuse_under_torchrun(command: str) -> None:
     if world > 1 and command not in UNDER_TORCHRUN:
         raise ValueError(
             f"`feedtune {command}` does not run under torchrun (WORLD_SIZE={world}); launch "
-            f"`feedtune train` or `tune` under torchrun, and `feedtune {command}` alone"
+            f"`feedtune train` or `feedtune tune` under torchrun, `feedtune {command}` alone"
         )
 
 
