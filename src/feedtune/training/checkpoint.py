@@ -101,6 +101,20 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def load_tensors(path: str | Path, *, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain data only. A file that
+    needs arbitrary unpickling is refused, an unreadable one named (``what`` says what it is)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains objects other than tensors and plain data, "
+            f"so loading it could run code ({str(exc).splitlines()[0]})"
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"cannot read {what} {path}: {exc}") from exc
+
+
 def load_checkpoint(
     path: str | Path, *, map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
@@ -108,15 +122,7 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"refusing to load {path}: it contains objects other than tensors and plain data, "
-            f"so loading it could run code ({str(exc).splitlines()[0]})"
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    payload = load_tensors(path, what="checkpoint", map_location=map_location)
     if not isinstance(payload, dict) or "model_state" not in payload:
         raise CheckpointError(f"{path} is not a feedtune checkpoint (no model_state)")
     return payload

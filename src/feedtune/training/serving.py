@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from feedtune.sources.imageio import BadImageError
 from feedtune.sources.items import FILES, ItemReader
 from feedtune.training.checkpoint import (
     CheckpointError,
+    load_tensors,
     load_weights,
     model_args_of,
     require_trusted_factory,
@@ -122,15 +122,7 @@ def load_classifier(
     )
     classes = [str(c) for c in spec["classes"]]
     model = build_model(cfg.model, num_classes=len(classes))
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"refusing to load {weights}: it holds more than tensors, so loading it could run "
-            f"code ({str(exc).splitlines()[0]})"
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"cannot read the served model's weights {weights}: {exc}") from exc
+    state = load_tensors(weights, what="the served model's weights")
     dev = resolve_device(device)
     load_weights(model, {"model_state": state})
     return ImageClassifier(
