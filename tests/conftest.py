@@ -168,6 +168,28 @@ def tune_command(config: Path, data: Path, *args: str) -> list[str]:
     ]
 
 
+def feedtune_in_process(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (a ``python -m feedtune ...`` command line) in this process, its exit code
+    and output as ``subprocess.run`` returns them. For tests about what a command does and
+    records rather than about processes: a fresh interpreter spends seconds importing torch,
+    MLflow and the rest, the larger part of a tiny run's time here."""
+    import io
+    import signal
+
+    from feedtune.cli import main
+
+    assert cmd[1:3] == ["-m", "feedtune"], cmd
+    out, err = io.StringIO(), io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)  # main installs its own
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            with single_torch_thread():
+                code = main(cmd[3:])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
+
+
 @contextlib.contextmanager
 def reaped(*procs: subprocess.Popen) -> Iterator[list[subprocess.Popen]]:
     """Child processes that never outlive the block: whatever ends it (a failed assertion, a

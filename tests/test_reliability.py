@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from feedtune.training.checkpoint import load_checkpoint
-from tests.conftest import REPO, env_with_src, reaped, write_image_folder
+from tests.conftest import REPO, env_with_src, feedtune_in_process, reaped, write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +105,7 @@ def test_killed_tune_worker_is_failed_retried_and_resumed(tmp_path, data, mlflow
         killed_run = _wait_for_epoch(client, "rel", proc, "trial")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    again = _run(cmd)
+    again = feedtune_in_process(cmd)  # the next worker: this process
     assert again.returncode == 0, again.stderr[-3000:]
 
     study = optuna.load_study(
@@ -147,7 +147,7 @@ def test_sigterm_ends_train_promptly_with_a_resume_hint(tmp_path, data, mlflow_s
     # are shared, and a loaded 2-core VM took 44 s to finish one step and close the run).
     assert time.time() - start < 150
     assert len(client.get_metric_history(run_id, "val_loss")) < 5
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err[-3000:]
     assert f"feedtune train --resume {run_id}" in err
     assert client.get_run(run_id).info.status == "KILLED"
     ckpt = client.download_artifacts(run_id, "checkpoints/last.pt", str(tmp_path))
@@ -194,7 +194,7 @@ def _add_bad_files(folder: Path) -> list[str]:
 def test_bad_images_are_skipped_and_reported(tmp_path, mlflow_store):
     folder = write_image_folder(tmp_path / "bad", {"red": 20, "green": 16, "blue": 12})
     names = _add_bad_files(folder)
-    proc = _run(_cmd(tmp_path, folder, "train", epochs=1))
+    proc = feedtune_in_process(_cmd(tmp_path, folder, "train", epochs=1))
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("rel").experiment_id])
@@ -205,7 +205,9 @@ def test_bad_images_are_skipped_and_reported(tmp_path, mlflow_store):
     assert sorted(Path(p).name for p in bad["path"]) == sorted(names)
     assert bad["reason"].notna().all()
 
-    raised = _run(_cmd(tmp_path, folder, "train", "--set", "data.on_bad_image=raise", epochs=1))
+    raised = feedtune_in_process(
+        _cmd(tmp_path, folder, "train", "--set", "data.on_bad_image=raise", epochs=1)
+    )
     assert raised.returncode != 0
     assert any(name in raised.stderr for name in names)
     assert "Traceback" not in raised.stderr
@@ -222,7 +224,7 @@ def test_bad_images_are_skipped_and_reported(tmp_path, mlflow_store):
 def test_bad_input_is_one_clear_line_and_non_zero_exit(
     tmp_path, data, extra, expected, mlflow_store
 ):
-    proc = _run(_cmd(tmp_path, data, "train", *extra))
+    proc = feedtune_in_process(_cmd(tmp_path, data, "train", *extra))
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("feedtune:")]
     assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
@@ -230,36 +232,27 @@ def test_bad_input_is_one_clear_line_and_non_zero_exit(
 
 
 def test_unreachable_storage_is_one_clear_line(tmp_path, data, mlflow_store):
-    proc = _run(_cmd(tmp_path, data, "tune", "--storage", "postgresql://u:p@127.0.0.1:1/x"))
+    proc = feedtune_in_process(
+        _cmd(tmp_path, data, "tune", "--storage", "postgresql://u:p@127.0.0.1:1/x")
+    )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "cannot open Optuna storage" in proc.stderr
 
 
-def test_same_seed_same_trial_parameters_in_fresh_processes(tmp_path, data, mlflow_store):
+def test_same_seed_same_trial_parameters_in_two_processes(tmp_path, data, mlflow_store):
+    """The same study twice, in a fresh process and in this one: the same parameters in the
+    same order (nothing hangs on hash order or an unseeded generator)."""
     params = []
-    for i in range(2):
-        storage = f"journal:{tmp_path / f'optuna{i}.journal'}"
-        proc = _run(
-            _cmd(
-                tmp_path,
-                data,
-                "tune",
-                "--stage",
-                "speed",
-                "--study",
-                "R",
-                "--storage",
-                storage,
-                "--n-trials",
-                "3",
-            )
-        )
+    for run in (_run, feedtune_in_process):
+        storage = tmp_path / f"optuna{len(params)}.journal"
+        args = ("--stage", "speed", "--study", "R", "--storage", f"journal:{storage}")
+        proc = run(_cmd(tmp_path, data, "tune", *args, "--n-trials", "3"))
         assert proc.returncode == 0, proc.stderr[-3000:]
         study = optuna.load_study(
             study_name="R-speed",
             storage=optuna.storages.JournalStorage(
-                optuna.storages.journal.JournalFileBackend(str(tmp_path / f"optuna{i}.journal"))
+                optuna.storages.journal.JournalFileBackend(str(storage))
             ),
         )
         params.append([t.params for t in study.trials])
@@ -347,18 +340,26 @@ def test_a_killed_train_run_is_closed_and_its_resume_names_ignored_settings(
     assert client.get_run(killed).info.status == "RUNNING"  # nobody could close it
 
     # The next train in the experiment finds the dead worker and ends its run KILLED.
-    other = _run(_cmd(tmp_path, data, "train", "--set", "train.epochs=1", experiment="rel"))
+    other = feedtune_in_process(
+        _cmd(tmp_path, data, "train", "--set", "train.epochs=1", experiment="rel")
+    )
     assert other.returncode == 0, other.stderr[-3000:]
     assert client.get_run(killed).info.status == "KILLED"
     assert client.get_run(killed).data.tags["feedtune.error"] == "worker process died"
 
     # Resuming keeps the run's own configuration and says which asked-for settings it ignores.
-    resumed = _run(
+    resumed = feedtune_in_process(
         _cmd(tmp_path, data, "train", "--resume", killed, "--set", "train.lr=0.5", epochs=2)
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "ignored: " in resumed.stderr and "train.lr=0.5" in resumed.stderr
     assert "train.epochs=2" in resumed.stderr  # the run goes on to its own epochs
-    steps = [m.step for m in client.get_metric_history(killed, "val_loss")]
-    assert sorted(steps) == list(range(KILLED_EPOCHS))
-    assert client.get_run(killed).data.params["train.lr"] != "0.5"
+    run = client.get_run(killed)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] != "0.5"
+    # Every epoch once: those logged before the kill, then those the resume trained.
+    for name in ("val_loss", "train_loss", "val_f1_macro"):
+        steps = [m.step for m in client.get_metric_history(killed, name)]
+        assert sorted(steps) == list(range(KILLED_EPOCHS)), (name, steps)
+    last = load_checkpoint(client.download_artifacts(killed, "checkpoints/last.pt", str(tmp_path)))
+    assert last["epoch"] == KILLED_EPOCHS
