@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
 import cv2
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ import yaml
 from torchvision.transforms import v2
 
 from feedtune.config import AugmentConfig
+from feedtune.feed.augment.albumentations_lazy import A
 from feedtune.feed.augment.policies import AlbumentationsOps, TorchvisionOps, build_stages
 
 Step = Callable[[Any], Any]
