@@ -2,7 +2,8 @@
 
 Importing it costs over a second of CPU at every start (it imports scipy and pydantic models),
 and most runs never touch it: torchvision is the default library. ``A`` is the module itself
-once any of its attributes is read, so code writes ``A.Compose`` as usual.
+once any of its attributes is read, so code writes ``A.Compose`` as usual; ``ToTensorV2``
+builds ``albumentations.pytorch.ToTensorV2``, importing it then.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from types import ModuleType
+from typing import Any
 
 
 def _lazy(name: str) -> ModuleType:
@@ -28,3 +30,9 @@ def _lazy(name: str) -> ModuleType:
 
 
 A = _lazy("albumentations")
+
+
+def ToTensorV2(**kwargs: Any) -> Any:  # the class's name: policies read as albumentations code
+    from albumentations.pytorch import ToTensorV2 as to_tensor
+
+    return to_tensor(**kwargs)

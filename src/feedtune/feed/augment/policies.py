@@ -29,7 +29,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
-from feedtune.feed.augment.albumentations_lazy import A
+from feedtune.feed.augment.albumentations_lazy import A, ToTensorV2
 from feedtune.feed.geometry import resize_size
 
 # Random resized crop: scale lower bound goes from 0.9 (m=0) to 0.35 (m=1); usual aspect range.
@@ -316,8 +316,6 @@ class AlbumentationsOps:
         return A.OneOf(ops, p=1.0)
 
     def to_tensor_normalize(self, mean: Sequence[float], std: Sequence[float]) -> list[Any]:
-        from albumentations.pytorch import ToTensorV2
-
         normalize = A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0, p=1.0)
         return [normalize, ToTensorV2(p=1.0)]
 
