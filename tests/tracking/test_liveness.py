@@ -105,3 +105,28 @@ def test_process_of_another_user_never_raises_and_counts_as_alive():
         pytest.skip(f"pid 1 not visible here: {exc!r}")
     assert is_alive({"host": socket.gethostname(), "pid": 1, "started": started})
     assert is_alive(_record(1, started))
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "2.5", "often"])
+def test_a_bad_heartbeat_setting_names_the_variable(value):
+    """What every worker of a study reads at start: a fresh interpreter, as a worker has."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import feedtune.tracking.liveness"],
+        env={**os.environ, "FEEDTUNE_HEARTBEAT_S": value},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert f"FEEDTUNE_HEARTBEAT_S: got '{value}'" in proc.stderr
+
+
+def test_the_heartbeat_setting_sets_the_grace_to_three_beats():
+    code = "from feedtune.tracking import liveness as l; print(l.HEARTBEAT_S, l.GRACE_S)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "FEEDTUNE_HEARTBEAT_S": "4"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert proc.stdout.split() == ["4", "12"]

@@ -21,10 +21,23 @@ from typing import Any
 
 import psutil
 
-# A worker refreshes its heartbeat this often; one silent for GRACE_S is dead. Optuna's RDB
+HEARTBEAT_ENV = "FEEDTUNE_HEARTBEAT_S"
+
+
+def _heartbeat_s() -> int:
+    """Seconds between heartbeats: ``$FEEDTUNE_HEARTBEAT_S``, else 10 (whole seconds, as
+    Optuna's RDB storage takes them)."""
+    text = os.environ.get(HEARTBEAT_ENV, "10")
+    if not text.strip().isdigit() or int(text) <= 0:
+        raise ValueError(f"{HEARTBEAT_ENV}: got {text!r}, expected a whole number of seconds > 0")
+    return int(text)
+
+
+# A worker refreshes its heartbeat this often; one silent for three beats is dead. Optuna's RDB
 # heartbeats (trials) and feedtune's run heartbeats (a study's parent run) use the same pair.
-HEARTBEAT_S = 10
-GRACE_S = 30
+# Every worker of a study must use the same value.
+HEARTBEAT_S = _heartbeat_s()
+GRACE_S = 3 * HEARTBEAT_S
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 PID_NS_PATH = "/proc/self/ns/pid"
 
