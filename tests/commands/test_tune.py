@@ -16,6 +16,7 @@ from tests.conftest import (
     REPO,
     artifact_paths,
     env_with_src,
+    feedtune_in_process,
     reaped,
     single_torch_thread,
     tune_command,
@@ -136,12 +137,8 @@ def test_two_stage_study_is_tracked_and_registered(tmp_path, data, mlflow_store)
     assert version.run_id == best_id
     assert best_id in proc.stdout
 
-    best = subprocess.run(
-        [sys.executable, "-m", "feedtune", "best", "--experiment", "tiny-tune"],
-        cwd=REPO,
-        env=env_with_src(),
-        capture_output=True,
-        text=True,
+    best = feedtune_in_process(
+        [sys.executable, "-m", "feedtune", "best", "--experiment", "tiny-tune"]
     )
     assert best.returncode == 0, best.stderr
     assert best_id in best.stdout and "--set" in best.stdout and "best.pt" in best.stdout
