@@ -17,7 +17,6 @@ from tests.conftest import (
     artifact_paths,
     env_with_src,
     feedtune_in_process,
-    reaped,
     single_torch_thread,
     tune_command,
     write_image_folder,
@@ -142,47 +141,6 @@ def test_two_stage_study_is_tracked_and_registered(tmp_path, data, mlflow_store)
     )
     assert best.returncode == 0, best.stderr
     assert best_id in best.stdout and "--set" in best.stdout and "best.pt" in best.stdout
-
-
-def test_two_processes_share_one_study(tmp_path, data, mlflow_store):
-    with reaped() as procs:  # killed and waited for if anything below fails
-        for _ in range(2):
-            procs.append(
-                _tune(
-                    tmp_path,
-                    data,
-                    "--study",
-                    "shared",
-                    "--stage",
-                    "speed",
-                    "--n-trials",
-                    "3",
-                    experiment="shared-tune",
-                    background=True,
-                )
-            )
-        for p in procs:
-            _, err = p.communicate(timeout=600)
-            assert p.returncode == 0, err[-3000:]
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
-    )
-    study = optuna.load_study(study_name="shared-speed", storage=storage)
-    numbers = [t.number for t in study.trials]
-    assert sorted(numbers) == list(range(6))
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    client = MlflowClient()
-    exp = client.get_experiment_by_name("shared-tune")
-    trial_runs = [
-        r
-        for r in client.search_runs([exp.experiment_id])
-        if r.data.tags.get("feedtune.kind") == "trial"
-    ]
-    run_numbers = sorted(int(r.data.tags["optuna.trial_number"]) for r in trial_runs)
-    assert run_numbers == list(range(6))
-    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {
-        r.info.run_id for r in trial_runs
-    }
 
 
 # Only the decoder is a speed setting, only the learning rate a quality one; one epoch each.

@@ -233,9 +233,10 @@ def test_a_killed_rank_ends_the_group_and_the_next_tune_retries_its_trial(
 
 
 def test_two_torchrun_groups_split_one_study(tmp_path, data, mlflow_store):
-    """Two groups of 2 processes, 2 speed trials each, on one journal storage: the 4 trials
-    are shared out without duplicates, each group's ranks train the same ones, and each
-    trial's rate is the group's (both processes' samples)."""
+    """Two groups of 2 processes, 2 speed trials each, on one journal storage (two workers on
+    one machine, whatever each is made of): the 4 trials are shared out without duplicates,
+    each group's ranks train the same ones, and each trial's rate is the group's (both
+    processes' samples)."""
     storage = tmp_path / "optuna.journal"
     config = _config(tmp_path, "ddp-tune-two")
     cmd = _torchrun_tune(config, data, storage, "--stage", "speed", "--n-trials", "2")
@@ -278,3 +279,4 @@ def test_two_torchrun_groups_split_one_study(tmp_path, data, mlflow_store):
     assert {r.data.tags["feedtune.world_size"] for r in runs} == {"2"}
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert all(r.data.metrics["train_samples_per_s"] > 0 for r in children)
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
