@@ -35,7 +35,13 @@ from feedtune.training.engine import Callback, build_optimizer
 from feedtune.training.models import head_parameters, set_backbone_trainable
 from feedtune.training.trainer import train_model
 from tests.commands.test_train import CONTRACT_ARTIFACTS, CONTRACT_METRICS
-from tests.conftest import REPO, env_with_src, single_torch_thread, tiny_feed, write_image_folder
+from tests.conftest import (
+    REPO,
+    feedtune_in_process,
+    single_torch_thread,
+    tiny_feed,
+    write_image_folder,
+)
 
 TINY = [
     "augment.image_size=32",
@@ -278,8 +284,8 @@ def test_finetune_replaces_the_head_freezes_the_backbone_and_records_lineage(
 
 
 @pytest.mark.slow
-def test_finetune_command_runs_with_its_default_config(store, colours, tmp_path):
-    """`feedtune finetune --from RUN_ID` in a fresh process, with the parser's default config
+def test_finetune_command_runs_with_its_default_config(store, colours, tmp_path, monkeypatch):
+    """`feedtune finetune --from RUN_ID` with the parser's default config
     (experiments/finetune-shapes-shift.yaml) and only --set to point it at tiny new data."""
     source = _train(colours, "src", "model.width=8")
     new_data = write_image_folder(
@@ -291,17 +297,12 @@ def test_finetune_command_runs_with_its_default_config(store, colours, tmp_path)
         "train.measure_batches=0",
         "augment.image_size=32",
     ]
-    env = {**env_with_src(), "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
     for leaked in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
-        env.pop(leaked, None)  # this process's own MLflow state must not steer the command
-    proc = subprocess.run(
+        monkeypatch.delenv(leaked, raising=False)  # other tests' MLflow state must not steer it
+    monkeypatch.chdir(REPO)  # where a user runs it: the default config's path is relative
+    proc = feedtune_in_process(
         [sys.executable, "-m", "feedtune", "finetune", "--no-progress", "--from", source]
-        + [f"--set={s}" for s in settings],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        + [f"--set={s}" for s in settings]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
