@@ -14,7 +14,7 @@ from feedtune.cli import _verdict_line
 from feedtune.commands.tune import TuneResult, run_tune, verdict
 from feedtune.config import load_config
 from feedtune.feed.dataset import single_torch_thread
-from feedtune.training.engine import StopTraining
+from feedtune.training.stopping import StopTraining
 from feedtune.tuning.stages import StopAtDeadline
 from tests.conftest import artifact_paths, write_image_folder
 

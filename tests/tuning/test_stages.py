@@ -17,7 +17,7 @@ from feedtune.config import load_config
 from feedtune.sources.prepare import prepare_data
 from feedtune.tracking import mlflow_store as tracking
 from feedtune.training import engine, throughput
-from feedtune.training.engine import StopTraining
+from feedtune.training.stopping import StopTraining
 from feedtune.tuning.stages import PruneOnPlateau, Tuner, trial_run
 from tests.conftest import TINY_RUN
 

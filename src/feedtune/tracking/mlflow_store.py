@@ -27,9 +27,8 @@ from mlflow.tracking import MlflowClient
 
 from feedtune.config import PROJECT_ROOT, Config
 from feedtune.tracking.liveness import GRACE_S, HEARTBEAT_S, is_alive, worker_info
-from feedtune.tracking.plots import close
 from feedtune.tracking.signals import signals_held
-from feedtune.training.engine import StopTraining
+from feedtune.training.stopping import StopTraining
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +196,8 @@ def log_json(obj: Any, artifact_file: str) -> None:
 
 
 def log_figure(fig: Any, artifact_file: str) -> None:
+    from feedtune.tracking.plots import close  # matplotlib: only when there is a figure
+
     mlflow.log_figure(fig, artifact_file)
     close(fig)
 

@@ -1,5 +1,6 @@
-"""The training loop's parts: one train step, one epoch, the learning-rate schedule, the
-callbacks and the stop signal; ``trainer.train_model`` runs the epochs.
+"""The training loop's parts: one train step, one epoch, the learning-rate schedule and the
+callbacks, which stop it with ``stopping.StopTraining``; ``trainer.train_model`` runs the
+epochs.
 
 It reports through callbacks and imports neither mlflow nor optuna, so the same loop serves
 ``train``, ``tune`` trials and ``finetune``.
@@ -23,27 +24,10 @@ from feedtune.training.devices import autocast
 from feedtune.training.distributed import Dist
 from feedtune.training.evaluation import EvalResult
 from feedtune.training.models import head_parameters
+from feedtune.training.stopping import STOP_REASONS, StopTraining
 
 # Steps between updates of the progress bar's loss (each update waits for the device).
 POSTFIX_EVERY = 20
-
-
-class StopTraining(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """Raised by a callback at the end of an epoch to stop training there; ``reason`` says
-    why (``pruned``, ``deadline``). Training ends on every process and raises it again, so
-    the caller (a trial) decides what a stop means. Early stopping on ``train.patience`` is a
-    normal end of training, not this signal (``TrainState.stopped`` says ``patience``)."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        if reason not in STOP_REASONS[1:]:
-            raise ValueError(f"StopTraining: reason {reason!r}, allowed: {STOP_REASONS[1:]}")
-        super().__init__(detail or reason)
-        self.reason = reason
-
-
-# Why a callback stops training (index 0: it did not); the order settles a disagreement
-# between processes (the later one wins).
-STOP_REASONS = ("", "pruned", "deadline")
 
 
 @dataclass

@@ -34,7 +34,8 @@ from feedtune.tracking.recording import (
 from feedtune.tracking.signals import signals_held
 from feedtune.training.devices import resolve_device
 from feedtune.training.distributed import group_failure
-from feedtune.training.engine import Callback, StopTraining
+from feedtune.training.engine import Callback
+from feedtune.training.stopping import StopTraining
 from feedtune.training.trainer import train_model
 from feedtune.tuning import optuna_storage, optuna_study, space
 from feedtune.tuning.trial_group import Order, TrialGroup, group_feed, speed_trial

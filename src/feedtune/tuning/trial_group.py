@@ -24,8 +24,8 @@ from feedtune.feed.feed import Feed, build_feed
 from feedtune.sources.prepare import PreparedData
 from feedtune.training.devices import prepare_model
 from feedtune.training.distributed import Dist, cpu_group
-from feedtune.training.engine import StopTraining
 from feedtune.training.models import build_model
+from feedtune.training.stopping import StopTraining
 from feedtune.training.throughput import measure_training
 from feedtune.training.trainer import train_model
 
