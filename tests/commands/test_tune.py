@@ -11,13 +11,11 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from feedtune.cli import main as feedtune_main
 from tests.conftest import (
     REPO,
     artifact_paths,
     env_with_src,
     feedtune_in_process,
-    single_torch_thread,
     tune_command,
     write_image_folder,
 )
@@ -61,9 +59,9 @@ def _tune(
     cfg.write_text(config.format(experiment=experiment))
     cmd = tune_command(cfg, data, "--storage", f"journal:{tmp / 'optuna.journal'}", *args)
     if in_process:
-        with single_torch_thread():
-            assert feedtune_main(cmd[3:]) == 0
-        return None
+        proc = feedtune_in_process(cmd)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
     if background:
         return subprocess.Popen(
             cmd, cwd=REPO, env=env_with_src(), stderr=subprocess.PIPE, text=True

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from feedtune.tracking.liveness import is_alive, worker_info
+from tests.conftest import env_with_src
 
 HAS_PROC = os.path.exists("/proc/sys/kernel/random/boot_id") and os.path.exists("/proc/self/ns/pid")
 
@@ -112,7 +113,7 @@ def test_a_bad_heartbeat_setting_names_the_variable(value):
     """What every worker of a study reads at start: a fresh interpreter, as a worker has."""
     proc = subprocess.run(
         [sys.executable, "-c", "import feedtune.tracking.liveness"],
-        env={**os.environ, "FEEDTUNE_HEARTBEAT_S": value},
+        env={**env_with_src(), "FEEDTUNE_HEARTBEAT_S": value},
         capture_output=True,
         text=True,
     )
@@ -124,7 +125,7 @@ def test_the_heartbeat_setting_sets_the_grace_to_three_beats():
     code = "from feedtune.tracking import liveness as l; print(l.HEARTBEAT_S, l.GRACE_S)"
     proc = subprocess.run(
         [sys.executable, "-c", code],
-        env={**os.environ, "FEEDTUNE_HEARTBEAT_S": "4"},
+        env={**env_with_src(), "FEEDTUNE_HEARTBEAT_S": "4"},
         capture_output=True,
         text=True,
         check=True,
