@@ -139,3 +139,40 @@ def test_train_logs_the_whole_contract_and_repeats_it_with_the_same_seed(
     }
     losses = [[m.value for m in client.get_metric_history(r.info.run_id, "val_loss")] for r in runs]
     assert losses[0] == losses[1]
+
+
+# A user's model as a newcomer writes it: no attribute named classifier, fc, head or heads.
+SEQUENTIAL_FACTORY = """
+from torch import nn
+
+
+def make_net(num_classes):
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, num_classes),
+    )
+"""
+
+
+def test_a_factory_s_plain_sequential_trains_without_a_named_head(
+    data, mlflow_store, tmp_path, monkeypatch
+):
+    name = f"seqzoo_{tmp_path.name.replace('-', '_')}"
+    folder = tmp_path / "pkgs"
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(SEQUENTIAL_FACTORY)
+    monkeypatch.syspath_prepend(str(folder))
+    cmd = _train_command(data, "--set", f"model.name={name}:make_net", epochs=1)
+    try:
+        proc = feedtune_in_process([*cmd, "--set", "train.measure_batches=0"])
+    finally:
+        sys.modules.pop(name, None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert "val_f1_macro" in run.data.metrics
+    assert run.data.params["model.name"] == f"{name}:make_net"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from feedtune.config import TrainConfig
 from feedtune.training.devices import is_channels_last
@@ -16,7 +17,7 @@ from feedtune.training.engine import (
     lr_factor,
     scaled_lr,
 )
-from feedtune.training.models import SmallCNN
+from feedtune.training.models import SmallCNN, set_backbone_trainable
 from feedtune.training.trainer import train_model
 from tests.conftest import tiny_feed
 
@@ -127,3 +128,24 @@ def test_lr_scales_with_the_global_batch_as_configured(scaling, factor):
     assert scaled_lr(cfg, 1) == pytest.approx(0.001)  # one process: nothing to scale
     backbone, head = build_optimizer(SmallCNN(2, width=4, depth=1), cfg, world_size=4).param_groups
     assert head["lr"] == pytest.approx(0.001 * factor) == backbone["lr"]
+
+
+def test_a_model_without_a_named_head_trains_its_last_linear_as_the_head(caplog):
+    conv, linear = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+    net = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear)
+    with caplog.at_level("INFO", logger="feedtune.training.models"):
+        backbone, head = build_optimizer(net, TrainConfig()).param_groups
+    assert head["params"] == list(linear.parameters())
+    assert backbone["params"] == list(conv.parameters())
+    assert "last nn.Linear '4' is taken as the head" in caplog.text
+
+    # No linear layer at all: one group.
+    (group,) = build_optimizer(nn.Sequential(nn.Conv2d(3, 2, 1)), TrainConfig()).param_groups
+    assert group["name"] == "all" and len(group["params"]) == 2
+
+    # Where the head matters, the missing name is an error that says what to name.
+    for train, finetune in [(TrainConfig(), True), (TrainConfig(unfreeze_after=1), False)]:
+        with pytest.raises(ValueError, match="name it classifier, fc, head or heads"):
+            build_optimizer(net, train, finetune=finetune)
+    with pytest.raises(ValueError, match="cannot find the classification head of Sequential"):
+        set_backbone_trainable(net, False)

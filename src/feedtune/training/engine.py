@@ -23,7 +23,7 @@ from feedtune.progress import progress_bar
 from feedtune.training.devices import autocast
 from feedtune.training.distributed import Dist
 from feedtune.training.evaluation import EvalResult
-from feedtune.training.models import head_parameters
+from feedtune.training.models import head_parameters, optimizer_head_parameters
 from feedtune.training.stopping import STOP_REASONS, StopTraining
 
 # Steps between updates of the progress bar's loss (each update waits for the device).
@@ -256,8 +256,12 @@ def build_optimizer(
 
     Frozen parameters stay in the optimizer (their grads are None, so they do not move) so that
     unfreezing later needs no new optimizer and resuming restores one consistent state.
+
+    A model whose head feedtune cannot find by name (a user's ``nn.Sequential``) trains too:
+    its last ``nn.Linear`` is the head group, or, with none, one group holds every parameter.
+    Finetuning and ``train.unfreeze_after`` need the named head and say so.
     """
-    head_ids = {id(p) for p in head_parameters(model)}
+    head_ids = _head_ids(model, cfg, finetune=finetune)
     head = [p for p in model.parameters() if id(p) in head_ids]
     backbone = [p for p in model.parameters() if id(p) not in head_ids]
     lr = scaled_lr(cfg, world_size)
@@ -266,11 +270,24 @@ def build_optimizer(
         {"params": backbone, "lr": lr * scale, "name": "backbone"},
         {"params": head, "lr": lr, "name": "head"},
     ]
+    if not head:
+        groups = [{"params": backbone, "lr": lr, "name": "all"}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             groups, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True
         )
     return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def _head_ids(model: nn.Module, cfg: TrainConfig, *, finetune: bool) -> set[int]:
+    """Ids of the head group's parameters; the named head's where the run needs that one."""
+    if not (finetune or cfg.unfreeze_after):
+        return {id(p) for p in optimizer_head_parameters(model)}
+    try:
+        return {id(p) for p in head_parameters(model)}
+    except ValueError as exc:
+        why = "finetuning" if finetune else f"train.unfreeze_after={cfg.unfreeze_after}"
+        raise ValueError(f"{why}: {exc}") from exc
 
 
 def epoch_metrics(

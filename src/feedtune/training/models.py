@@ -3,6 +3,7 @@ a user's ``module.path:callable`` factory (``external_models``)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from feedtune.training.external_models import (
     build_timm,
     is_factory,
 )
+
+log = logging.getLogger(__name__)
 
 # The ModelConfig fields that decide the shape of the weights: a checkpoint records exactly
 # these (``model_args``) and a model is rebuilt from them alone.
@@ -101,8 +104,9 @@ def _head_path(model: nn.Module) -> str:
         if hasattr(model, name):
             return name
     raise ValueError(
-        f"cannot find the classification head of {type(model).__name__}: name it classifier, "
-        "fc, head or heads, or give the model get_classifier() and reset_classifier(n)"
+        f"cannot find the classification head of {type(model).__name__}, which freezing and "
+        "finetuning need: name it classifier, fc, head or heads, or give the model "
+        "get_classifier() and reset_classifier(n)"
     )
 
 
@@ -133,7 +137,30 @@ def _last_linear(module: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the model's named head (``_head_path``, or timm's
+    ``get_classifier()``); a ``ValueError`` that says what to name when it has none."""
     return list(_head(model).parameters())
+
+
+def optimizer_head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the optimizer's head group: the named head's, else the model's last
+    ``nn.Linear``'s (logged as the guess it is), else none (one group for the whole model,
+    logged too). A plain train needs no head; freezing and finetuning do."""
+    try:
+        return head_parameters(model)
+    except ValueError:
+        pass
+    kind = type(model).__name__
+    needs = "freezing and finetuning need it named classifier, fc, head or heads"
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        log.info("%s: no classification head, no nn.Linear: one parameter group (%s)", kind, needs)
+        return []
+    name, linear = linears[-1]
+    log.info(
+        "%s: no named head; its last nn.Linear '%s' is taken as the head (%s)", kind, name, needs
+    )
+    return list(linear.parameters())
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
@@ -245,5 +272,8 @@ def build_model(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
         )
     model = _BUILDERS[source](cfg, num_classes)
     if cfg.freeze == "backbone":
-        set_backbone_trainable(model, False)
+        try:
+            set_backbone_trainable(model, False)
+        except ValueError as exc:
+            raise ValueError(f"model.freeze=backbone: {exc}") from exc
     return model
