@@ -107,6 +107,8 @@ def test_train_logs_the_whole_contract_and_repeats_it_with_the_same_seed(
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1_macro")] == [0, 1]
     assert run.data.metrics["best_val_f1_macro"] > 0.5  # three colours: easy
     assert run.data.params["augment.library"] == "albumentations"
+    # What chose best.pt (and early stopping) is on record, though a train run searches nothing.
+    assert run.data.params["search.metric"] == "val_f1_macro"
     assert CONTRACT_ARTIFACTS <= artifact_paths(client, run.info.run_id)
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"train", "val"}
 

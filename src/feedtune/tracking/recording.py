@@ -74,9 +74,16 @@ def log_run_inputs(cfg: Config, data: PreparedData, feed: Feed) -> None:
     mlflow_store.log_split(data.split)
     mlflow_store.log_bad_images(data.bad)
     mlflow_store.log_json(feed.describe(), "feed/feed.json")
-    # The batch an optimizer step sees over all processes, and the rate it learns at.
+    # The batch an optimizer step sees over all processes, the rate it learns at, and the
+    # metric that chooses best.pt and stops early (config params leave out the search section).
     lr = scaled_lr(cfg.train, feed.world_size)
-    mlflow_store.log_params({"global_batch_size": feed.global_batch_size, "lr_scaled": lr})
+    mlflow_store.log_params(
+        {
+            "global_batch_size": feed.global_batch_size,
+            "lr_scaled": lr,
+            "search.metric": cfg.search.metric,
+        }
+    )
     transform = feed.train_transform
     mlflow_store.log_json(transform.to_dict(), "augment/train.json")
     with tempfile.TemporaryDirectory() as tmp:
