@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 import feedtune
@@ -170,10 +171,13 @@ def test_mlflow_models_serve_answers_images_as_load_best_predicts_them(served, t
         assert [r["label"] for r in rows] == labels
         assert np.allclose([r["probabilities"] for r in rows], probs, atol=1e-5)
 
-        # Bytes that are no image: a client error that says so, and the server lives on.
+        # Bytes that are no image: a 400 whose message (not just its trace) says why; it lives on.
         body = {"dataframe_records": [{"image": _b64(b"not an image at all")}]}
         status, text = _request(port, "/invocations", body)
-        assert status == 400 and "not an image" in text
+        assert status == 400, text
+        error = json.loads(text)
+        assert error["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert "bad image #0 (19 bytes): not an image" in error["message"]
         assert _request(port, "/ping")[0] == 200
     finally:
         if proc.poll() is None:
@@ -212,8 +216,11 @@ def test_pyfunc_answers_png_bytes_paths_and_arrays_as_load_best_and_refuses_non_
     # The class names travel with the model.
     assert model.metadata.metadata["classes"] == served.best.classes == ["blue", "green", "red"]
 
-    with pytest.raises(BadImageError, match=r"bad image #1 \(5 bytes\): not an image"):
+    # A bad request is MLflow's invalid-parameter error, its message the reason.
+    with pytest.raises(MlflowException, match=r"bad image #1 \(5 bytes\): not an image") as info:
         model.predict(pd.DataFrame({"image": [pngs[0], b"hello"]}))
+    assert info.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert isinstance(info.value.__cause__, BadImageError)
 
 
 def test_the_logged_model_is_code_plus_data_with_a_real_image_example(served, tmp_path):

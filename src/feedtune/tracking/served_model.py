@@ -17,6 +17,8 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from feedtune.training.serving import (
@@ -42,7 +44,14 @@ class FeedtuneImageModel(PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        labels, probs = self.classifier.predict(request_images(model_input))
+        """Labels and probabilities of the request's images. A request feedtune cannot read (no
+        ``image`` column, bytes that are no image, a wrong array) raises ``MlflowException``
+        with the reason as its message: the scoring server answers 400 with that ``message``
+        (any other exception would leave the reason only in the ``stack_trace``)."""
+        try:
+            labels, probs = self.classifier.predict(request_images(model_input))
+        except (ValueError, TypeError) as exc:  # BadImageError is a ValueError
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
         return response_frame(labels, probs)
 
 
