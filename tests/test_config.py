@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from feedtune.config import (
     Config,
@@ -154,3 +155,51 @@ def test_a_config_error_exits_2_with_one_line_naming_the_key(tmp_path: Path, arg
     assert named.format(tmp=tmp_path) in lines[0] and also in lines[0], lines[0]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ([], "feedtune-shapes"),
+        (["data.name=shapes-shift"], "feedtune-shapes-shift"),
+        (["data.path={tmp}/my_images"], "feedtune-my_images"),
+        (["data.path={tmp}/my_images/"], "feedtune-my_images"),
+        (["data.path=my_images"], "feedtune-my_images"),
+        (["data.path={tmp}/pets/manifest.csv"], "feedtune-pets"),
+        (["data.path={tmp}/pets/labels-2024.csv"], "feedtune-labels-2024"),
+        (["data.path=mydata.pets:make_dataset"], "feedtune-mydata.pets.make_dataset"),
+        (["data.path='{tmp}/my photos: 2024'"], "feedtune-my-photos-2024"),
+        (["data.path={tmp}/my_images", "experiment=mine"], "mine"),
+        (["data.path={tmp}/my_images", "experiment=feedtune-shapes"], "feedtune-shapes"),
+    ],
+)
+def test_the_experiment_is_named_after_the_data_unless_named(
+    tmp_path, monkeypatch, settings, expected
+):
+    monkeypatch.chdir(tmp_path)
+    settings = [s.format(tmp=tmp_path) for s in settings]
+    assert load_config(REPO / "experiments" / "default.yaml", settings).experiment == expected
+    assert load_config(None, settings).experiment == expected
+
+
+def test_an_experiment_named_in_a_file_wins_and_a_resolved_config_keeps_its_name(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("experiment: mine\n")
+    assert load_config(path, [f"data.path={tmp_path / 'imgs'}"]).experiment == "mine"
+    named = load_config(None, [f"data.path={tmp_path / 'imgs'}"])
+    path.write_text(named.to_yaml())  # what a run logs as config/resolved.yaml
+    assert load_config(path, [f"data.path={tmp_path / 'other'}"]).experiment == "feedtune-imgs"
+    with pytest.raises(ConfigError, match="experiment: got an empty name"):
+        load_config(None, ["experiment=''"])
+
+
+def test_the_default_configs_ship_in_the_package_as_the_checkout_files():
+    """One copy: the package's default configs are links to experiments/, which the wheel
+    carries as files (tests/test_packaging.py builds it)."""
+    from feedtune.config.sections import PACKAGED_CONFIGS
+
+    for name in ("default.yaml", "finetune-shapes-shift.yaml"):
+        assert (PACKAGED_CONFIGS / name).samefile(REPO / "experiments" / name)
+    cfg = load_config(PACKAGED_CONFIGS / "default.yaml")
+    assert cfg.search.space and cfg.experiment == "feedtune-shapes"
+    assert "experiment" not in yaml.safe_load((PACKAGED_CONFIGS / "default.yaml").read_text())

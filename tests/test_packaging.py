@@ -1,13 +1,18 @@
 """The MLflow project, the package and the docs agree with each other."""
 
+import os
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
+from pathlib import Path
 
+import pytest
 import yaml
 
-from tests.conftest import REPO, env_with_src
+from tests.conftest import REPO, env_with_src, write_image_folder
 
 
 def _name(spec: str) -> str:
@@ -93,3 +98,76 @@ def test_dependency_floors_are_past_known_holes_and_met_by_what_the_tests_run_on
     for name, req in reqs.items():
         installed = version(name).split("+")[0]
         assert req.specifier.contains(installed, prereleases=True), (name, installed)
+
+
+def _wheel_in_fresh_venv(tmp: Path) -> Path:
+    """The wheel (`pip wheel`, no editable install) in a new venv; its dependencies come from
+    the test venv through a .pth line (no download), feedtune only from the wheel. The build
+    runs on a copy of the sources, so the checkout gets no build/ or egg-info from it."""
+    tree = tmp / "tree"
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, tree / name)
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(REPO / "src", tree / "src", symlinks=True, ignore=skip)
+    shutil.copytree(REPO / "experiments", tree / "experiments")
+    wheels = tmp / "wheels"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(tree)]
+    subprocess.run(build, check=True, capture_output=True, timeout=300)
+    (wheel,) = wheels.glob("feedtune-*.whl")
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    install = [*pip, "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)]
+    subprocess.run(install, check=True, capture_output=True, timeout=300)
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True)
+    deps = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    (Path(site.stdout.strip()) / "feedtune-test-deps.pth").write_text("\n".join(sorted(deps)))
+    return venv
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_tunes_a_users_folder_with_the_default_search_space(tmp_path):
+    """`pip install` of the wheel, then `feedtune tune --set data.path=my_images` in a folder
+    of the user's (FEEDTUNE_HOME): the default config comes with the package, so the trials
+    search its space, and the runs and model are named after the folder."""
+    venv = _wheel_in_fresh_venv(tmp_path)
+    home = tmp_path / "home"
+    write_image_folder(home / "my_images", {"a": 12, "b": 12}, size=(32, 32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FEEDTUNE_"))}
+    env.pop("PYTHONPATH", None)
+    env.update(FEEDTUNE_HOME=str(home), OMP_NUM_THREADS="1")
+    code = "from feedtune.config import DEFAULT_CONFIG_PATH as p; print(p)"
+    where = subprocess.run(
+        [venv / "bin" / "python", "-c", code], cwd=home, env=env, capture_output=True, text=True
+    )
+    packaged = Path(where.stdout.strip())
+    assert packaged.is_relative_to(venv) and not packaged.is_symlink(), where
+    assert packaged.read_text() == (REPO / "experiments" / "default.yaml").read_text()
+
+    tiny = ["train.epochs=1", "train.measure_batches=0", "augment.image_size=32", "model.width=8"]
+    tiny += ["search.speed_steps=3", "search.speed_skip_wait_frac=0", "search.noise_seeds=0"]
+    cmd = [venv / "bin" / "feedtune", "tune", "--no-progress", "--n-trials", "2"]
+    cmd += ["--set", "data.path=my_images", *(f"--set={s}" for s in tiny)]
+    proc = subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (settings,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("settings:")]
+    assert "--set " in settings, proc.stdout
+
+    import optuna
+
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(home / "optuna.journal"))
+    )
+    for stage in ("speed", "quality"):
+        study = optuna.load_study(study_name=f"feedtune-my_images-{stage}", storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        assert trials and all(t.params for t in trials), (stage, trials)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    assert client.get_experiment_by_name("feedtune-my_images") is not None
+    assert client.get_experiment_by_name("feedtune-shapes") is None
+    assert client.get_model_version_by_alias("feedtune-my_images", "best").run_id

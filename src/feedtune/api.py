@@ -1,6 +1,6 @@
 """``feedtune.load_best``: the best model of an experiment, ready to predict or to finetune.
 
-    best = feedtune.load_best("feedtune-shapes")
+    best = feedtune.load_best("feedtune-shapes")  # or load_best(data_path="my_images")
     labels, probs = best.predict(["a.jpg", "b.png"])  # as the served model answers them
 
 The model is rebuilt from ``checkpoints/best.pt`` of the chosen run, read with
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from feedtune.config import DEFAULT_EXPERIMENT, Config
+from feedtune.config import Config, experiment_for
 from feedtune.feed.augment.per_sample import Transform, build_transform
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.lookup import fetch_checkpoint, find_best_run
@@ -83,9 +83,10 @@ class BestModel:
 
 
 def load_best(
-    experiment: str = DEFAULT_EXPERIMENT,
+    experiment: str | None = None,
     tracking_uri: str | None = None,
     *,
+    data_path: str | None = None,
     device: str = "auto",
     allowed_factory: str | None = None,
 ) -> BestModel:
@@ -93,7 +94,13 @@ def load_best(
     else the finished run with the highest ``best_val_f1_macro``.
 
     Args:
-        experiment: MLflow experiment name (also the registered model's name).
+        experiment: MLflow experiment name (also the registered model's name). Default: the
+            name feedtune's commands give runs on ``data_path`` when their config names no
+            experiment: ``feedtune-<folder name>`` for an ImageFolder or Hugging Face folder,
+            ``feedtune-<file stem>`` for a CSV manifest (the folder's name for a
+            ``manifest.csv``), ``feedtune-<module.path.callable>`` for a Dataset callable;
+            without ``data_path``, the embedded dataset's ``feedtune-shapes``.
+        data_path: the ``data.path`` the model was trained on, to name the experiment.
         tracking_uri: the store; default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` at
             the project root, as for every feedtune command.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
@@ -106,6 +113,7 @@ def load_best(
             code when unpickled) or cannot be read, or it names a factory other than
             ``allowed_factory``; nothing in it is executed.
     """
+    experiment = experiment or experiment_for(data_path)
     with mlflow_store.use_store(tracking_uri), tempfile.TemporaryDirectory() as tmp:
         run_id = find_best_run(experiment).info.run_id
         payload = fetch_checkpoint(run_id, tmp)

@@ -34,11 +34,9 @@ FROM_HELP = (
 
 
 def _common(parser: argparse.ArgumentParser, *, default_config: Path = DEFAULT_CONFIG_PATH) -> None:
-    parser.add_argument(
-        "--config",
-        default=str(default_config) if default_config.is_file() else None,
-        help=f"YAML config (default: {default_config.parent.name}/{default_config.name})",
-    )
+    # The project's experiments/<file>, else the copy installed with feedtune: always a file.
+    where = f"YAML config (default: {default_config})"
+    parser.add_argument("--config", default=str(default_config), help=where)
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -145,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("best", help="print the best run of an experiment")
-    p.add_argument("--experiment", default=None, help="default: the config's experiment")
+    p.add_argument("--experiment", default=None, help="default: the config's, or feedtune-<data>")
     p.add_argument(
         "--emit",
         choices=["text", "python"],
@@ -253,7 +251,9 @@ def _train_call(args: argparse.Namespace, cfg: Config, progress: bool) -> Call:
 
 def _tune_call(args: argparse.Namespace, cfg: Config, progress: bool) -> Call:
     from feedtune.commands.tune import run_tune
+    from feedtune.tuning.space import require_space
 
+    require_space(cfg.search, args.stage)
     n_trials = _positive_or_none(args.n_trials)
     kwargs = {
         "cfg": cfg,

@@ -307,7 +307,8 @@ def test_finetune_command_runs_with_its_default_config(store, colours, tmp_path,
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     client = MlflowClient()
-    exp = client.get_experiment_by_name("feedtune-shapes-shift")  # the default config's
+    # The default config names no experiment: the runs are named after the data's folder.
+    exp = client.get_experiment_by_name("feedtune-new")
     assert exp is not None, proc.stderr[-3000:]
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"

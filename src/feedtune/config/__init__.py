@@ -9,6 +9,7 @@ from feedtune.config.loading import (
     parse_override,
     with_overrides,
 )
+from feedtune.config.naming import experiment_for
 from feedtune.config.sections import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_EXPERIMENT,
@@ -47,6 +48,7 @@ __all__ = [
     "SplitConfig",
     "TrainConfig",
     "config_from_dict",
+    "experiment_for",
     "load_config",
     "parse_override",
     "with_overrides",

@@ -252,7 +252,8 @@ def config_from_dict(d: dict[str, Any]) -> Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- ``--set`` overrides, validated."""
-    data: dict[str, Any] = Config().to_dict()
+    # The experiment is named after the data unless the file or a --set names it.
+    data: dict[str, Any] = {**Config().to_dict(), "experiment": None}
     # Start from defaults but let the file's search section replace the default (empty) space.
     if path is not None:
         path = Path(path)

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import yaml
 
+from feedtune.config.naming import experiment_for
+
 
 def _project_root() -> Path:
     """The checkout (where MLproject lives) when run from it, else the current directory."""
@@ -23,10 +25,23 @@ def _project_root() -> Path:
 
 
 PROJECT_ROOT = _project_root()
-DEFAULT_CONFIG_PATH = PROJECT_ROOT / "experiments" / "default.yaml"
-DEFAULT_FINETUNE_CONFIG_PATH = PROJECT_ROOT / "experiments" / "finetune-shapes-shift.yaml"
-# The experiment (and registered model name) of the embedded dataset's runs.
-DEFAULT_EXPERIMENT = "feedtune-shapes"
+# The default config files ship in the package (config/defaults/: links to the checkout's
+# experiments/ files, copied into the wheel), so an installed feedtune has the same search
+# space as the checkout. A project's own experiments/<file> comes first.
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "defaults"
+
+
+def default_config_path(name: str) -> Path:
+    """``experiments/<name>`` of the project folder if there is one, else feedtune's own."""
+    local = PROJECT_ROOT / "experiments" / name
+    return local if local.is_file() else PACKAGED_CONFIGS / name
+
+
+DEFAULT_CONFIG_PATH = default_config_path("default.yaml")
+DEFAULT_FINETUNE_CONFIG_PATH = default_config_path("finetune-shapes-shift.yaml")
+# The experiment (and registered model name) of the embedded dataset's runs; other data's
+# runs go to feedtune-<data> (``naming.experiment_for``).
+DEFAULT_EXPERIMENT = experiment_for(None, "shapes")
 
 
 # A value of ``model.kwargs``: plain YAML scalars or a list of them. ``str`` comes first so a
@@ -288,7 +303,9 @@ class BenchConfig:
 
 @dataclass
 class Config:
-    experiment: str = DEFAULT_EXPERIMENT
+    # MLflow experiment and registered model name; None: named after the data, feedtune-<folder
+    # name, manifest stem or dataset name> (feedtune-shapes for the embedded dataset).
+    experiment: str | None = None
     seed: int = 42
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -299,6 +316,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def __post_init__(self) -> None:
+        if self.experiment is None:
+            self.experiment = experiment_for(self.data.path, self.data.name)
+        elif not self.experiment.strip():
+            raise ConfigError(
+                "experiment: got an empty name; name one, or leave it out to name the runs "
+                "after the data (feedtune-<data>)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

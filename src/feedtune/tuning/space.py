@@ -11,7 +11,7 @@ import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from feedtune.config import ParamSpec, SearchConfig
+from feedtune.config import ConfigError, ParamSpec, SearchConfig
 from feedtune.feed.augment.batch import BATCH_POLICIES
 
 SPEED_KEYS = (
@@ -41,6 +41,19 @@ def speed_space(search: SearchConfig) -> dict[str, ParamSpec]:
 
 def quality_space(search: SearchConfig) -> dict[str, ParamSpec]:
     return {k: v for k, v in search.space.items() if k not in SPEED_KEYS}
+
+
+def require_space(search: SearchConfig, stage: str) -> None:
+    """A ``ConfigError`` when ``stage`` (speed, quality or all) has no key to search: its
+    trials would all train the start configuration, with no parameters."""
+    keys = {"speed": speed_space, "quality": quality_space}.get(stage, lambda s: s.space)(search)
+    if not keys:
+        which = "" if stage == "all" else f" for the {stage} stage"
+        raise ConfigError(
+            f"search: no searched keys{which}, so `feedtune tune` has nothing to try; declare "
+            "them in the config's search section, e.g. 'loader.num_workers: {int: [0, 2]}' or "
+            "'train.lr: {float: [1.0e-4, 1.0e-2], log: true}'"
+        )
 
 
 def inert_settings(values: dict[str, Any], *, cuda: bool, source: Iterable[str] = ()) -> set[str]:
