@@ -174,19 +174,31 @@ def feedtune_in_process(cmd: list[str]) -> subprocess.CompletedProcess:
     records rather than about processes: a fresh interpreter spends seconds importing torch,
     MLflow and the rest, the larger part of a tiny run's time here."""
     import io
+    import logging
     import signal
 
+    from feedtune import logs
     from feedtune.cli import main
 
     assert cmd[1:3] == ["-m", "feedtune"], cmd
     out, err = io.StringIO(), io.StringIO()
     sigterm = signal.getsignal(signal.SIGTERM)  # main installs its own
+    # main quiets MLflow and Optuna for its process: not for the tests that run after it.
+    env = {k: os.environ.get(k) for k in (logs.MLFLOW_LEVEL_ENV, logs.MLFLOW_BARS_ENV)}
+    levels = {name: logging.getLogger(name).level for name in logs.LIBRARIES}
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             with single_torch_thread():
                 code = main(cmd[3:])
     finally:
         signal.signal(signal.SIGTERM, sigterm)
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
     return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
 
 

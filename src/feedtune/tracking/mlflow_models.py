@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from feedtune.training import serving
@@ -93,10 +94,11 @@ def _model_requirements(model_name: str) -> list[str]:
 def register_if_better(
     run_id: str, name: str, *, metric: str, alias: str = "best"
 ) -> tuple[bool, str | None]:
-    """Register ``runs:/<run_id>/model`` as ``name`` and point ``alias`` at it, unless the run
+    """Register the run's model ``model`` as ``name`` and point ``alias`` at it, unless the run
     the alias already points at scored at least as well. Returns (moved, version)."""
     client = MlflowClient()
-    new_value = client.get_run(run_id).data.metrics.get(metric, float("-inf"))
+    run = client.get_run(run_id)
+    new_value = run.data.metrics.get(metric, float("-inf"))
     try:
         current = client.get_model_version_by_alias(name, alias)
     except mlflow.exceptions.MlflowException:
@@ -107,10 +109,22 @@ def register_if_better(
         old = client.get_run(current.run_id).data.metrics.get(metric, float("-inf"))
         if old >= new_value:
             return False, current.version
-    version = mlflow.register_model(f"runs:/{run_id}/model", name)
+    version = mlflow.register_model(_model_uri(client, run), name)
     client.set_registered_model_alias(name, alias, version.version)
     client.set_model_version_tag(name, version.version, metric, str(new_value))
     return True, version.version
+
+
+def _model_uri(client: MlflowClient, run: Run) -> str:
+    """``models:/<model_id>`` of the model ``model`` that ``run`` logged (MLflow 3 keeps it
+    outside the run's artifacts; registering ``runs:/<run_id>/model`` finds it too, with a
+    warning in the log), the latest when it logged several; else ``runs:/<run_id>/model``."""
+    outputs = run.outputs.model_outputs if run.outputs is not None else []
+    for output in sorted(outputs, key=lambda o: o.step, reverse=True):
+        model = client.get_logged_model(output.model_id)
+        if model.name == "model":
+            return model.model_uri
+    return f"runs:/{run.info.run_id}/model"
 
 
 def alias_run_id(name: str, alias: str = "best") -> str | None:
