@@ -138,3 +138,39 @@ def test_optuna_writes_one_line_per_trial(capsys: pytest.CaptureFixture[str]):
     assert all(line.endswith(" s)") for line in lines)
     optuna_study.optimize(study, lambda t: 0.5, n_trials=1, timeout=None, progress=False)
     assert "trial " not in capsys.readouterr().err
+
+
+def test_a_trial_line_says_what_the_trial_ran():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    dists = {
+        "augment.policy": CategoricalDistribution(["none", "color"]),
+        "train.lr": FloatDistribution(1e-6, 1e-2, log=True),
+    }
+
+    def trial(number: int, params: dict, **attrs) -> optuna.trial.FrozenTrial:
+        frozen = optuna.trial.create_trial(
+            params=params, distributions=dists, value=0.71234, user_attrs=attrs
+        )
+        frozen.number = number
+        return frozen
+
+    start = trial(0, {"augment.policy": "none", "train.lr": 1e-3}, start_config=True)
+    lines = [
+        optuna_study.trial_line(t, start)
+        for t in (
+            start,
+            trial(1, {"augment.policy": "color", "train.lr": 1e-3}, arm="anchor-1"),
+            trial(5, {"augment.policy": "color", "train.lr": 0.0021234}),
+            trial(6, {"augment.policy": "none", "train.lr": 1e-3}),
+        )
+    ]
+    assert [line.rsplit(" (", 1)[0] for line in lines] == [
+        "trial 0 COMPLETE value=0.7123 start",
+        "trial 1 COMPLETE value=0.7123 arm anchor-1",
+        "trial 5 COMPLETE value=0.7123 augment.policy=color train.lr=0.002123",
+        "trial 6 COMPLETE value=0.7123 as start",
+    ]
+    # Without a start configuration in the study: every parameter.
+    alone = optuna_study.trial_line(trial(2, {"augment.policy": "none", "train.lr": 1e-3}))
+    assert alone.startswith("trial 2 COMPLETE value=0.7123 augment.policy=none train.lr=0.001 (")
