@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from feedtune import logs
 from feedtune.config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_EXPERIMENT,
@@ -159,27 +159,13 @@ def _positive_or_none(value: float | None) -> float | None:
     return None if value is None or value < 0 else value
 
 
-def _verdict_line(result: Any, metric: str) -> str:
-    """The study's answer in words: did the winner beat the start configuration?"""
-    start, sd, best = result.start_value, result.noise_sd, result.best_value
-    if start is None:
-        return "the start configuration was not trained in this study: no comparison"
-    noise = f"noise sd {sd:.4f}" if sd is not None else "noise unknown (one run of the start)"
-    if result.winner_is_start:
-        return (
-            f"the best trial is the start configuration itself ({best:.4f}; with its other "
-            f"seeds {start:.4f}, {noise}): no other configuration beat it, keep your settings "
-            "or give the search more time"
-        )
-    if result.winner_vs_start == "better":
-        return (
-            f"the winner beats the start configuration: {metric} {best:.4f} vs {start:.4f} "
-            f"({noise}); adopt it with the settings below"
-        )
-    return (
-        f"the winner ({best:.4f}) is within the noise of the start configuration ({start:.4f}, "
-        f"{noise}): keep your settings, or give the search more time"
-    )
+def _verdict_line(result: Any) -> str:
+    """The study's answer in words: what to adopt, and the re-check's figures behind it."""
+    from feedtune.tuning.recheck import verdict_words
+
+    if result.verdict is None:
+        return "no re-check (search.recheck_seeds: 0): the best trial as it scored, unconfirmed"
+    return verdict_words(result.verdict)
 
 
 def _storage(args: argparse.Namespace) -> str | None:
@@ -274,8 +260,8 @@ def _report_tune(result: Any, metric: str) -> None:
         f"study '{result.study_name}' (storage {result.storage}), parent run {result.parent_run_id}"
     )
     if result.best_run_id:
-        print(f"best trial run {result.best_run_id}: {metric} = {result.best_value:.4f}")
-        print(_verdict_line(result, metric))
+        print(f"recommended run {result.best_run_id}: {metric} = {result.best_value:.4f}")
+        print(_verdict_line(result))
         print("settings: " + " ".join(f"--set {k}={v}" for k, v in result.best_params.items()))
 
 
@@ -352,15 +338,13 @@ def _lost_group(exc: BaseException | None) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("FEEDTUNE_LOG", "WARNING"),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure()  # $FEEDTUNE_LOG; MLflow's and Optuna's lines below WARNING only on request
     args = build_parser().parse_args(argv)
     # SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C: runs marked KILLED, checkpoints kept.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         call = _call(args)
+        logs.quiet_libraries()  # again: importing Optuna (with the command) set it to INFO
         call.report(call.run(**call.kwargs))
         return 0
     except ConfigError as exc:

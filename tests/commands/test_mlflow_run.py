@@ -72,7 +72,7 @@ def test_mlflow_run_train_lands_in_the_configs_experiment(tmp_path, own_experime
 # space, so the one quality trial trains exactly these settings.
 TUNE_SETTINGS = (
     "experiment=mlrun-tune;train.epochs=1;train.measure_batches=2;augment.image_size=32;"
-    "model.width=8;loader.batch_size=8;search.noise_seeds=0"
+    "model.width=8;loader.batch_size=8;search.noise_seeds=0;search.anchors=[];search.recheck_seeds=0"
 )
 
 

@@ -7,11 +7,9 @@ import subprocess
 import sys
 
 import optuna
-import pytest
 from optuna.trial import TrialState
 
 from feedtune.tuning.optuna_storage import MAX_RETRIES, open_storage, reap_dead_trials
-from feedtune.tuning.optuna_study import rung_pairs, rung_spearman
 from tests.conftest import REPO, env_with_src
 
 WORKER = """
@@ -71,44 +69,3 @@ def test_a_trial_killed_before_it_was_claimed_is_reaped_after_the_grace(tmp_path
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[1].user_attrs["retry_of"] == 0 and trials[1].user_attrs["retries"] == 1
-
-
-def _trial(values: dict[int, float], state=TrialState.COMPLETE):
-    final = values[max(values)] if state == TrialState.COMPLETE else None
-    return optuna.trial.create_trial(
-        state=state,
-        value=final,
-        params={"lr": 0.1},
-        distributions={"lr": optuna.distributions.FloatDistribution(0.01, 1.0)},
-        intermediate_values=values,
-    )
-
-
-def test_rung_spearman_ranks_the_first_rung_against_the_full_length(tmp_path):
-    study = optuna.create_study(
-        storage=open_storage(f"journal:{tmp_path / 'j.log'}"), direction="maximize"
-    )
-    # Pruned trials and those stopped after 3 epochs do not count: only full-length ones.
-    study.add_trial(_trial({1: 0.9, 3: 0.2}, TrialState.PRUNED))
-    study.add_trial(_trial({1: 0.1, 3: 0.4}))
-    for rung, final in [(0.1, 0.5), (0.2, 0.6)]:
-        study.add_trial(_trial({1: rung, 3: 0.3, 8: final}))
-    epochs = {"rung_epochs": 1, "full_epochs": 8}
-    assert rung_pairs(study, **epochs) == [(0.1, 0.5), (0.2, 0.6)]
-    assert rung_spearman(study, **epochs) is None  # two trials rank nothing
-    study.add_trial(_trial({1: 0.3, 3: 0.3, 8: 0.7}))
-    assert rung_spearman(study, **epochs) == pytest.approx(1.0)
-    study.add_trial(_trial({1: 0.4, 3: 0.3, 8: 0.2}))  # best at the rung, worst at the end
-    assert rung_spearman(study, **epochs) == pytest.approx(-0.2)
-
-
-def test_rung_spearman_of_tied_scores_is_none_without_a_scipy_warning(tmp_path, recwarn):
-    # Three trials that all reach a perfect score at the end: nothing to rank, and the user's
-    # log must not get scipy's ConstantInputWarning.
-    study = optuna.create_study(
-        storage=open_storage(f"journal:{tmp_path / 'j.log'}"), direction="maximize"
-    )
-    for rung in (0.2, 0.5, 0.9):
-        study.add_trial(_trial({1: rung, 3: 1.0}))
-    assert rung_spearman(study, rung_epochs=1, full_epochs=3) is None
-    assert not [w for w in recwarn if "constant" in str(w.message).lower()]

@@ -18,7 +18,8 @@ from feedtune.sources.prepare import prepare_data
 from feedtune.tracking import mlflow_store as tracking
 from feedtune.training import engine, throughput
 from feedtune.training.stopping import StopTraining
-from feedtune.tuning.stages import PruneOnPlateau, Tuner, trial_run
+from feedtune.tuning.stages import Tuner, trial_run
+from feedtune.tuning.trial_stops import PruneOnPlateau
 from tests.conftest import TINY_RUN
 
 SRC = str(Path(feedtune.__file__).parent)
@@ -52,11 +53,20 @@ def test_the_pruner_stops_training_with_the_one_stop_signal(tmp_path):
     pruner = optuna.pruners.ThresholdPruner(lower=0.5)
     study = optuna.create_study(direction="maximize", pruner=pruner)
     trial = study.ask()
-    prune = PruneOnPlateau(trial, "val_acc")
+    prune = PruneOnPlateau(trial, "val_acc", epochs=3)
     prune.on_epoch_end(0, {"val_acc": 0.9})  # above the threshold: goes on
     with pytest.raises(StopTraining) as stopped:
         prune.on_epoch_end(1, {"val_acc": 0.1})
     assert stopped.value.reason == "pruned" and "after epoch 2" in str(stopped.value)
+
+
+def test_a_trial_that_reached_its_last_epoch_is_never_pruned(tmp_path):
+    # A rung equal to the full length: the trial trained to the end, so it is COMPLETE.
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(0.5))
+    trial = study.ask()
+    PruneOnPlateau(trial, "val_acc", epochs=2).on_epoch_end(1, {"val_acc": 0.1})
+    assert trial.should_prune()  # the pruner would have stopped it one epoch earlier
+    assert study.trials[0].intermediate_values == {2: 0.1}  # reported, not pruned
 
 
 def test_quality_trials_use_the_speed_winner_passed_in(tiny_folder, tmp_path, mlflow_store):
@@ -70,6 +80,8 @@ def test_quality_trials_use_the_speed_winner_passed_in(tiny_folder, tmp_path, ml
             "model.width=4",
             "search.augment.policy={choice: [none]}",
             "search.n_trials_quality=1",
+            "search.anchors=[]",
+            "search.recheck_seeds=0",
         ],
     )
     tracking.setup(cfg.experiment)
@@ -109,7 +121,7 @@ def test_tune_reaches_train_step_in_at_most_seven_feedtune_frames(
         "  loader.num_workers: {int: [0, 0]}\n"
         "  augment.policy: {choice: [none]}\n"
         "  n_trials_speed: 1\n  n_trials_quality: 1\n  speed_steps: 2\n  noise_seeds: 0\n"
-        "  speed_skip_wait_frac: 0\n"
+        "  speed_skip_wait_frac: 0\n  anchors: []\n  recheck_seeds: 0\n"
     )
     overrides = [f"data.path={tiny_folder}", *TINY_RUN, "train.epochs=1", "model.width=4"]
     argv = ["tune", "--no-progress", "--config", str(config), "--storage"]

@@ -14,8 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from feedtune.config import PROJECT_ROOT, Config
 from feedtune.sources.prepare import PreparedData, prepare_data
 from feedtune.tracking import mlflow_models, mlflow_store
@@ -23,46 +21,36 @@ from feedtune.tracking.urls import redact
 from feedtune.training.devices import resolve_device
 from feedtune.training.distributed import Dist, init_from_env
 from feedtune.tuning import optuna_storage, optuna_study
-from feedtune.tuning.space import covers, quality_space, speed_space
+from feedtune.tuning.quality_stage import QualityOutcome, QualityStage, log_outcome
+from feedtune.tuning.recheck import Verdict
+from feedtune.tuning.space import speed_space
 from feedtune.tuning.stages import SKIPPED_ATTR, STAGES, Tuner, close_dead_trial_run
 from feedtune.tuning.trial_group import Order, TrialGroup, follow
 
 DEFAULT_STORAGE = PROJECT_ROOT / "optuna.journal"
 log = logging.getLogger(__name__)
-# Below this rank correlation the low-budget ranking did not predict the full one.
-RUNG_SPEARMAN_WARN = 0.5
-
-
-# A winner must beat the start configuration by more than this many noise standard deviations.
-NOISE_MARGIN_SD = 2.0
 
 
 @dataclass
 class TuneResult:
+    """The study's answer: the recommended trial (``best_*``: its run, its score at the
+    study's seed, its settings) and the re-check's verdict behind the recommendation."""
+
     parent_run_id: str
     study_name: str
     storage: str
     best_run_id: str | None
     best_value: float | None
     best_params: dict[str, Any]
-    start_value: float | None = None
-    noise_sd: float | None = None
-    winner_vs_start: str = ""  # better | within_noise
-    winner_is_start: bool = False  # the best trial is the start configuration's own
+    verdict: Verdict | None = None
     speed_skipped: str = ""
 
-
-def verdict(
-    best: float, start_scores: list[float], *, best_is_start: bool = False
-) -> tuple[float, float | None, str]:
-    """(start score, noise sd, better|within_noise): ``better`` only when the best beats the
-    start configuration's mean by more than ``NOISE_MARGIN_SD`` standard deviations of the
-    start configuration's own runs (at least two needed), and is not one of those runs
-    (``best_is_start``: a lucky seed of the start is no reason to change anything)."""
-    start = float(np.mean(start_scores))
-    sd = float(np.std(start_scores, ddof=1)) if len(start_scores) >= 2 else None
-    better = not best_is_start and sd is not None and best - start > NOISE_MARGIN_SD * sd
-    return start, sd, "better" if better else "within_noise"
+    @property
+    def winner_vs_start(self) -> str:
+        """better | within_noise ("" without a re-check)."""
+        if self.verdict is None:
+            return ""
+        return "better" if self.verdict.better else "within_noise"
 
 
 @contextlib.contextmanager
@@ -141,21 +129,14 @@ def run_tune(
             _log_study(speed_study, "study/speed")
             if "quality" in stages:
                 quality = _quality_study(cfg, base, study_storage, seed)
-                noise = tuner.noise_runs(
-                    _noise_seeds(cfg), speed_params=speed_params, deadline=job_deadline
-                )
+                stage_q = QualityStage(tuner, quality, speed_params, job_deadline)
+                stage_q.seed_runs()
                 optuna_study.optimize(
                     quality,
-                    tuner.start_stage(
-                        quality, "quality", speed_params=speed_params, deadline=job_deadline
-                    ),
-                    n_trials=tuner.planned_trials("quality", n_trials),
-                    timeout=_seconds_left(job_deadline),
-                    progress=progress,
-                    callbacks=[tuner.stop_before(job_deadline)],
-                    stop_on_error=in_group,
+                    **stage_q.search_args(n_trials, progress=progress, stop_on_error=in_group),
                 )
-                _log_quality_stage(result, quality, noise, cfg, speed_params)
+                outcome = stage_q.finish()
+                _log_quality_stage(result, quality, outcome, cfg)
         group.send(Order("done"), cfg)  # the other processes end
     return result
 
@@ -243,32 +224,21 @@ def _quality_study(cfg: Config, base: str, storage: Any, seed: int) -> Any:
     return study
 
 
-def _noise_seeds(cfg: Config) -> list[int]:
-    """Seeds the start configuration is trained with besides the trials: ``search.noise_seeds``
-    more, and its own first when no trial can run the start values."""
-    seeds = [cfg.seed + 1 + i for i in range(cfg.search.noise_seeds)]
-    if not covers(quality_space(cfg.search), cfg.flat()):
-        seeds.insert(0, cfg.seed)
-    return seeds
-
-
 def _log_quality_stage(
-    result: TuneResult, study: Any, noise: list[float], cfg: Config, speed_params: dict[str, Any]
+    result: TuneResult, study: Any, outcome: QualityOutcome, cfg: Config
 ) -> None:
-    """The study's table and plots, the rung correlation, the verdict, and the best trial's
+    """The study's table and plots, the rung figures, the verdict, and the recommended trial's
     model registered with alias ``best``."""
     metric = cfg.search.metric
     _log_study(study, "study", metric=f"best_{metric}")
-    _log_rung_spearman(study, cfg)
-    best = optuna_study.best_trial(study)
-    if best is None:
+    log_outcome(outcome, cfg)
+    result.verdict = outcome.verdict
+    if outcome.run_id is None:
         return
-    _log_verdict(result, best, study, noise, metric)
-    result.best_run_id = best.user_attrs.get("mlflow_run_id")
-    result.best_value = best.value
-    result.best_params = {**speed_params, **best.params}
+    result.best_run_id, result.best_value = outcome.run_id, outcome.value
+    result.best_params = outcome.settings
     mlflow_store.set_tags({"feedtune.best_run_id": result.best_run_id})
-    mlflow_store.log_metrics({f"best_{metric}": best.value})
+    mlflow_store.log_metrics({f"best_{metric}": outcome.value})
     mlflow_store.log_json(result.best_params, "study/best_params.json")
     moved, version = register_best(result.best_run_id, cfg)
     mlflow_store.set_tags(
@@ -293,46 +263,3 @@ def _log_study(study: Any, folder: str, metric: str = "train_samples_per_s") -> 
         figs.pop("pareto_front", None)  # speed vs itself says nothing
     for name, fig in figs.items():
         mlflow_store.log_figure(fig, f"{folder}/{name}.png")
-
-
-def _log_rung_spearman(study: Any, cfg: Config) -> None:
-    epochs = {"rung_epochs": cfg.search.min_epochs, "full_epochs": cfg.train.epochs}
-    n = len(optuna_study.rung_pairs(study, **epochs))
-    rho = optuna_study.rung_spearman(study, **epochs)
-    if rho is None:
-        log.info(
-            "rung_spearman not computed: %d trial(s) ran all %d epochs, it needs 3 with "
-            "different scores (a longer --timeout promotes more)",
-            n,
-            cfg.train.epochs,
-        )
-        return
-    mlflow_store.log_metrics({"rung_spearman": rho})
-    if rho < RUNG_SPEARMAN_WARN:
-        log.warning(
-            "the ranking after %d epoch(s) predicted the final one poorly (Spearman %.2f over "
-            "%d trials): raise search.min_epochs",
-            cfg.search.min_epochs,
-            rho,
-            n,
-        )
-
-
-def _log_verdict(
-    result: TuneResult, best: Any, study: Any, noise: list[float], metric: str
-) -> None:
-    """Start score, noise and whether the winner (``best``, a trial) beat the start
-    configuration, on the parent run and in ``result``."""
-    start = optuna_study.start_trial(study)
-    scores = ([start.value] if start is not None else []) + noise
-    if not scores:
-        return
-    result.winner_is_start = start is not None and best.number == start.number
-    result.start_value, result.noise_sd, result.winner_vs_start = verdict(
-        best.value, scores, best_is_start=result.winner_is_start
-    )
-    metrics = {f"start_{metric}": result.start_value}
-    if result.noise_sd is not None:
-        metrics[f"noise_{metric}_sd"] = result.noise_sd
-    mlflow_store.log_metrics(metrics)
-    mlflow_store.set_tags({"feedtune.winner_vs_start": result.winner_vs_start})

@@ -271,9 +271,26 @@ class SearchConfig:
     pruner_warmup_epochs: int = field(default=2, metadata=_limits(0))
     # Random, space-covering trials before TPE models the space.
     startup_trials: int = field(default=6, metadata=_limits(0))
-    # Extra full-length runs of the start configuration with other seeds: with the study's own
-    # run of it, the noise a winner must beat.
+    # Extra full-length runs of the start configuration and each anchor with other seeds
+    # (seed+1, ...), before the search: the seed noise that pruning gaps must exceed.
     noise_seeds: int = field(default=1, metadata=_limits(0))
+    # The practitioner's fixed recipes, each a list of `key=value` overrides of the start
+    # configuration (separated by spaces or `;`), trained at full length beside it as arms the
+    # winner must beat; [] for none. TrivialAugment with a plain random sampler needs no tuning.
+    anchors: list[str] = field(
+        default_factory=lambda: ["augment.policy=trivialaugment sampler.kind=random"]
+    )
+    # Configurations drawn over the space that run the full length before any pruning, with
+    # the arms: their epoch curves show whether a rung's ranking predicts the final one.
+    calibration_trials: int = field(default=2, metadata=_limits(0))
+    # A rung prunes only when the lower bound of its rank correlation's 90% interval (rung
+    # score vs final score, over the full-length trials) exceeds this: 0 = the rung's ranking
+    # is shown to point the right way (BENCHMARKS.md, "A search you can trust").
+    rung_trust: float = field(default=0.0, metadata=_limits(-1.0, 1.0))
+    # Fresh seeds (seed+1, ...) on which the winner, the start and the best anchor are
+    # retrained at the end; the verdict is their paired difference. 0 = no re-check: the best
+    # trial is recommended as it scored.
+    recheck_seeds: int = field(default=2, metadata=_limits(0))
     sampler_seed: int | None = None
     # The first trial of each stage tries the config's own values of the searched keys (where
     # they lie in the space), so a study always shows whether tuning beat the starting point.

@@ -16,7 +16,14 @@ from optuna.trial import FrozenTrial, TrialState
 from feedtune.config import ParamSpec
 from feedtune.progress import progress_mode, write_line
 from feedtune.tracking.plots import pareto_figure
+from feedtune.tuning.arms import START, Arm
 from feedtune.tuning.optuna_storage import experimental_ok
+from feedtune.tuning.rung_pruner import (
+    ARM_ATTR,
+    ARM_OVERRIDES_ATTR,
+    FULL_LENGTH_ATTR,
+    TrustedHalvingPruner,
+)
 from feedtune.tuning.space import Inert, inside, ordered
 
 log = logging.getLogger(__name__)
@@ -45,13 +52,18 @@ def build_pruner(
     warmup_epochs: int = 2,
     min_epochs: int = 1,
     reduction_factor: int = 3,
+    full_epochs: int = 1,
+    rung_trust: float = 0.0,
 ) -> optuna.pruners.BasePruner:
-    """The pruner ``kind``; steps are epochs completed (1 after the first epoch)."""
+    """The pruner ``kind``; steps are epochs completed (1 after the first epoch).
+    ``successive_halving`` prunes only at the rungs this study has shown it can trust
+    (``rung_pruner.TrustedHalvingPruner``)."""
     if kind == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=min_epochs,
+        return TrustedHalvingPruner(
+            min_epochs=min_epochs,
             reduction_factor=reduction_factor,
-            min_early_stopping_rate=0,
+            full_epochs=full_epochs,
+            trust=rung_trust,
         )
     if kind == "median":
         return optuna.pruners.MedianPruner(
@@ -82,7 +94,7 @@ def create_study(
     seed: int | None,
     pruner: str = "none",
     sampler_startup_trials: int = 4,
-    **pruner_args: int,
+    **pruner_args: Any,
 ) -> optuna.Study:
     """Create or load (resume) the study ``name``; seeded TPE so runs repeat. ``pruner_args``
     go to ``build_pruner``."""
@@ -111,6 +123,31 @@ def enqueue_values(
     start = {START_ATTR: True} if len(fixed) == len(space) else {}
     study.enqueue_trial(fixed, user_attrs=start, skip_if_exists=True)
     return True
+
+
+def enqueue_arms(
+    study: optuna.Study, space: dict[str, ParamSpec], start: dict[str, Any], arms: list[Arm]
+) -> None:
+    """Queue one trial per arm (the start, then the anchors) that the study does not hold
+    yet, with the values the space can express; the objective trains the arm's own settings
+    (``ARM_OVERRIDES_ATTR``), at full length (``FULL_LENGTH_ATTR``)."""
+    held = {t.user_attrs.get(ARM_ATTR) for t in study.get_trials(deepcopy=False)}
+    if study.get_trials(deepcopy=False) and START not in held:
+        return  # a study from before arms: its start trial is its own
+    for arm in arms:
+        if arm.name in held:
+            continue
+        values = {**start, **arm.overrides}
+        fixed = {k: values[k] for k, s in space.items() if k in values and inside(s, values[k])}
+        attrs = {ARM_ATTR: arm.name, FULL_LENGTH_ATTR: "arm", ARM_OVERRIDES_ATTR: arm.overrides}
+        if arm.is_start:
+            attrs[START_ATTR] = True
+        study.enqueue_trial(fixed, user_attrs=attrs)
+
+
+def n_arm_trials(study: optuna.Study) -> int:
+    """How many of the study's trials train an arm (the start, the anchors)."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get(ARM_ATTR))
 
 
 def suggest(
@@ -190,21 +227,35 @@ class _NoTraceback(logging.Filter):
         return True
 
 
-def trial_line(trial: FrozenTrial) -> str:
-    """``trial 3 COMPLETE value=0.6123 (41.0 s)``: a finished trial, as one line of a log."""
+def trial_line(trial: FrozenTrial, start: FrozenTrial | None = None) -> str:
+    """``trial 3 COMPLETE value=0.6123 augment.policy=basic train.lr=0.0021 (41.0 s)``: a
+    finished trial as one line of a log, with what it ran: its arm's name (``arm anchor-1``),
+    ``start`` for the start configuration, else its parameters that differ from ``start``'s
+    (all of them without a ``start``)."""
     words = [f"trial {trial.number}", trial.state.name]
     if trial.state == TrialState.COMPLETE and trial.values:
         values = ",".join(f"{v:.4f}" for v in trial.values)
         words.append(f"value{'s' if len(trial.values) > 1 else ''}={values}")
     elif trial.state == TrialState.PRUNED and trial.intermediate_values:
         words.append(f"after epoch {max(trial.intermediate_values)}")  # steps: epochs done
+    if trial.user_attrs.get(ARM_ATTR):
+        words.append(f"arm {trial.user_attrs[ARM_ATTR]}")
+    elif trial.user_attrs.get(START_ATTR):
+        words.append("start")
+    elif trial.params:
+        before = start.params if start is not None else {}
+        changed = [(k, v) for k, v in trial.params.items() if k not in before or before[k] != v]
+        words += [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in changed]
+        words += [] if changed else ["as start"]
     if trial.duration is not None:
         words.append(f"({trial.duration.total_seconds():.1f} s)")
     return " ".join(words)
 
 
 def _write_trial_line(study: optuna.Study, trial: FrozenTrial) -> None:
-    write_line(trial_line(trial))
+    trials = study.get_trials(deepcopy=False)
+    start = next((t for t in trials if t.user_attrs.get(START_ATTR)), None)
+    write_line(trial_line(trial, start))
 
 
 def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -258,36 +309,6 @@ def figures(study: optuna.Study, *, pareto_x: str, pareto_y: str) -> dict[str, A
     for fig in out.values():
         fig.set_size_inches(8, 5)
     return out
-
-
-def rung_pairs(
-    study: optuna.Study, *, rung_epochs: int, full_epochs: int
-) -> list[tuple[float, float]]:
-    """(score after ``rung_epochs``, final score) of every complete trial that ran all
-    ``full_epochs``."""
-    return [
-        (t.intermediate_values[rung_epochs], t.value)
-        for t in complete_trials(study)
-        if t.intermediate_values
-        and max(t.intermediate_values) >= full_epochs
-        and rung_epochs in t.intermediate_values
-    ]
-
-
-def rung_spearman(study: optuna.Study, *, rung_epochs: int, full_epochs: int) -> float | None:
-    """Rank correlation between the score after ``rung_epochs`` and the final score, among the
-    trials that ran all ``full_epochs``: does the cheap budget rank configurations as the full
-    one does? None with fewer than 3 such trials, or when either side has no spread."""
-    from scipy.stats import spearmanr
-
-    pairs = rung_pairs(study, rung_epochs=rung_epochs, full_epochs=full_epochs)
-    if len(pairs) < 3:
-        return None
-    rung, final = zip(*pairs, strict=True)
-    if len(set(rung)) < 2 or len(set(final)) < 2:
-        return None  # checked here: scipy would warn into the user's log, then return NaN
-    value = float(spearmanr(rung, final).statistic)
-    return None if math.isnan(value) else value
 
 
 def start_trial(study: optuna.Study) -> FrozenTrial | None:

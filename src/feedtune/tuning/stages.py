@@ -38,45 +38,20 @@ from feedtune.training.engine import Callback
 from feedtune.training.stopping import StopTraining
 from feedtune.training.trainer import train_model
 from feedtune.tuning import optuna_storage, optuna_study, space
+from feedtune.tuning.arms import config_arms
+from feedtune.tuning.rung_pruner import (
+    ARM_OVERRIDES_ATTR,
+    FULL_LENGTH_ATTR,
+    OVERRIDES_ATTR,
+    TrustedHalvingPruner,
+    record_seed_curve,
+)
 from feedtune.tuning.trial_group import Order, TrialGroup, group_feed, speed_trial
+from feedtune.tuning.trial_stops import PruneOnPlateau, StopAtDeadline
 
 STAGES = ("speed", "quality")
 # Trial user attribute: why the speed stage stopped after the start configuration's trial.
 SKIPPED_ATTR = "speed_stage_skipped"
-
-
-class PruneOnPlateau(Callback):
-    """Reports each epoch's metric to the Optuna trial; stops training when the pruner says."""
-
-    def __init__(self, trial: Any, metric: str) -> None:
-        self.trial = trial
-        self.metric = metric
-
-    def on_epoch_end(self, epoch, metrics, **_: Any) -> None:
-        value = metrics[self.metric]
-        if optuna_study.report(self.trial, value, epoch + 1):
-            raise StopTraining("pruned", f"pruned after epoch {epoch + 1} (value {value:.4f})")
-
-
-class StopAtDeadline(Callback):
-    """Stops a trial whose next epoch would end after the job's deadline (``time.monotonic()``
-    seconds, or None); appends each epoch's seconds to ``epoch_seconds``."""
-
-    def __init__(self, deadline: float | None, epoch_seconds: list[float], *, epochs: int) -> None:
-        self.deadline = deadline
-        self.epoch_seconds = epoch_seconds
-        self.epochs = epochs  # after the last one there is nothing left to stop
-        self.started = time.monotonic()
-
-    def on_epoch_start(self, epoch: int) -> None:
-        self.started = time.monotonic()
-
-    def on_epoch_end(self, epoch, metrics, **_: Any) -> None:
-        seconds = time.monotonic() - self.started
-        self.epoch_seconds.append(seconds)
-        last = epoch + 1 >= self.epochs
-        if self.deadline is not None and not last and time.monotonic() + seconds > self.deadline:
-            raise StopTraining("deadline", f"stopped at the deadline after epoch {epoch + 1}")
 
 
 def trial_tags(stage: str, study_name: str, number: int, world_size: int = 1) -> dict[str, str]:
@@ -155,6 +130,8 @@ class Tuner:
         # Trials with the same cache settings (every quality trial) share one filled cache.
         self.caches = CacheMemo()
         self.epoch_seconds: list[float] = []  # of every quality epoch run here
+        self.full_run_seconds: list[float] = []  # of every full-length run outside a trial
+        self.arms = config_arms(cfg)  # checked now: a bad anchor fails before any training
 
     def start_stage(
         self,
@@ -170,8 +147,10 @@ class Tuner:
         search = self.cfg.search
         stage_space = space.speed_space(search) if speed else space.quality_space(search)
         start = {**self.settings, **(speed_params or {})}
-        if search.enqueue_config:
+        if search.enqueue_config and speed:
             optuna_study.enqueue_values(study, stage_space, start)
+        elif search.enqueue_config:
+            optuna_study.enqueue_arms(study, stage_space, start, self.arms)
         if speed:
             objective: Callable[[Any], float] = self.speed_objective
         else:
@@ -202,18 +181,31 @@ class Tuner:
         planned = search.n_trials_speed if stage == "speed" else search.n_trials_quality
         return planned if n_trials is None else n_trials
 
-    def stop_before(self, deadline: float | None) -> Callable[[Any, Any], None]:
-        """A study callback: no new trial when the time left would not let it reach its first
-        rung (the median epoch so far times ``search.min_epochs``)."""
+    def stop_before(self, deadline: float | None, study: Any = None) -> Callable[[Any, Any], None]:
+        """A study callback: no new trial when the time left would not let it reach the first
+        rung where it could stop (the median epoch so far times that rung's epochs: the full
+        length while the quality stage calibrates or trusts no rung)."""
 
-        def stop(study: Any, trial: Any) -> None:
+        def stop(study_: Any, trial: Any) -> None:
             if deadline is None:
                 return
             per_epoch = float(np.median(self.epoch_seconds)) if self.epoch_seconds else 0.0
-            if time.monotonic() + per_epoch * self.cfg.search.min_epochs > deadline:
-                study.stop()
+            if time.monotonic() + per_epoch * self._first_stop(study) > deadline:
+                study_.stop()
 
         return stop
+
+    def _first_stop(self, study: Any) -> int:
+        """Epochs the next trial of ``study`` (None: the speed stage) runs at least."""
+        search = self.cfg.search
+        if study is None:
+            return search.min_epochs
+        calibrating = optuna_study.n_arm_trials(study) + search.calibration_trials
+        if optuna_study.n_trials(study) < calibrating:
+            return self.cfg.train.epochs
+        if isinstance(study.pruner, TrustedHalvingPruner):
+            return study.pruner.trusted_rung(study)
+        return search.min_epochs
 
     def inert(self, speed_params: dict[str, Any]) -> space.Inert:
         """Keys that cannot matter in a trial (the speed stage's winner fixed)."""
@@ -259,7 +251,13 @@ class Tuner:
     ) -> float:
         search_space = space.quality_space(self.cfg.search)
         params = optuna_study.suggest(trial, search_space, self.inert(speed_params))
+        # An arm trains exactly its recipe, whatever part of it the space can express.
+        arm_overrides = trial.user_attrs.get(ARM_OVERRIDES_ATTR)
+        if arm_overrides is not None:
+            params = arm_overrides
         overrides = self.quality_overrides(speed_params, params)
+        self._mark_calibration(trial)
+        trial.set_user_attr(OVERRIDES_ATTR, overrides)
         cfg = with_overrides(self.cfg, overrides)
         metric = self.cfg.search.metric
         previous = trial.user_attrs.get("mlflow_run_id")  # the attempt this one retries
@@ -296,9 +294,9 @@ class Tuner:
         """Recording, then pruning (a trial's), then the deadline: a stopped epoch is on
         record first."""
         callbacks: list[Callback] = [RunRecorder(cfg, self.data, feed, folder)]
-        if trial is not None:
-            callbacks.append(PruneOnPlateau(trial, self.cfg.search.metric))
         epochs = cfg.train.epochs
+        if trial is not None:
+            callbacks.append(PruneOnPlateau(trial, self.cfg.search.metric, epochs=epochs))
         callbacks.append(StopAtDeadline(deadline, self.epoch_seconds, epochs=epochs))
         return callbacks
 
@@ -318,41 +316,54 @@ class Tuner:
             trial.report(row[self.cfg.search.metric], int(row["epoch"]) + 1)
         return resume
 
-    def noise_runs(
-        self, seeds: list[int], *, speed_params: dict[str, Any], deadline: float | None
-    ) -> list[float]:
-        """The start configuration (the speed stage's winner applied) trained at full length
-        with each of ``seeds``, as nested runs (``feedtune.stage=noise``): how much the score
-        moves with the seed alone. Runs the deadline stops are left out."""
+    def _mark_calibration(self, trial: Any) -> None:
+        """The first trials after the arms run the full length: with the arms, their epoch
+        curves show which rungs may prune (``rung_pruner``)."""
+        calibrating = optuna_study.n_arm_trials(trial.study) + self.cfg.search.calibration_trials
+        if trial.number < calibrating and not trial.user_attrs.get(FULL_LENGTH_ATTR):
+            trial.set_user_attr(FULL_LENGTH_ATTR, "calibration")
+
+    def seed_run(
+        self,
+        study: Any,
+        name: str,
+        overrides: dict[str, Any],
+        seed: int,
+        *,
+        deadline: float | None,
+    ) -> float | None:
+        """``overrides`` (the speed stage's winner applied) trained at full length with
+        ``seed``, as a nested run (``feedtune.stage=seed``, tag ``feedtune.arm=name``); its
+        epoch curve is kept in ``study`` (``rung_pruner.record_seed_curve``). None when the
+        deadline stopped it."""
         metric = self.cfg.search.metric
         study_name = f"{self.study_base}-quality"
         tags = {
-            "feedtune.stage": "noise",
+            "feedtune.stage": "seed",
+            "feedtune.arm": name,
             "optuna.study_name": study_name,
             "feedtune.world_size": str(self.dist.world_size),
         }
-        scores = []
-        for seed in seeds:
-            overrides = {**self.quality_overrides(speed_params, {}), "seed": seed}
-            cfg = with_overrides(self.cfg, overrides)
-            try:
-                with (
-                    nested_run(f"noise-seed-{seed}", tags),
-                    tempfile.TemporaryDirectory() as tmp,
-                ):
-                    self.group.send(Order("train", overrides, study_name, "noise"), cfg)
-                    feed = group_feed(cfg, self.data, self.device, self.dist, self.caches)
-                    callbacks = self._callbacks(cfg, feed, Path(tmp), deadline)
-                    outcome = train_model(
-                        cfg,
-                        feed,
-                        folder=Path(tmp),
-                        progress=self.progress,
-                        callbacks=callbacks,
-                        dist=self.dist,
-                    )
-                    finish_run(cfg, outcome, feed)
-            except StopTraining:  # the deadline came first
-                break
-            scores.append(max(h[metric] for h in outcome.state.history))
-        return scores
+        cfg = with_overrides(self.cfg, {**overrides, "seed": seed})
+        started = time.monotonic()
+        try:
+            with nested_run(f"{name}-seed-{seed}", tags), tempfile.TemporaryDirectory() as tmp:
+                self.group.send(
+                    Order("train", {**overrides, "seed": seed}, study_name, "seed"), cfg
+                )
+                feed = group_feed(cfg, self.data, self.device, self.dist, self.caches)
+                outcome = train_model(
+                    cfg,
+                    feed,
+                    folder=Path(tmp),
+                    progress=self.progress,
+                    callbacks=self._callbacks(cfg, feed, Path(tmp), deadline),
+                    dist=self.dist,
+                )
+                finish_run(cfg, outcome, feed)
+        except StopTraining:  # the deadline came first
+            return None
+        self.full_run_seconds.append(time.monotonic() - started)
+        curve = {int(h["epoch"]) + 1: float(h[metric]) for h in outcome.state.history}
+        record_seed_curve(study, name, seed, curve)
+        return max(curve.values())

@@ -40,14 +40,14 @@ ORDER_WAIT_S = 3600.0
 @dataclass(frozen=True)
 class Order:
     """What rank 0 tells every process to do next: a speed trial (``steps`` timed training
-    steps), a training (a quality trial or a noise run, from ``resume`` when it retries one),
+    steps), a training (a quality trial or a seed run, from ``resume`` when it retries one),
     or ``done``. ``overrides``: dotted keys applied to the job's own config."""
 
     kind: Literal["speed", "train", "done"]
     overrides: dict[str, Any] = field(default_factory=dict)
     study: str = ""
-    stage: str = ""  # speed | quality | noise
-    number: int | None = None  # the trial's number (None: a noise run)
+    stage: str = ""  # speed | quality | seed
+    number: int | None = None  # the trial's number (None: a seed run)
     steps: int = 0
     resume: dict[str, Any] | None = None
 

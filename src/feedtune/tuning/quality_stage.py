@@ -1,0 +1,213 @@
+"""The quality stage as a whole, on rank 0: the arms' seed runs (the noise), the search with
+pruning only at trusted rungs, the winner re-checked on fresh seeds, and the figures that
+explain the decision logged on the study's parent run.
+
+The job's budget is split three ways: the seed runs come first (every later decision needs the
+noise), the search gets what is left minus a reserve for the re-check (its runs, at the
+measured length of a full run), and the re-check ends the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from feedtune.config import Config
+from feedtune.tracking import mlflow_store
+from feedtune.tuning import optuna_study
+from feedtune.tuning.arms import START, Arm
+from feedtune.tuning.evidence import PairedDifference, RungEvidence
+from feedtune.tuning.recheck import Verdict, recheck, scores_by_seed, trial_name
+from feedtune.tuning.rung_pruner import OVERRIDES_ATTR, TrustedHalvingPruner, candidate_rungs
+from feedtune.tuning.rung_pruner import rung_report as _rung_report
+from feedtune.tuning.stages import Tuner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QualityOutcome:
+    """What the stage hands the command: the recommended trial (its run, score at the study's
+    seed and settings), the verdict (None without a re-check), the rung figures."""
+
+    run_id: str | None
+    value: float | None
+    settings: dict[str, Any]
+    verdict: Verdict | None
+    rungs: list[RungEvidence]
+    rung_used: int
+
+
+def seed_runs(
+    tuner: Tuner, study: Any, speed_params: dict[str, Any], *, deadline: float | None
+) -> None:
+    """Each arm on each of ``search.noise_seeds`` more seeds, those the study lacks."""
+    cfg = tuner.cfg
+    held = scores_by_seed(study, cfg.seed)
+    seeds = [cfg.seed + 1 + i for i in range(cfg.search.noise_seeds)]
+    for seed in seeds:
+        for arm in tuner.arms:
+            if seed in held.get(arm.name, {}):
+                continue
+            overrides = tuner.quality_overrides(speed_params, arm.overrides)
+            if tuner.seed_run(study, arm.name, overrides, seed, deadline=deadline) is None:
+                return
+
+
+def recheck_runs(cfg: Config, arms: list[Arm]) -> int:
+    """At most how many full-length runs the re-check adds: the winner on every fresh seed,
+    the start and one anchor on the fresh seeds their seed runs did not cover."""
+    fresh = cfg.search.recheck_seeds
+    missing = max(0, fresh - cfg.search.noise_seeds)
+    return fresh + missing * min(len(arms), 2) if fresh else 0
+
+
+def search_deadline(tuner: Tuner, job_deadline: float | None) -> float | None:
+    """The job's deadline less the re-check's reserve (its runs at the median full-run length
+    measured so far; none measured: no reserve)."""
+    if job_deadline is None or not tuner.full_run_seconds:
+        return job_deadline
+    reserve = statistics.median(tuner.full_run_seconds) * recheck_runs(tuner.cfg, tuner.arms)
+    return job_deadline - reserve
+
+
+class QualityStage:
+    """The stage in three steps around the study's ``optimize`` (which the command calls
+    itself, one frame nearer the training step): ``seed_runs``, ``search_args``, ``finish``."""
+
+    def __init__(
+        self, tuner: Tuner, study: Any, speed_params: dict[str, Any], job_deadline: float | None
+    ) -> None:
+        self.tuner = tuner
+        self.study = study
+        self.speed_params = speed_params
+        self.job_deadline = job_deadline
+
+    def seed_runs(self) -> None:
+        """The arms' extra seeds, before the search: its pruning needs their noise."""
+        if self.tuner.cfg.search.enqueue_config:
+            seed_runs(self.tuner, self.study, self.speed_params, deadline=self.job_deadline)
+
+    def search_args(
+        self, n_trials: int | None, *, progress: bool, stop_on_error: bool
+    ) -> dict[str, Any]:
+        """``optuna_study.optimize``'s arguments: the search ends in time for the re-check."""
+        tuner, study = self.tuner, self.study
+        deadline = search_deadline(tuner, self.job_deadline)
+        objective = tuner.start_stage(
+            study, "quality", speed_params=self.speed_params, deadline=deadline
+        )
+        return {
+            "objective": objective,
+            "n_trials": tuner.planned_trials("quality", n_trials),
+            "timeout": None if deadline is None else max(0.0, deadline - time.monotonic()),
+            "progress": progress,
+            "callbacks": [tuner.stop_before(deadline, study)],
+            "stop_on_error": stop_on_error,
+        }
+
+    def finish(self) -> QualityOutcome:
+        """The re-check (unless ``search.recheck_seeds`` is 0), then the outcome."""
+        tuner, study, cfg = self.tuner, self.study, self.tuner.cfg
+        verdict = None
+        if cfg.search.recheck_seeds:
+
+            def run(name: str, overrides: dict[str, Any], seed: int) -> float | None:
+                return tuner.seed_run(study, name, overrides, seed, deadline=self.job_deadline)
+
+            verdict = recheck(study, base_seed=cfg.seed, n_seeds=cfg.search.recheck_seeds, run=run)
+        return _outcome(cfg, study, verdict, self.speed_params)
+
+
+def _outcome(
+    cfg: Config, study: Any, verdict: Verdict | None, speed_params: dict[str, Any]
+) -> QualityOutcome:
+    rungs = candidate_rungs(cfg.search.min_epochs, cfg.search.reduction_factor, cfg.train.epochs)
+    trials = study.get_trials(deepcopy=False)
+    evidence = _rung_report(trials, rungs=rungs, full_epochs=cfg.train.epochs)
+    pruner = study.pruner
+    used = (
+        pruner.trusted_rung(study)
+        if isinstance(pruner, TrustedHalvingPruner)
+        else cfg.search.min_epochs
+    )
+    chosen = _recommended_trial(study, verdict)
+    if chosen is None:
+        return QualityOutcome(None, None, {}, verdict, evidence, used)
+    settings = chosen.user_attrs.get(OVERRIDES_ATTR)
+    if settings is None:  # a trial of a study from before this attribute
+        settings = {**speed_params, **chosen.params}
+    return QualityOutcome(
+        chosen.user_attrs.get("mlflow_run_id"),
+        chosen.value,
+        dict(settings),
+        verdict,
+        evidence,
+        used,
+    )
+
+
+def _recommended_trial(study: Any, verdict: Verdict | None) -> Any:
+    best = optuna_study.best_trial(study)
+    if verdict is None or best is None:
+        return best
+    for t in optuna_study.complete_trials(study):
+        if trial_name(t) == verdict.recommended:
+            return t
+    return best
+
+
+def log_outcome(outcome: QualityOutcome, cfg: Config) -> None:
+    """The rung figures and the verdict on the study's parent run."""
+    metric = cfg.search.metric
+    for ev in outcome.rungs:
+        figures = {"rung_spearman_n": ev.n}
+        if ev.rho is not None:
+            figures["rung_spearman"] = ev.rho
+        if ev.low is not None:
+            figures.update(rung_spearman_low=ev.low, rung_spearman_high=ev.high)
+        mlflow_store.log_metrics(figures, step=ev.epochs)  # step: the rung's epochs
+    mlflow_store.log_metrics({"rung_used": outcome.rung_used})
+    verdict = outcome.verdict
+    if verdict is None:
+        return
+    start = verdict.scores.get(START, {})
+    metrics: dict[str, float] = {"recheck_seeds": _n_seeds(verdict)}
+    if start:
+        metrics[f"start_{metric}"] = sum(start.values()) / len(start)
+    if verdict.spread.sd is not None:
+        metrics[f"noise_{metric}_sd"] = verdict.spread.sd
+    comparisons = (
+        ("winner_minus_start", START, verdict.vs_start),
+        ("winner_minus_anchor", verdict.anchor, verdict.vs_anchor),
+    )
+    for name, arm, diff in comparisons:
+        if arm == verdict.winner:
+            metrics[name] = 0.0  # the winner is that arm itself
+        metrics.update(_diff_metrics(name, diff))
+    mlflow_store.log_metrics(metrics)
+    mlflow_store.set_tags(
+        {
+            "feedtune.winner_vs_start": "better" if verdict.better else "within_noise",
+            "feedtune.winner": verdict.winner,
+            "feedtune.recommended": verdict.recommended,
+        }
+    )
+
+
+def _n_seeds(verdict: Verdict) -> int:
+    diffs = [d for d in (verdict.vs_start, verdict.vs_anchor, verdict.anchor_vs_start) if d]
+    return max((d.n for d in diffs), default=0)
+
+
+def _diff_metrics(name: str, diff: PairedDifference | None) -> dict[str, float]:
+    """``name`` (winner minus an arm; 0 when the winner is that arm) and its interval."""
+    if diff is None:
+        return {}
+    out = {name: diff.mean}
+    if diff.low is not None:
+        out.update({f"{name}_low": diff.low, f"{name}_high": diff.high})
+    return out

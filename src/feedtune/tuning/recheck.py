@@ -1,0 +1,191 @@
+"""The winner re-checked: the search's best configuration, the start and the best anchor
+retrained on the same fresh seeds, and a recommendation only where the paired differences'
+interval says so.
+
+The winner was chosen as the maximum over many noisy trials at the study's seed, so its score
+there is biased upwards; only seeds it was not chosen on (``seed + 1``, ...) judge it. The
+start and the anchors were not chosen by the search, so every seed they ran counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from feedtune.tuning import optuna_study
+from feedtune.tuning.arms import START
+from feedtune.tuning.evidence import PairedDifference, SeedSpread, paired_difference, seed_spread
+from feedtune.tuning.rung_pruner import ARM_ATTR, OVERRIDES_ATTR, SEED_CURVE
+
+# Runs one configuration (name, settings) at full length with a seed: its score, or None
+# when the deadline stopped it.
+SeedRun = Callable[[str, dict[str, Any], int], "float | None"]
+
+
+@dataclass
+class Verdict:
+    """``recommended``: the name (``start``, ``anchor-<i>`` or ``trial-<n>``) whose settings
+    the study hands the user; ``better`` when that is not the start."""
+
+    winner: str
+    anchor: str | None
+    seeds: list[int]
+    vs_start: PairedDifference | None
+    vs_anchor: PairedDifference | None
+    anchor_vs_start: PairedDifference | None
+    spread: SeedSpread
+    recommended: str
+    scores: dict[str, dict[int, float]]
+
+    @property
+    def better(self) -> bool:
+        return self.recommended != START
+
+    def mean(self, name: str) -> float | None:
+        values = [self.scores.get(name, {}).get(s) for s in self.seeds]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+
+def trial_name(trial: Any) -> str:
+    return trial.user_attrs.get(ARM_ATTR) or f"trial-{trial.number}"
+
+
+def scores_by_seed(study: Any, base_seed: int) -> dict[str, dict[int, float]]:
+    """name -> seed -> score: complete trials at the study's seed, seed runs at theirs."""
+    scores: dict[str, dict[int, float]] = {}
+    for t in optuna_study.complete_trials(study):
+        scores.setdefault(trial_name(t), {})[base_seed] = float(t.value)
+    for key, curve in study.user_attrs.items():
+        if key.startswith(f"{SEED_CURVE}:") and curve:
+            _, name, seed = key.split(":")
+            scores.setdefault(name, {})[int(seed)] = max(float(v) for v in curve.values())
+    return scores
+
+
+def best_anchor(scores: dict[str, dict[int, float]]) -> str | None:
+    """The anchor with the highest mean over its seeds."""
+    anchors = {n: s for n, s in scores.items() if n.startswith("anchor-") and s}
+    if not anchors:
+        return None
+    return max(anchors, key=lambda n: sum(anchors[n].values()) / len(anchors[n]))
+
+
+def run_missing(
+    names: list[str],
+    settings: dict[str, dict[str, Any]],
+    seeds: list[int],
+    scores: dict,
+    run: SeedRun,
+) -> None:
+    """Train each of ``names`` on each of ``seeds`` it lacks, seed by seed (so that a deadline
+    leaves complete pairs); stops at the first run the deadline stopped."""
+    for seed in seeds:
+        for name in names:
+            if seed in scores.setdefault(name, {}):
+                continue
+            score = run(name, settings[name], seed)
+            if score is None:
+                return
+            scores[name][seed] = score
+
+
+def decide(
+    scores: dict[str, dict[int, float]],
+    winner: str,
+    anchor: str | None,
+    seeds: list[int],
+    base_seed: int,
+) -> Verdict:
+    """The verdict from the scores: the winner only when the lower bounds of its differences
+    with the start and with the best anchor are above 0; else the anchor when its difference
+    with the start is; else the start."""
+    # The winner's score at the study's seed is the maximum it was chosen as: left out.
+    groups = [
+        [v for s, v in by_seed.items() if not (name == winner and s == base_seed)]
+        for name, by_seed in scores.items()
+        if name in {winner, START, anchor}
+    ]
+    spread = seed_spread(groups)
+
+    def diff(a: str | None, b: str | None) -> PairedDifference | None:
+        if a is None or b is None or a == b:
+            return None
+        both = [s for s in seeds if s in scores.get(a, {}) and s in scores.get(b, {})]
+        if not both:
+            return None
+        return paired_difference([scores[a][s] for s in both], [scores[b][s] for s in both], spread)
+
+    vs_start, vs_anchor, anchor_vs_start = (
+        diff(winner, START),
+        diff(winner, anchor),
+        diff(anchor, START),
+    )
+    if winner != START and _above(vs_start) and (vs_anchor is None or vs_anchor.above_zero):
+        recommended = winner
+    elif anchor is not None and _above(anchor_vs_start):
+        recommended = anchor
+    else:
+        recommended = START
+    return Verdict(
+        winner, anchor, seeds, vs_start, vs_anchor, anchor_vs_start, spread, recommended, scores
+    )
+
+
+def _above(diff: PairedDifference | None) -> bool:
+    return diff is not None and diff.above_zero
+
+
+def recheck(study: Any, *, base_seed: int, n_seeds: int, run: SeedRun) -> Verdict | None:
+    """Retrain the winner, the start and the best anchor on ``n_seeds`` fresh seeds (those
+    each lacks) and decide; None without a complete start trial to compare with."""
+    done = optuna_study.complete_trials(study)
+    by_name = {trial_name(t): t for t in done}
+    if not done or START not in by_name:
+        return None
+    winner = trial_name(max(done, key=lambda t: t.value))
+    scores = scores_by_seed(study, base_seed)
+    anchor = best_anchor(scores)
+    seeds = [base_seed + 1 + i for i in range(n_seeds)]
+    names = list(dict.fromkeys(n for n in (winner, START, anchor) if n is not None))
+    settings = {
+        n: dict(by_name[n].user_attrs.get(OVERRIDES_ATTR) or {}) for n in names if n in by_name
+    }
+    run_missing([n for n in names if n in settings], settings, seeds, scores, run)
+    return decide(scores, winner, anchor, seeds, base_seed)
+
+
+def _signed(diff: PairedDifference) -> str:
+    if diff.low is None:
+        return f"{diff.mean:+.4f} (no interval: the seed noise was not measured)"
+    return f"{diff.mean:+.4f} [90% interval {diff.low:+.4f}, {diff.high:+.4f}]"
+
+
+def verdict_words(verdict: Verdict) -> str:
+    """The verdict in plain words: what is recommended, and the figures behind it."""
+    seeds = ", ".join(str(s) for s in verdict.seeds)
+    figures = []
+    if verdict.vs_start is not None:
+        figures.append(f"winner - start {_signed(verdict.vs_start)}")
+    if verdict.vs_anchor is not None:
+        figures.append(f"winner - {verdict.anchor} {_signed(verdict.vs_anchor)}")
+    if verdict.winner != verdict.anchor and verdict.anchor_vs_start is not None:
+        figures.append(f"{verdict.anchor} - start {_signed(verdict.anchor_vs_start)}")
+    on = f"on fresh seeds {seeds}" if verdict.seeds else "without fresh seeds"
+    said = "; ".join(figures) if figures else "no paired runs finished before the deadline"
+    if verdict.recommended == verdict.winner and verdict.better:
+        head = f"the search's winner ({verdict.winner}) beats the start and the anchor: adopt it"
+    elif verdict.better:
+        head = (
+            f"the anchor {verdict.recommended} beats your start configuration (the search's "
+            f"winner, {verdict.winner}, did not beat both): adopt the anchor"
+        )
+    elif verdict.winner == START:
+        head = "no configuration beat your start configuration: keep it"
+    else:
+        head = (
+            f"the search's winner ({verdict.winner}) is within the noise of your start "
+            "configuration when retrained: keep your settings"
+        )
+    return f"{head} ({said}, {on}; the settings below are the recommended ones)"
