@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pandas as pd
@@ -152,6 +153,92 @@ def test_sigterm_ends_train_promptly_with_a_resume_hint(tmp_path, data, mlflow_s
     assert client.get_run(run_id).info.status == "KILLED"
     ckpt = client.download_artifacts(run_id, "checkpoints/last.pt", str(tmp_path))
     assert load_checkpoint(ckpt)["epoch"] >= 1  # intact, loads with weights_only
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has its own SIGTERM handler yet (Linux: /proc's SigCgt mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt"))
+    return bool(int(caught, 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def _sigterm_when(proc: subprocess.Popen, ready: Any) -> tuple[int, str]:
+    """SIGTERM to ``proc`` as soon as ``ready()`` is true; its exit code and stderr."""
+    deadline = time.time() + 300
+    while not ready():
+        assert proc.poll() is None, "the process ended before it could be interrupted"
+        assert time.time() < deadline, "the moment never came"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_sigterm_during_the_start_up_imports_exits_130_before_any_run(tmp_path, data, mlflow_store):
+    proc = subprocess.Popen(
+        _cmd(tmp_path, data, "train", epochs=30),
+        cwd=REPO,
+        env=env_with_src(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with reaped(proc):
+        # The handler is set before the command's imports (torch, MLflow: seconds).
+        code, err = _sigterm_when(proc, lambda: _catches_sigterm(proc.pid))
+    assert code == 130, err[-3000:]
+    assert "interrupted; nothing was lost" in err
+    exp = MlflowClient().get_experiment_by_name("rel")
+    assert exp is None or MlflowClient().search_runs([exp.experiment_id]) == []
+
+
+def test_sigterm_in_the_first_epoch_ends_the_run_killed(tmp_path, data, mlflow_store):
+    proc = subprocess.Popen(
+        _cmd(tmp_path, data, "train", epochs=30),
+        cwd=REPO,
+        env=env_with_src(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = MlflowClient()
+
+    def run_open() -> bool:
+        exp = client.get_experiment_by_name("rel")
+        return bool(exp and client.search_runs([exp.experiment_id]))
+
+    with reaped(proc):
+        code, err = _sigterm_when(proc, run_open)
+    assert code == 130, err[-3000:]
+    (run,) = client.search_runs([client.get_experiment_by_name("rel").experiment_id])
+    assert run.info.status == "KILLED"
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) <= 1
+    assert "feedtune train --resume" in err or "nothing was lost" in err
+
+
+def test_sigterm_while_the_run_ends_exits_130_with_no_run_running(tmp_path, data, mlflow_store):
+    epochs = 2
+    proc = subprocess.Popen(
+        _cmd(tmp_path, data, "train", epochs=epochs),
+        cwd=REPO,
+        env=env_with_src(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = MlflowClient()
+
+    def trained() -> bool:  # every epoch logged: the run is being finished (probes, model)
+        exp = client.get_experiment_by_name("rel")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return (
+            bool(runs) and len(client.get_metric_history(runs[0].info.run_id, "val_loss")) == epochs
+        )
+
+    with reaped(proc):
+        code, err = _sigterm_when(proc, trained)
+    assert code == 130, err[-3000:]
+    (run,) = client.search_runs([client.get_experiment_by_name("rel").experiment_id])
+    assert run.info.status in ("FINISHED", "KILLED")
+    assert _running_runs(client, "rel") == []
 
 
 def test_sigterm_marks_the_trial_and_study_interrupted(tmp_path, data, mlflow_store):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -301,10 +300,6 @@ def _best_call(args: argparse.Namespace, cfg: Config, progress: bool) -> Call:
     return Call(show, {"experiment": args.experiment or cfg.experiment}, print)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _resume_hint(args: argparse.Namespace, exc: BaseException) -> str:
     hint = getattr(exc, "resume_hint", None)
     if hint:
@@ -337,15 +332,27 @@ def _lost_group(exc: BaseException | None) -> str | None:
     return lost
 
 
+def _run_command(args: argparse.Namespace) -> None:
+    """The command, with SIGINT and SIGTERM (a scheduler, `kill`) turned into one stop request,
+    honoured at the next safe point: after the imports, at a training step or epoch boundary,
+    between trials, at worst once the command is done. It ends like Ctrl-C: runs marked KILLED,
+    checkpoints kept, exit code 130."""
+    from feedtune.training.stopping import StopRequest, stop_on_signals
+
+    with stop_on_signals(StopRequest()) as stop:
+        call = _call(args)
+        logs.quiet_libraries()  # again: importing Optuna (with the command) set it to INFO
+        stop.check()  # a signal during the imports
+        result = call.run(**call.kwargs)
+        call.report(result)
+        stop.check()  # a signal while the command ended
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logs.configure()  # $FEEDTUNE_LOG; MLflow's and Optuna's lines below WARNING only on request
     args = build_parser().parse_args(argv)
-    # SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C: runs marked KILLED, checkpoints kept.
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        call = _call(args)
-        logs.quiet_libraries()  # again: importing Optuna (with the command) set it to INFO
-        call.report(call.run(**call.kwargs))
+        _run_command(args)
         return 0
     except ConfigError as exc:
         print(f"feedtune: config error: {exc}", file=sys.stderr)

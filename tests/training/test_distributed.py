@@ -267,32 +267,32 @@ def test_a_group_failure_is_one_line_from_main(monkeypatch, capsys, then_sigterm
 
 def test_a_sigterm_while_a_run_ends_comes_after_its_status(mlflow_store, monkeypatch):
     """torchrun's SIGTERM can reach rank 0 while it ends its run FAILED: the run still ends,
-    then the signal is handled (KeyboardInterrupt from feedtune's handler)."""
+    then the signal is handled (the command's stop request set, the error going on)."""
     import os
     import signal
 
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from feedtune.cli import _interrupt
     from feedtune.tracking import mlflow_store as store
+    from feedtune.training.stopping import INTERRUPTED, StopRequest, stop_on_signals
 
     set_tags = mlflow.set_tags
+    stop = StopRequest()
+    before_status: list[bool] = []
 
     def tags_then_sigterm(tags):
         os.kill(os.getpid(), signal.SIGTERM)
         set_tags(tags)
+        before_status.append(stop.requested)
 
     store.setup("sigterm-unit")  # this test's own store and experiment, whatever ran before
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        with pytest.raises(KeyboardInterrupt) as interrupt:
-            with store.start_run("train", system_metrics=False) as run:
-                monkeypatch.setattr(mlflow, "set_tags", tags_then_sigterm)
-                raise RuntimeError("Connection reset by peer")
-        assert isinstance(interrupt.value.__context__, RuntimeError)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    previous = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(stop), pytest.raises(RuntimeError, match="Connection reset"):
+        with store.start_run("train", system_metrics=False) as run:
+            monkeypatch.setattr(mlflow, "set_tags", tags_then_sigterm)
+            raise RuntimeError("Connection reset by peer")
+    assert before_status == [False] and stop.reason == INTERRUPTED
     finished = MlflowClient().get_run(run.info.run_id)
     assert finished.info.status == "FAILED"
     assert finished.data.tags["feedtune.error"] == "RuntimeError: Connection reset by peer"

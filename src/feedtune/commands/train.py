@@ -25,6 +25,7 @@ from feedtune.tracking.recording import (
     finish_run,
     relog_missing_epochs,
 )
+from feedtune.training import stopping
 from feedtune.training.checkpoint import require_trusted_factory
 from feedtune.training.devices import resolve_device
 from feedtune.training.distributed import Dist, init_from_env
@@ -120,6 +121,7 @@ def _train(
         data = prepare_data(cfg, progress=progress and dist.is_main)
         _same_data(dist, data)
         feed = build_feed(cfg, data, device, rank=dist.rank, world_size=dist.world_size)
+        stopping.current().check()  # a signal during the preparation: no run opened yet
         if not dist.is_main:
             run_id = dist.broadcast(None)
             try:

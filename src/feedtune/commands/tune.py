@@ -18,6 +18,7 @@ from feedtune.config import PROJECT_ROOT, Config
 from feedtune.sources.prepare import PreparedData, prepare_data
 from feedtune.tracking import mlflow_models, mlflow_store
 from feedtune.tracking.urls import redact
+from feedtune.training import stopping
 from feedtune.training.devices import resolve_device
 from feedtune.training.distributed import Dist, init_from_env
 from feedtune.tuning import optuna_storage, optuna_study
@@ -101,6 +102,7 @@ def run_tune(
         data = prepare_data(cfg, progress=progress)
         group.agree(cfg, data.split.digest)
         tuner = Tuner(cfg, data, base, progress=progress, group=group)
+        stopping.current().check()  # a signal during the preparation: no run opened yet
         in_group = group.dist.enabled  # a failed trial ends the group's job
         seed = cfg.search.sampler_seed if cfg.search.sampler_seed is not None else cfg.seed
         result = TuneResult("", base, redact(storage_url), None, None, {})

@@ -1,5 +1,6 @@
 """Signals held back while a piece of bookkeeping must finish: a run's final status written
-between a Ctrl-C or SIGTERM and the handler that turns it into ``KeyboardInterrupt``."""
+between a Ctrl-C or SIGTERM and its handler (``stopping.stop_on_signals``: the first one
+requests a stop, a second one interrupts at once)."""
 
 from __future__ import annotations
 

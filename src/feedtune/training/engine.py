@@ -1,6 +1,7 @@
 """The training loop's parts: one train step, one epoch, the learning-rate schedule and the
-callbacks, which stop it with ``stopping.StopTraining``; ``trainer.train_model`` runs the
-epochs.
+callbacks; ``trainer.train_model`` runs the epochs. Every stop (a signal, a callback's
+``stopping.StopTraining``) goes through one ``stopping.StopRequest``, checked at step and
+epoch boundaries.
 
 It reports through callbacks and imports neither mlflow nor optuna, so the same loop serves
 ``train``, ``tune`` trials and ``finetune``.
@@ -24,7 +25,7 @@ from feedtune.training.devices import autocast
 from feedtune.training.distributed import Dist
 from feedtune.training.evaluation import EvalResult
 from feedtune.training.models import head_parameters, optimizer_head_parameters
-from feedtune.training.stopping import STOP_REASONS, StopTraining
+from feedtune.training.stopping import STOP_REASONS, StopRequest, StopTraining, current
 
 # Steps between updates of the progress bar's loss (each update waits for the device).
 POSTFIX_EVERY = 20
@@ -173,11 +174,16 @@ def train_one_epoch(
     progress: bool = True,
     desc: str = "train",
     set_lr: Callable[[int], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> EpochStats:
     """One pass over ``batches`` (device-ready); its ``wait_s`` is how long the pass waited
     for the host loader.
 
-    ``set_lr(step)`` is called before each optimizer step (the learning-rate schedule)."""
+    ``set_lr(step)`` is called before each optimizer step (the learning-rate schedule);
+    ``stop`` (default: the command's, ``stopping.current()``) is checked before the first
+    step and after each one."""
+    stop = stop or current()
+    stop.check()
     model.train()
     device = batches.device
     loss_sum = torch.zeros((), device=device)
@@ -201,6 +207,7 @@ def train_one_epoch(
         bar.update(1)
         if steps % POSTFIX_EVERY == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / samples:.3f}")
+        stop.check()
         if max_steps is not None and steps >= max_steps:
             break
     if device.type == "cuda":
@@ -314,19 +321,18 @@ def end_epoch(
     dist: Dist,
 ) -> None:
     """Run the callbacks' ``on_epoch_end``; raise the stop one of them (on any process) asked
-    for, on every process.
+    for, on every process, through one :class:`StopRequest`.
 
     Every process learns of a stop (a collective), so none waits at the next epoch's first
     collective for a process that has left."""
-    stop = None
+    stop = StopRequest()
     try:
         for cb in callbacks:
             cb.on_epoch_end(epoch, metrics, state=state, improved=improved, **context)
     except StopTraining as exc:
-        stop = exc
-    code = dist.all_reduce(float(STOP_REASONS.index(stop.reason) if stop else 0), "max")
-    if code and stop is None:
-        stop = StopTraining(STOP_REASONS[int(code)], "another process stopped training")
-    if stop is not None:
+        stop.request(exc.reason, str(exc))
+    code = dist.all_reduce(float(STOP_REASONS.index(stop.reason)), "max")
+    if code:
+        stop.request(STOP_REASONS[int(code)], "another process stopped training")
         state.stopped = stop.reason
-        raise stop
+    stop.check()

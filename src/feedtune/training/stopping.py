@@ -1,14 +1,31 @@
-"""The one signal that stops training early, and why it may be given.
+"""The one stop signal of a command, and why it may be given.
 
-A module of its own, importing nothing: the tracking layer ends a run KILLED on it, and
-tools that only read or close runs should not pay for importing torch to recognise it.
+A :class:`StopRequest` is set by whoever decides that training must end (SIGINT/SIGTERM,
+through :func:`stop_on_signals`; a callback's pruning or deadline) and honoured where it is
+safe: the training loop checks it at every step and epoch boundary, the commands after their
+imports and data preparation, a study between its trials. A signal's handler only sets it,
+so a stop never lands inside an import, a checkpoint write or an MLflow call; a second signal
+interrupts at once.
+
+A module of its own, importing nothing heavy: the tracking layer ends a run KILLED on these
+stops, and tools that only read or close runs should not pay for importing torch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
 # Why a callback stops training (index 0: it did not); the order settles a disagreement
 # between processes (the later one wins).
 STOP_REASONS = ("", "pruned", "deadline")
+# A stop asked for from outside the run (SIGINT, SIGTERM): it ends like Ctrl-C did, the run
+# KILLED and the command's exit code 130.
+INTERRUPTED = "interrupted"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopTraining(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -22,3 +39,75 @@ class StopTraining(Exception):  # noqa: N818 - a control-flow signal, not an err
             raise ValueError(f"StopTraining: reason {reason!r}, allowed: {STOP_REASONS[1:]}")
         super().__init__(detail or reason)
         self.reason = reason
+
+
+class StopRequest:
+    """A request to stop: ``request(reason, detail)`` sets it (the first request wins, but a
+    signal's overrides any other), ``check()`` raises it at a safe point. ``interrupted`` (a
+    signal) raises ``KeyboardInterrupt``, which every layer ends as Ctrl-C (runs KILLED, exit
+    130); ``pruned`` and ``deadline`` raise :class:`StopTraining`."""
+
+    def __init__(self) -> None:
+        self.reason = ""
+        self.detail = ""
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.reason)
+
+    def request(self, reason: str, detail: str = "") -> None:
+        if reason != INTERRUPTED and reason not in STOP_REASONS[1:]:
+            allowed = (INTERRUPTED, *STOP_REASONS[1:])
+            raise ValueError(f"StopRequest: reason {reason!r}, allowed: {allowed}")
+        if not self.reason or (reason == INTERRUPTED and self.reason != INTERRUPTED):
+            self.reason, self.detail = reason, detail or reason
+
+    def clear(self) -> None:
+        self.reason = self.detail = ""
+
+    def check(self) -> None:
+        """Raise the requested stop, if any (a safe point: between steps, epochs, trials)."""
+        if self.reason == INTERRUPTED:
+            raise KeyboardInterrupt(self.detail)
+        if self.reason:
+            raise StopTraining(self.reason, self.detail)
+
+
+# The request that signals set while a command runs (``stop_on_signals``); outside one, a
+# request nobody sets, so that a loop run by a test or a library user never stops by itself.
+_active: list[StopRequest] = []
+_NEVER = StopRequest()
+
+
+def current() -> StopRequest:
+    """The stop request of the command running in this process (one nobody sets if none)."""
+    return _active[-1] if _active else _NEVER
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: StopRequest) -> Iterator[StopRequest]:
+    """Inside the block SIGINT and SIGTERM set ``stop`` (reason ``interrupted``) instead of
+    raising where they land; a second one raises ``KeyboardInterrupt`` at once. ``stop`` is
+    :func:`current` inside the block. The previous handlers come back on leaving. Only the
+    main thread sets handlers: elsewhere ``stop`` is only made current."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} if main else {}
+    owner = os.getpid()
+
+    def handle(signum: int, frame: object) -> None:
+        if os.getpid() != owner or stop.reason == INTERRUPTED:
+            # A forked DataLoader worker keeps Python's Ctrl-C behaviour (its loop ends on
+            # it); in the command's process this is the second signal: stop now.
+            signal.default_int_handler(signum, frame)
+        stop.request(INTERRUPTED, f"{signal.Signals(signum).name} received")
+
+    for sig in previous:
+        signal.signal(sig, handle)
+    _active.append(stop)
+    try:
+        yield stop
+    finally:
+        _active.remove(stop)
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)

@@ -30,6 +30,7 @@ from feedtune.feed.device import DeviceLoader
 from feedtune.feed.feed import Feed
 from feedtune.training.distributed import Dist
 from feedtune.training.engine import build_optimizer, train_step
+from feedtune.training.stopping import current
 
 
 @dataclass
@@ -255,7 +256,8 @@ def measure_training(
     ``dist`` (under torchrun, ``train`` this process's share): the steps run in
     DistributedDataParallel, and the result is the job's: every process's samples over the
     slowest one's time, the longest wait and start-up (the processes wait for each other at
-    every step)."""
+    every step). The command's stop request is checked after every step."""
+    stop = current()
     model, optimizer, loss_fn, amp = _probe_parts(model, train.device, train_cfg)
     net = dist.wrap(model, train.device) if dist is not None else model
     t0 = time.perf_counter()
@@ -273,6 +275,7 @@ def measure_training(
             wait += (time.perf_counter() - t) if i >= warmup else 0.0
         train_step(net, optimizer, loss_fn, *train.to_device(batch), amp=amp)
         samples += len(batch[1]) if i >= warmup else 0
+        stop.check()
     _sync(train.device)
     elapsed = time.perf_counter() - start
     it.close()

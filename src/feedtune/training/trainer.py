@@ -45,6 +45,7 @@ from feedtune.training.models import (
     num_outputs,
     set_backbone_trainable,
 )
+from feedtune.training.stopping import StopRequest, current
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -146,6 +147,7 @@ def train_model(
     model: nn.Module | None = None,
     finetune: bool = False,
     dist: Dist | None = None,
+    stop: StopRequest | None = None,
 ) -> TrainOutcome:
     """Train ``cfg`` on ``feed`` (``resume``: a checkpoint payload to continue from),
     evaluating and checkpointing into ``folder`` every epoch; returns the best epoch's model
@@ -157,8 +159,11 @@ def train_model(
     rather than ``build_model(cfg.model)``; ``finetune``: the backbone learns at ``train.lr *
     train.backbone_lr_scale``. ``dist``: this process's place under torchrun, ``feed`` its
     share; the model trains in ``DistributedDataParallel``, only the main process writes
-    checkpoints, and every process sees the same metrics and gets the best weights."""
+    checkpoints, and every process sees the same metrics and gets the best weights. ``stop``
+    (default: the command's, ``stopping.current()``) is checked at every step and epoch
+    boundary: a signal's request ends training there as Ctrl-C does."""
     dist = dist or Dist()
+    stop = stop or current()
     run = _start(cfg, feed, model, resume, finetune=finetune, dist=dist)
     callbacks = [*_own_callbacks(cfg, feed, folder, dist), *callbacks]
     for cb in callbacks:
@@ -167,6 +172,7 @@ def train_model(
     epochs = _epochs_bar(state, train_cfg, progress=progress)
     try:
         for epoch in epochs:
+            stop.check()
             _start_epoch(run, epoch, callbacks, train_cfg, dist, feed.device)
             stats = train_one_epoch(
                 run.net,
@@ -179,6 +185,7 @@ def train_model(
                 progress=progress,
                 desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
                 set_lr=functools.partial(run.schedule.set, epoch),
+                stop=stop,
             )
             result = _validate(run, feed, dist, progress=progress)
             metrics = epoch_metrics(combined_stats(stats, dist), result, run.optimizer)
@@ -186,6 +193,7 @@ def train_model(
             epochs.set_postfix(val_f1=f"{result.f1_macro:.3f}", best=f"{state.best_metric:.3f}")
             context = {"model": run.model, "optimizer": run.optimizer, "evaluation": result}
             end_epoch(callbacks, epoch, metrics, state, improved, context, dist)  # may stop
+            stop.check()  # the epoch is checkpointed and recorded: a signal ends it here
             if state.out_of_patience(train_cfg.patience):
                 break
     except BaseException:  # a stop, Ctrl-C: the traceback keeps the loaders alive (Feed.close)

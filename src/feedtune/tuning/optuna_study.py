@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from feedtune.config import ParamSpec
 from feedtune.progress import progress_mode, write_line
 from feedtune.tracking.plots import pareto_figure
+from feedtune.training import stopping
 from feedtune.tuning.arms import START, Arm
 from feedtune.tuning.optuna_storage import experimental_ok
 from feedtune.tuning.rung_pruner import (
@@ -193,7 +194,9 @@ def optimize(
 ) -> None:
     """Exceptions other than pruning mark the trial FAIL and the study goes on; with
     ``stop_on_error`` (trials run by a torchrun group, whose other processes cannot go on
-    without this one) the failed trial's error ends the loop and propagates."""
+    without this one) the failed trial's error ends the loop and propagates. A stop the
+    command was asked for (SIGINT, SIGTERM: ``stopping.current()``) that came outside a
+    trial's training ends the loop after the trial, as Ctrl-C."""
     # Optuna's bar only in bar mode; in a log, one line per finished trial instead.
     mode = progress_mode() if progress else "off"
     quiet = _NoTraceback() if stop_on_error else None
@@ -206,12 +209,21 @@ def optimize(
             timeout=timeout,
             catch=() if stop_on_error else (Exception,),
             show_progress_bar=mode == "bar",
-            callbacks=[*(callbacks or []), *([_write_trial_line] if mode == "lines" else [])],
+            callbacks=[
+                *(callbacks or []),
+                *([_write_trial_line] if mode == "lines" else []),
+                _stop_if_asked,
+            ],
             gc_after_trial=True,
         )
     finally:
         if quiet is not None:
             _OPTIMIZE_LOG.removeFilter(quiet)
+
+
+def _stop_if_asked(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Between two trials: the command's stop request, if any, raised (KeyboardInterrupt)."""
+    stopping.current().check()
 
 
 # Where Optuna says that a trial failed, with the error's traceback.

@@ -1,0 +1,58 @@
+"""The one stop request: a signal only sets it, a second one interrupts, the loop honours it
+at its next step."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from feedtune.training.stopping import (
+    INTERRUPTED,
+    StopRequest,
+    StopTraining,
+    current,
+    stop_on_signals,
+)
+from feedtune.training.trainer import train_model
+from tests.conftest import tiny_feed
+
+
+def test_a_signal_only_sets_the_request_and_a_second_one_interrupts():
+    stop = StopRequest()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with stop_on_signals(stop):
+        assert current() is stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.reason == INTERRUPTED and "SIGTERM" in stop.detail
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            stop.check()
+    assert current() is not stop and not current().requested
+    assert {sig: signal.getsignal(sig) for sig in previous} == previous
+
+
+def test_a_signal_overrides_a_callbacks_stop_and_reasons_are_checked():
+    stop = StopRequest()
+    stop.request("pruned", "pruned after epoch 1")
+    stop.request("deadline")
+    with pytest.raises(StopTraining, match="pruned after epoch 1"):
+        stop.check()
+    stop.request(INTERRUPTED, "SIGTERM received")
+    with pytest.raises(KeyboardInterrupt):
+        stop.check()
+    with pytest.raises(ValueError, match="bored"):
+        stop.request("bored")
+    stop.clear()
+    stop.check()  # nothing asked: nothing raised
+
+
+def test_the_loop_stops_at_the_next_step_once_asked(tiny_folder, tmp_path):
+    cfg, _, feed = tiny_feed(tiny_folder, "train.epochs=3")
+    stop = StopRequest()
+    stop.request(INTERRUPTED, "SIGTERM received")
+    with pytest.raises(KeyboardInterrupt):
+        train_model(cfg, feed, folder=tmp_path, progress=False, stop=stop)
+    assert not (tmp_path / "last.pt").exists()  # stopped before its first step
