@@ -332,27 +332,23 @@ def _lost_group(exc: BaseException | None) -> str | None:
     return lost
 
 
-def _run_command(args: argparse.Namespace) -> None:
-    """The command, with SIGINT and SIGTERM (a scheduler, `kill`) turned into one stop request,
-    honoured at the next safe point: after the imports, at a training step or epoch boundary,
-    between trials, at worst once the command is done. It ends like Ctrl-C: runs marked KILLED,
-    checkpoints kept, exit code 130."""
-    from feedtune.training.stopping import StopRequest, stop_on_signals
-
-    with stop_on_signals(StopRequest()) as stop:
-        call = _call(args)
-        logs.quiet_libraries()  # again: importing Optuna (with the command) set it to INFO
-        stop.check()  # a signal during the imports
-        result = call.run(**call.kwargs)
-        call.report(result)
-        stop.check()  # a signal while the command ended
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     logs.configure()  # $FEEDTUNE_LOG; MLflow's and Optuna's lines below WARNING only on request
     args = build_parser().parse_args(argv)
+    from feedtune.training.stopping import StopRequest, stop_on_signals
+
     try:
-        _run_command(args)
+        # SIGINT and SIGTERM (a scheduler, `kill`) become one stop request, honoured at the
+        # next safe point: after the imports, at a training step or epoch boundary, between
+        # trials, at worst once the command is done. It ends like Ctrl-C: runs marked KILLED,
+        # checkpoints kept, exit code 130.
+        with stop_on_signals(StopRequest()) as stop:
+            call = _call(args)
+            logs.quiet_libraries()  # again: importing Optuna (with the command) set it to INFO
+            stop.check()  # a signal during the imports
+            result = call.run(**call.kwargs)
+            call.report(result)
+            stop.check()  # a signal while the command ended
         return 0
     except ConfigError as exc:
         print(f"feedtune: config error: {exc}", file=sys.stderr)

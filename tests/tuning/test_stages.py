@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 import feedtune
@@ -85,7 +86,8 @@ def test_quality_trials_use_the_speed_winner_passed_in(tiny_folder, tmp_path, ml
         ],
     )
     tracking.setup(cfg.experiment)
-    tuner = Tuner(cfg, prepare_data(cfg, progress=False), "q", progress=False)
+    data = prepare_data(cfg, progress=False)
+    tuner = Tuner(cfg, data, "q", progress=False, device=torch.device("cpu"))
     study = optuna.create_study(direction="maximize", storage=_journal(tmp_path), study_name="q")
     speed = {"loader.num_workers": 1, "data.decoder": "opencv"}
     with tracking.start_run("study", run_name="q", system_metrics=False):

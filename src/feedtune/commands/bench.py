@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from torch import nn
 
 from feedtune.config import Config, with_overrides
 from feedtune.feed.cache import ImageCache, attach_cache, build_cache
@@ -30,8 +31,9 @@ from feedtune.progress import progress_bar
 from feedtune.sources.prepare import prepare_data
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.plots import samples_per_s_figure
-from feedtune.training.devices import prepare_model, resolve_device
+from feedtune.training.devices import prepare_model
 from feedtune.training.models import StandIn, build_model
+from feedtune.training.run_context import RunContext, run_context
 from feedtune.training.throughput import (
     Throughput,
     measure_loader,
@@ -192,17 +194,27 @@ def run_bench(cfg: Config, *, progress: bool = True) -> pd.DataFrame:
     Returns the results table, one row per cell (settings, rates, verdict, cache cost), and
     prints it with the recommended settings.
     """
-    mlflow_store.setup(cfg.experiment)
-    data = prepare_data(cfg, progress=progress)
-    device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.seed)
+    with run_context(cfg) as ctx:
+        return _bench(cfg, ctx, progress=progress)
+
+
+def _bench_model(cfg: Config, classes: int, device: torch.device) -> nn.Module:
+    """The model every cell trains: ``model``, or a stand-in eating ``bench.model_rate``."""
     rate = cfg.bench.model_rate
     network = (
-        build_model(cfg.model, num_classes=len(data.classes))
+        build_model(cfg.model, num_classes=classes)
         if rate is None
-        else StandIn(len(data.classes), samples_per_s=rate)
+        else StandIn(classes, samples_per_s=rate)
     )
-    model = prepare_model(network, device, channels_last=cfg.train.channels_last)
+    return prepare_model(network, device, channels_last=cfg.train.channels_last)
+
+
+def _bench(cfg: Config, ctx: RunContext, *, progress: bool) -> pd.DataFrame:
+    mlflow_store.setup(cfg.experiment)
+    data = prepare_data(cfg, progress=progress)
+    torch.manual_seed(ctx.seed)
+    rate = cfg.bench.model_rate
+    model = _bench_model(cfg, len(data.classes), ctx.device)
     cells = grid(cfg, data.reader.inert)
     for cell in cells:  # a bad grid value fails now, naming its key, not after minutes
         cell_config(cfg, cell)
@@ -225,41 +237,46 @@ def run_bench(cfg: Config, *, progress: bool = True) -> pd.DataFrame:
                         data,
                         cell,
                         model=model,
-                        device=device,
+                        device=ctx.device,
                         caches=caches,
                         appetite=appetite,
                     )
                 )
         results = pd.DataFrame(rows)
-        best = best_row(results)
-        mlflow_store.log_config(cell_config(cfg, {a: _plain(best[a]) for a in AXES}))
-        mlflow_store.log_dataframe(results, "bench/results.csv")
-        mlflow_store.log_figure(
-            samples_per_s_figure(results, series=[a for a in AXES if a != "num_workers"]),
-            "bench/samples_per_s.png",
-        )
-        metrics = [
-            "loader_samples_per_s",
-            "model_samples_per_s",
-            "train_samples_per_s",
-            "data_wait_frac",
-            "feed_ratio",
-            "loader_startup_s",
-            "train_startup_s",
-            "cache_fill_s",
-            "cache_mb",
-        ]
-        mlflow_store.log_metrics({**{m: best[m] for m in metrics}, "bench_cells": len(results)})
-        mlflow_store.set_tags(
-            {
-                "feedtune.bottleneck": best["bottleneck"],
-                "feedtune.best_cell": recommended_overrides(best),
-            }
-        )
+        _log_results(cfg, results)
         results.attrs["run_id"] = run.info.run_id
     print(report(results))
     print(f"MLflow run {results.attrs['run_id']} (experiment '{cfg.experiment}')")
     return results
+
+
+def _log_results(cfg: Config, results: pd.DataFrame) -> None:
+    """The bench run's table, figure, and the best cell's settings, metrics and verdict."""
+    best = best_row(results)
+    mlflow_store.log_config(cell_config(cfg, {a: _plain(best[a]) for a in AXES}))
+    mlflow_store.log_dataframe(results, "bench/results.csv")
+    mlflow_store.log_figure(
+        samples_per_s_figure(results, series=[a for a in AXES if a != "num_workers"]),
+        "bench/samples_per_s.png",
+    )
+    metrics = [
+        "loader_samples_per_s",
+        "model_samples_per_s",
+        "train_samples_per_s",
+        "data_wait_frac",
+        "feed_ratio",
+        "loader_startup_s",
+        "train_startup_s",
+        "cache_fill_s",
+        "cache_mb",
+    ]
+    mlflow_store.log_metrics({**{m: best[m] for m in metrics}, "bench_cells": len(results)})
+    mlflow_store.set_tags(
+        {
+            "feedtune.bottleneck": best["bottleneck"],
+            "feedtune.best_cell": recommended_overrides(best),
+        }
+    )
 
 
 def _plain(value: Any) -> Any:

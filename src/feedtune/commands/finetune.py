@@ -31,8 +31,8 @@ from feedtune.training.checkpoint import (
     model_from_checkpoint,
     require_trusted_factory,
 )
-from feedtune.training.devices import resolve_device
 from feedtune.training.models import replace_head, set_backbone_trainable
+from feedtune.training.run_context import run_context
 from feedtune.training.trainer import train_model
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,8 @@ def run_finetune(
             "feedtune.head_replaced": str(start.head_replaced).lower(),
         }
         folder = Path(tmp) / "checkpoints"
-        with mlflow_store.start_run("finetune", tags=tags) as run:
-            feed = build_feed(cfg, data, resolve_device(cfg.train.device))
+        with run_context(cfg) as ctx, mlflow_store.start_run("finetune", tags=tags) as run:
+            feed = build_feed(cfg, data, ctx.device)
             outcome = train_model(
                 cfg,
                 feed,
@@ -125,6 +125,7 @@ def run_finetune(
                 finetune=True,
                 progress=progress,
                 callbacks=[RunRecorder(cfg, data, feed, folder)],
+                stop=ctx.stop,
             )
             finish_run(cfg, outcome, feed)
             return run.info.run_id

@@ -11,8 +11,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from feedtune.config import Config, config_from_dict
 from feedtune.feed.feed import build_feed
@@ -25,10 +24,9 @@ from feedtune.tracking.recording import (
     finish_run,
     relog_missing_epochs,
 )
-from feedtune.training import stopping
 from feedtune.training.checkpoint import require_trusted_factory
-from feedtune.training.devices import resolve_device
-from feedtune.training.distributed import Dist, init_from_env
+from feedtune.training.distributed import Dist
+from feedtune.training.run_context import RunContext, run_context
 from feedtune.training.trainer import train_model
 
 
@@ -76,25 +74,37 @@ def run_train(cfg: Config, *, resume_run_id: str | None = None, progress: bool =
 
     Under torchrun (``WORLD_SIZE`` > 1) this is one process of the run: the process group is
     started here and ended on return; every process returns the run id."""
-    device = resolve_device(cfg.train.device)
-    dist = init_from_env(device, cfg.train.dist_timeout_s)
-    try:
-        return _train(
-            cfg, dist, dist.device(device), resume_run_id=resume_run_id, progress=progress
+    with run_context(cfg) as ctx:
+        return _train(cfg, ctx, resume_run_id=resume_run_id, progress=progress)
+
+
+def _resume(cfg: Config, dist: Dist, run_id: str, folder: Path) -> tuple[Config, dict[str, Any]]:
+    """The killed run's configuration and last checkpoint (downloaded into ``folder`` by the
+    main process, sent to the others)."""
+    resume = download_resume(run_id, folder) if dist.is_main else None
+    resume = dist.broadcast(resume)
+    if resume is None:
+        raise FileNotFoundError(
+            f"run {run_id} has no checkpoints/last.pt to resume from; "
+            "start a new run with `feedtune train`"
         )
-    finally:
-        dist.destroy()
+    if dist.is_main:
+        return _resumed_config(cfg, resume, run_id), resume
+    resumed = config_from_dict(resume["config"])
+    require_trusted_factory(resumed.model.name, cfg.model.name, where=f"run {run_id}")
+    return resumed, resume
 
 
 def _train(
     cfg: Config,
-    dist: Dist,
-    device: torch.device,
+    ctx: RunContext,
     *,
     resume_run_id: str | None,
     progress: bool,
 ) -> str:
-    """The run on this process's ``device``; ``dist``'s main process records it."""
+    """The run on this process's ``ctx.device``; the main process of ``ctx.dist`` records
+    it."""
+    dist, device = ctx.dist, ctx.device
     if dist.is_main:
         mlflow_store.setup(cfg.experiment)
         mlflow_store.close_dead_runs(cfg.experiment)
@@ -102,30 +112,23 @@ def _train(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "checkpoints"
         if resume_run_id:
-            if dist.is_main:
-                resume = download_resume(resume_run_id, folder)
-            resume = dist.broadcast(resume)
-            if resume is None:
-                raise FileNotFoundError(
-                    f"run {resume_run_id} has no checkpoints/last.pt to resume from; "
-                    "start a new run with `feedtune train`"
-                )
-            if dist.is_main:
-                cfg = _resumed_config(cfg, resume, resume_run_id)
-            else:
-                resumed = config_from_dict(resume["config"])
-                require_trusted_factory(
-                    resumed.model.name, cfg.model.name, where=f"run {resume_run_id}"
-                )
-                cfg = resumed
+            cfg, resume = _resume(cfg, dist, resume_run_id, folder)
         data = prepare_data(cfg, progress=progress and dist.is_main)
         _same_data(dist, data)
         feed = build_feed(cfg, data, device, rank=dist.rank, world_size=dist.world_size)
-        stopping.current().check()  # a signal during the preparation: no run opened yet
+        ctx.stop.check()  # a signal during the preparation: no run opened yet
         if not dist.is_main:
             run_id = dist.broadcast(None)
             try:
-                train_model(cfg, feed, folder=folder, resume=resume, progress=False, dist=dist)
+                train_model(
+                    cfg,
+                    feed,
+                    folder=folder,
+                    resume=resume,
+                    progress=False,
+                    dist=dist,
+                    stop=ctx.stop,
+                )
             except (KeyboardInterrupt, RuntimeError) as exc:  # RuntimeError: a lost peer
                 exc.resume_hint = f"feedtune train --resume {run_id}"
                 raise
@@ -147,6 +150,7 @@ def _train(
                     progress=progress,
                     callbacks=[RunRecorder(cfg, data, feed, folder)],
                     dist=dist,
+                    stop=ctx.stop,
                 )
             except (KeyboardInterrupt, RuntimeError) as exc:  # RuntimeError: a lost peer
                 exc.resume_hint = f"feedtune train --resume {run.info.run_id}"

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +17,8 @@ from feedtune.config import PROJECT_ROOT, Config
 from feedtune.sources.prepare import PreparedData, prepare_data
 from feedtune.tracking import mlflow_models, mlflow_store
 from feedtune.tracking.urls import redact
-from feedtune.training import stopping
-from feedtune.training.devices import resolve_device
-from feedtune.training.distributed import Dist, init_from_env
+from feedtune.training.distributed import Dist
+from feedtune.training.run_context import RunContext, run_context
 from feedtune.tuning import optuna_storage, optuna_study
 from feedtune.tuning.quality_stage import QualityOutcome, QualityStage, log_outcome
 from feedtune.tuning.recheck import Verdict
@@ -86,9 +84,10 @@ def run_tune(
     started = time.monotonic()
     if stage not in (*STAGES, "all"):
         raise ValueError(f"--stage {stage!r}: allowed: speed, quality, all")
-    with _process_group(cfg) as group:
+    with run_context(cfg) as ctx:
+        group = TrialGroup(ctx.dist)  # under torchrun, the job's process group; else one alone
         if not group.dist.is_main:
-            _follow(cfg, group)
+            _follow(cfg, group, ctx)
             return None
         stages = STAGES if stage == "all" else (stage,)
         budget = timeout if timeout is not None else cfg.search.timeout_s
@@ -101,8 +100,8 @@ def run_tune(
         mlflow_store.close_dead_runs(cfg.experiment)
         data = prepare_data(cfg, progress=progress)
         group.agree(cfg, data.split.digest)
-        tuner = Tuner(cfg, data, base, progress=progress, group=group)
-        stopping.current().check()  # a signal during the preparation: no run opened yet
+        tuner = Tuner(cfg, data, base, progress=progress, group=group, device=ctx.device)
+        ctx.stop.check()  # a signal during the preparation: no run opened yet
         in_group = group.dist.enabled  # a failed trial ends the group's job
         seed = cfg.search.sampler_seed if cfg.search.sampler_seed is not None else cfg.seed
         result = TuneResult("", base, redact(storage_url), None, None, {})
@@ -143,23 +142,11 @@ def run_tune(
     return result
 
 
-@contextlib.contextmanager
-def _process_group(cfg: Config) -> Iterator[TrialGroup]:
-    """Under torchrun, the job's process group (started here, ended on leaving); else one
-    process alone."""
-    dist = init_from_env(resolve_device(cfg.train.device), cfg.train.dist_timeout_s)
-    try:
-        yield TrialGroup(dist)
-    finally:
-        dist.destroy()
-
-
-def _follow(cfg: Config, group: TrialGroup) -> None:
+def _follow(cfg: Config, group: TrialGroup, ctx: RunContext) -> None:
     """A process other than rank 0: the same data, then whatever rank 0 sends."""
     data = prepare_data(cfg, progress=False)
     group.agree(cfg, data.split.digest)
-    device = group.dist.device(resolve_device(cfg.train.device))
-    follow(cfg, data, group, device)
+    follow(cfg, data, group, ctx.device)
 
 
 def _seconds_left(deadline: float | None) -> float | None:

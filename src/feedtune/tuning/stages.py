@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,7 +32,6 @@ from feedtune.tracking.recording import (
     relog_missing_epochs,
 )
 from feedtune.tracking.signals import signals_held
-from feedtune.training.devices import resolve_device
 from feedtune.training.distributed import group_failure
 from feedtune.training.engine import Callback
 from feedtune.training.stopping import StopTraining
@@ -48,6 +47,9 @@ from feedtune.tuning.rung_pruner import (
 )
 from feedtune.tuning.trial_group import Order, TrialGroup, group_feed, speed_trial
 from feedtune.tuning.trial_stops import PruneOnPlateau, StopAtDeadline
+
+if TYPE_CHECKING:
+    import torch
 
 STAGES = ("speed", "quality")
 # Trial user attribute: why the speed stage stopped after the start configuration's trial.
@@ -104,7 +106,7 @@ def trial_run(
 
 
 class Tuner:
-    """Objectives of both stages over one prepared dataset, on one device (resolved once),
+    """Objectives of both stages over one prepared dataset, on the run context's device,
     sharing the image caches of their feeds and the epoch timings the deadline needs.
 
     ``group``: under torchrun this is rank 0 of a process group; each trial is then sent to
@@ -117,6 +119,7 @@ class Tuner:
         study_base: str,
         *,
         progress: bool,
+        device: torch.device,
         group: TrialGroup | None = None,
     ) -> None:
         self.cfg = cfg
@@ -126,7 +129,7 @@ class Tuner:
         self.group = group or TrialGroup()
         self.dist = self.group.dist
         self.settings = cfg.flat()  # the config's own values, dotted
-        self.device = self.dist.device(resolve_device(cfg.train.device))
+        self.device = device  # the run context's: resolved once, at the command's edge
         # Trials with the same cache settings (every quality trial) share one filled cache.
         self.caches = CacheMemo()
         self.epoch_seconds: list[float] = []  # of every quality epoch run here
