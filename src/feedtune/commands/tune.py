@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from feedtune.config import PROJECT_ROOT, Config
+from feedtune.feed.auto import resolve_auto
 from feedtune.sources.prepare import PreparedData, prepare_data
 from feedtune.tracking import mlflow_models, mlflow_store
 from feedtune.tracking.urls import redact
@@ -100,6 +101,8 @@ def run_tune(
         mlflow_store.close_dead_runs(cfg.experiment)
         data = prepare_data(cfg, progress=progress)
         group.agree(cfg, data.split.digest)
+        # The start configuration's values, as its trials run and record them.
+        cfg = resolve_auto(cfg, data)
         tuner = Tuner(cfg, data, base, progress=progress, group=group, device=ctx.device)
         ctx.stop.check()  # a signal during the preparation: no run opened yet
         in_group = group.dist.enabled  # a failed trial ends the group's job
@@ -146,6 +149,7 @@ def _follow(cfg: Config, group: TrialGroup, ctx: RunContext) -> None:
     """A process other than rank 0: the same data, then whatever rank 0 sends."""
     data = prepare_data(cfg, progress=False)
     group.agree(cfg, data.split.digest)
+    cfg = resolve_auto(cfg, data)
     follow(cfg, data, group, ctx.device)
 
 

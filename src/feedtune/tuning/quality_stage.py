@@ -2,8 +2,9 @@
 pruning only at trusted rungs, the winner re-checked on fresh seeds, and the figures that
 explain the decision logged on the study's parent run.
 
-The job's budget is split three ways: the seed runs come first (every later decision needs the
-noise), the search gets what is left minus a reserve for the re-check (its runs, at the
+The job's budget is split three ways: the arms' trials and their seed runs come first (they are
+the answer when nothing beats them, and every pruning decision needs their noise), the search
+gets what is left minus a reserve for the re-check (its runs for the current best trial, at the
 measured length of a full run), and the re-check ends the job.
 """
 
@@ -21,7 +22,12 @@ from feedtune.tuning import optuna_study
 from feedtune.tuning.arms import START, Arm
 from feedtune.tuning.evidence import PairedDifference, RungEvidence
 from feedtune.tuning.recheck import Verdict, recheck, scores_by_seed, trial_name
-from feedtune.tuning.rung_pruner import OVERRIDES_ATTR, TrustedHalvingPruner, candidate_rungs
+from feedtune.tuning.rung_pruner import (
+    ARM_ATTR,
+    OVERRIDES_ATTR,
+    TrustedHalvingPruner,
+    candidate_rungs,
+)
 from feedtune.tuning.rung_pruner import rung_report as _rung_report
 from feedtune.tuning.stages import Tuner
 
@@ -57,26 +63,21 @@ def seed_runs(
                 return
 
 
-def recheck_runs(cfg: Config, arms: list[Arm]) -> int:
-    """At most how many full-length runs the re-check adds: the winner on every fresh seed,
-    the start and one anchor on the fresh seeds their seed runs did not cover."""
+def recheck_runs(cfg: Config, arms: list[Arm], *, winner_is_arm: bool) -> int:
+    """At most how many full-length runs the re-check adds: the winner on every fresh seed
+    (unless it is an arm), the start and one anchor on the fresh seeds their seed runs did not
+    cover."""
     fresh = cfg.search.recheck_seeds
-    missing = max(0, fresh - cfg.search.noise_seeds)
-    return fresh + missing * min(len(arms), 2) if fresh else 0
-
-
-def search_deadline(tuner: Tuner, job_deadline: float | None) -> float | None:
-    """The job's deadline less the re-check's reserve (its runs at the median full-run length
-    measured so far; none measured: no reserve)."""
-    if job_deadline is None or not tuner.full_run_seconds:
-        return job_deadline
-    reserve = statistics.median(tuner.full_run_seconds) * recheck_runs(tuner.cfg, tuner.arms)
-    return job_deadline - reserve
+    if not fresh:
+        return 0
+    missing = max(0, fresh - cfg.search.noise_seeds) * min(len(arms), 2)
+    return missing + (0 if winner_is_arm else fresh)
 
 
 class QualityStage:
-    """The stage in three steps around the study's ``optimize`` (which the command calls
-    itself, one frame nearer the training step): ``seed_runs``, ``search_args``, ``finish``."""
+    """The stage around the study's ``optimize`` (which the command calls itself, one frame
+    nearer the training step): ``search_args`` for it (the arms' seed runs come in its
+    callback), then ``finish``."""
 
     def __init__(
         self, tuner: Tuner, study: Any, speed_params: dict[str, Any], job_deadline: float | None
@@ -85,27 +86,53 @@ class QualityStage:
         self.study = study
         self.speed_params = speed_params
         self.job_deadline = job_deadline
+        self.seeds_done = False
 
-    def seed_runs(self) -> None:
-        """The arms' extra seeds, before the search: its pruning needs their noise."""
-        if self.tuner.cfg.search.enqueue_config:
-            seed_runs(self.tuner, self.study, self.speed_params, deadline=self.job_deadline)
+    def seed_runs_after_arms(self, study: Any, trial: Any) -> None:
+        """A study callback: once every arm has its trial, the arms' extra seeds (their noise
+        is what later pruning gaps must exceed); the arms themselves come first, so a short
+        budget still compares them."""
+        if self.seeds_done or not self.tuner.cfg.search.enqueue_config:
+            return
+        arms = {t.user_attrs.get(ARM_ATTR) for t in optuna_study.complete_trials(study)}
+        if len(arms - {None}) < optuna_study.n_arm_trials(study):
+            return
+        self.seeds_done = True
+        seed_runs(self.tuner, study, self.speed_params, deadline=self.job_deadline)
+
+    def deadline(self, trial: Any) -> float | None:
+        """When a quality trial (None: the next one) must end. The arms run to the job's
+        deadline: they are the answer when nothing else is. Other trials leave the re-check
+        its reserve: its runs for the current best trial, at the median full-run length
+        measured so far (nothing measured yet: no reserve)."""
+        study, tuner = self.study, self.tuner
+        if self.job_deadline is None:
+            return None
+        arm_next = trial is None and optuna_study.n_trials(study) < optuna_study.n_arm_trials(study)
+        if arm_next or (trial is not None and trial.user_attrs.get(ARM_ATTR)):
+            return self.job_deadline
+        if not tuner.full_run_seconds:
+            return self.job_deadline
+        best = optuna_study.best_trial(study)
+        is_arm = best is None or bool(best.user_attrs.get(ARM_ATTR))
+        runs = recheck_runs(tuner.cfg, tuner.arms, winner_is_arm=is_arm)
+        return self.job_deadline - statistics.median(tuner.full_run_seconds) * runs
 
     def search_args(
         self, n_trials: int | None, *, progress: bool, stop_on_error: bool
     ) -> dict[str, Any]:
         """``optuna_study.optimize``'s arguments: the search ends in time for the re-check."""
         tuner, study = self.tuner, self.study
-        deadline = search_deadline(tuner, self.job_deadline)
         objective = tuner.start_stage(
-            study, "quality", speed_params=self.speed_params, deadline=deadline
+            study, "quality", speed_params=self.speed_params, deadline=self.deadline
         )
+        timeout = None if self.job_deadline is None else self.job_deadline - time.monotonic()
         return {
             "objective": objective,
             "n_trials": tuner.planned_trials("quality", n_trials),
-            "timeout": None if deadline is None else max(0.0, deadline - time.monotonic()),
+            "timeout": None if timeout is None else max(0.0, timeout),
             "progress": progress,
-            "callbacks": [tuner.stop_before(deadline, study)],
+            "callbacks": [self.seed_runs_after_arms, tuner.stop_before(self.deadline, study)],
             "stop_on_error": stop_on_error,
         }
 

@@ -52,6 +52,15 @@ if TYPE_CHECKING:
     import torch
 
 STAGES = ("speed", "quality")
+# When trials must end: ``time.monotonic()`` seconds, None (never), or a function of the trial
+# about to run (None: the next one) that says it, for a deadline that moves with the study.
+Deadline = float | None | Callable[[Any], float | None]
+
+
+def deadline_at(deadline: Deadline, trial: Any) -> float | None:
+    return deadline(trial) if callable(deadline) else deadline
+
+
 # Trial user attribute: why the speed stage stopped after the start configuration's trial.
 SKIPPED_ATTR = "speed_stage_skipped"
 
@@ -142,10 +151,12 @@ class Tuner:
         stage: str,
         *,
         speed_params: dict[str, Any] | None = None,
-        deadline: float | None = None,
+        deadline: Deadline = None,
     ) -> Callable[[Any], float]:
         """The objective of ``stage`` with the speed stage's winner (``speed_params``) and the
-        job's ``deadline`` fixed; a new study first gets the start configuration queued."""
+        ``deadline`` (``time.monotonic()`` seconds, or a function of the trial, None for the
+        next one, that says it) fixed; a new study first gets the start configuration (and the
+        quality stage's other arms) queued."""
         speed = stage == "speed"
         search = self.cfg.search
         stage_space = space.speed_space(search) if speed else space.quality_space(search)
@@ -184,16 +195,17 @@ class Tuner:
         planned = search.n_trials_speed if stage == "speed" else search.n_trials_quality
         return planned if n_trials is None else n_trials
 
-    def stop_before(self, deadline: float | None, study: Any = None) -> Callable[[Any, Any], None]:
+    def stop_before(self, deadline: Deadline, study: Any = None) -> Callable[[Any, Any], None]:
         """A study callback: no new trial when the time left would not let it reach the first
         rung where it could stop (the median epoch so far times that rung's epochs: the full
         length while the quality stage calibrates or trusts no rung)."""
 
         def stop(study_: Any, trial: Any) -> None:
-            if deadline is None:
+            ends = deadline_at(deadline, None)
+            if ends is None:
                 return
             per_epoch = float(np.median(self.epoch_seconds)) if self.epoch_seconds else 0.0
-            if time.monotonic() + per_epoch * self._first_stop(study) > deadline:
+            if time.monotonic() + per_epoch * self._first_stop(study) > ends:
                 study_.stop()
 
         return stop
@@ -250,8 +262,10 @@ class Tuner:
         return space.consistent(self.settings, {**speed_params, **params})
 
     def quality_objective(
-        self, trial: Any, *, speed_params: dict[str, Any], deadline: float | None
+        self, trial: Any, *, speed_params: dict[str, Any], deadline: Deadline
     ) -> float:
+        deadline = deadline_at(deadline, trial)
+        started = time.monotonic()
         search_space = space.quality_space(self.cfg.search)
         params = optuna_study.suggest(trial, search_space, self.inert(speed_params))
         # An arm trains exactly its recipe, whatever part of it the space can express.
@@ -287,6 +301,8 @@ class Tuner:
             speed = finish_run(cfg, outcome, feed)
         best = max(h[metric] for h in outcome.state.history)
         trial.set_user_attr(f"best_{metric}", best)
+        if len(outcome.state.history) >= cfg.train.epochs and resume is None:
+            self.full_run_seconds.append(time.monotonic() - started)
         if speed is not None:
             trial.set_user_attr("train_samples_per_s", speed.train_samples_per_s)
         return best
