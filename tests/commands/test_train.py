@@ -10,6 +10,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import (
@@ -91,7 +92,7 @@ def test_train_logs_the_whole_contract_and_repeats_it_with_the_same_seed(
     cmd = _train_command(
         data,
         *("--set", "augment.library=albumentations", "--set", "sampler.kind=weighted"),
-        *("--set", "loader.num_workers=2"),
+        *("--set", "loader.num_workers=2", "--set", "augment.where=sample"),
     )
     # One OpenMP thread, as in this process below: the same arithmetic, bit for bit.
     env = {**env_with_src(), "OMP_NUM_THREADS": "1"}
@@ -141,6 +142,21 @@ def test_train_logs_the_whole_contract_and_repeats_it_with_the_same_seed(
     }
     losses = [[m.value for m in client.get_metric_history(r.info.run_id, "val_loss")] for r in runs]
     assert losses[0] == losses[1]
+
+
+def test_a_default_run_records_the_feed_settings_auto_chose(data, mlflow_store):
+    # loader.cache and augment.where left at auto: the run records, and reruns with, what ran.
+    cmd = _train_command(data, "--set", "train.measure_batches=0", epochs=1)
+    proc = feedtune_in_process(cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert run.data.params["loader.cache"] == "resized"
+    assert run.data.params["augment.where"] == "batch"
+    resolved = yaml.safe_load(
+        mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config/resolved.yaml")
+    )
+    assert resolved["loader"]["cache"] == "resized" and resolved["augment"]["where"] == "batch"
 
 
 # A user's model as a newcomer writes it: no attribute named classifier, fc, head or heads.

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from feedtune.config import Config, with_overrides
+from feedtune.feed.auto import resolve_auto
 from feedtune.feed.cache import ImageCache, attach_cache, build_cache
 from feedtune.feed.dataset import single_torch_thread
 from feedtune.feed.feed import build_feed
@@ -212,6 +213,7 @@ def _bench_model(cfg: Config, classes: int, device: torch.device) -> nn.Module:
 def _bench(cfg: Config, ctx: RunContext, *, progress: bool) -> pd.DataFrame:
     mlflow_store.setup(cfg.experiment)
     data = prepare_data(cfg, progress=progress)
+    cfg = resolve_auto(cfg, data)  # an empty axis keeps the value a run would get
     torch.manual_seed(ctx.seed)
     rate = cfg.bench.model_rate
     model = _bench_model(cfg, len(data.classes), ctx.device)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from feedtune.config import DEFAULT_EXPERIMENT, Config, with_overrides
+from feedtune.feed.auto import resolve_auto
 from feedtune.feed.feed import build_feed
 from feedtune.sources.prepare import prepare_data
 from feedtune.tracking import mlflow_store
@@ -107,6 +108,7 @@ def run_finetune(
         mlflow_store.setup(cfg.experiment)
         mlflow_store.close_dead_runs(cfg.experiment)
         data = prepare_data(cfg, progress=progress)
+        cfg = resolve_auto(cfg, data)  # what the run records is what it ran
         start = prepare_model(payload, cfg, data.classes)
         tags = {
             "feedtune.split_digest": data.split.digest,

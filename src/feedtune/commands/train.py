@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from feedtune.config import Config, config_from_dict
+from feedtune.config import AUTO, AUTO_SETTINGS, Config, config_from_dict
+from feedtune.feed.auto import resolve_auto
 from feedtune.feed.feed import build_feed
 from feedtune.sources.dataset_source import is_dataset_spec
 from feedtune.sources.prepare import PreparedData, prepare_data
@@ -38,7 +39,12 @@ def _resumed_config(asked: Config, resume: dict, run_id: str) -> Config:
     require_trusted_factory(resumed.model.name, asked.model.name, where=f"run {run_id}")
     _require_trusted_dataset(resumed.data.path, asked.data.path, run_id=run_id)
     theirs = resumed.flat()
-    ignored = [f"{k}={v}" for k, v in asked.flat().items() if theirs.get(k) != v]
+    # An auto setting asks for nothing in particular: the run recorded what auto chose.
+    ignored = [
+        f"{k}={v}"
+        for k, v in asked.flat().items()
+        if theirs.get(k) != v and not (k in AUTO_SETTINGS and v == AUTO)
+    ]
     if ignored:
         print(
             f"feedtune: --resume {run_id} continues with that run's own configuration; "
@@ -115,6 +121,7 @@ def _train(
             cfg, resume = _resume(cfg, dist, resume_run_id, folder)
         data = prepare_data(cfg, progress=progress and dist.is_main)
         _same_data(dist, data)
+        cfg = resolve_auto(cfg, data)  # what the run records is what it ran
         feed = build_feed(cfg, data, device, rank=dist.rank, world_size=dist.world_size)
         ctx.stop.check()  # a signal during the preparation: no run opened yet
         if not dist.is_main:

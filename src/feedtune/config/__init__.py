@@ -11,6 +11,8 @@ from feedtune.config.loading import (
 )
 from feedtune.config.naming import experiment_for
 from feedtune.config.sections import (
+    AUTO,
+    AUTO_SETTINGS,
     DEFAULT_CONFIG_PATH,
     DEFAULT_EXPERIMENT,
     DEFAULT_FINETUNE_CONFIG_PATH,
@@ -30,6 +32,8 @@ from feedtune.config.sections import (
 )
 
 __all__ = [
+    "AUTO",
+    "AUTO_SETTINGS",
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_EXPERIMENT",
     "DEFAULT_FINETUNE_CONFIG_PATH",

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 
 from feedtune.config.sections import (
+    AUTO,
+    AUTO_SETTINGS,
     Config,
     ConfigError,
     ParamSpec,
@@ -197,6 +199,11 @@ def _parse_param_spec(key: str, raw: Any, sections: dict[str, type]) -> ParamSpe
             raise ConfigError(f"{where}: choice needs a non-empty list")
         for v in body:  # every choice must be a valid value of the setting
             _coerce(key, v, hints[name])
+        if key in AUTO_SETTINGS and AUTO in body:
+            # A trial runs, and records, the values it is given: auto is a run's own choice.
+            raise ConfigError(
+                f"{where}: '{AUTO}' is chosen per run, not searched; list the values to try"
+            )
         return ParamSpec(key=key, kind="choice", choices=list(body))
     if kind == "float" and isinstance(body, list):  # YAML reads 1e-3 as a string
         body = [_coerce(where, v, float) if isinstance(v, str) else v for v in body]

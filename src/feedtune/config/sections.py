@@ -57,6 +57,11 @@ def _limits(minimum: float | None = None, maximum: float | None = None, **extra:
     return {"min": minimum, "max": maximum, **extra}
 
 
+# Settings whose ``auto`` value each run replaces with the fastest safe one (``feed.auto``).
+AUTO = "auto"
+AUTO_SETTINGS = ("loader.cache", "augment.where")
+
+
 @dataclass
 class DataConfig:
     # Embedded dataset written to data/<name>/ when `path` is unset (see `feedtune data`).
@@ -122,7 +127,10 @@ class AugmentConfig:
     # at the working size and the policy runs on whole batches on the training device, with
     # per-sample parameters drawn as the sample path draws them (policies none, basic, color,
     # geometric): a speed setting, the CPU's loader work drops to decoding and a resize.
-    where: Literal["sample", "batch"] = "sample"
+    # auto: batch where the policy has a batch version, else sample; batch feeds faster on a
+    # CPU and on a GPU (BENCHMARKS.md, "Default feed"). Chosen once per run (feed.auto), which
+    # logs and records the value chosen.
+    where: Literal["auto", "sample", "batch"] = "auto"
     # Blends pairs of training images and their labels into soft targets, a regularizer.
     mix: Literal["none", "mixup", "cutmix", "mixup_or_cutmix"] = "none"
     # Beta(alpha, alpha) draws the mixing ratio: small values keep images mostly unmixed.
@@ -156,8 +164,12 @@ class LoaderConfig:
     drop_last: bool = False
     # Seconds to wait for a batch from a worker before failing (0 = wait forever).
     timeout: float = field(default=0.0, metadata=_limits(0.0))
-    # Decoded-image cache shared by the workers (speed setting).
-    cache: Literal["none", "decoded", "resized"] = "none"
+    # Decoded-image cache shared by the workers (speed setting). auto: resized when the run's
+    # caches fit under cache_limit_mb and in the free shared memory (measured at the start of
+    # the run, headers only), else none: images are then decoded once, not every epoch
+    # (BENCHMARKS.md, "Default feed"). Chosen once per run (feed.auto), which logs and records
+    # the value chosen.
+    cache: Literal["auto", "none", "decoded", "resized"] = "auto"
     # Refuse to fill a cache larger than this many MiB.
     cache_limit_mb: int = field(default=4096, metadata=_limits(1))
 

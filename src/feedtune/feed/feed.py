@@ -15,6 +15,7 @@ from feedtune.feed.augment.batch import build_batch_policy
 from feedtune.feed.augment.mixing import AugmentThenMix, StepCollate, build_mix
 from feedtune.feed.augment.per_sample import Transform, build_transform
 from feedtune.feed.augment.squares import ToWorkingUint8
+from feedtune.feed.auto import resolve_auto
 from feedtune.feed.cache_reuse import CacheMemo, cache_datasets
 from feedtune.feed.dataset import ImageDataset
 from feedtune.feed.device import DeviceLoader
@@ -111,7 +112,11 @@ def build_feed(
     ``caches``: reuse the previous feed's image caches where they match (a study's trials),
     rather than decoding every image again for each. ``policy_on`` (``augment.where: batch``
     only): ``device`` or ``loader``; None picks ``device`` with CUDA and ``loader`` on the
-    CPU."""
+    CPU.
+
+    ``auto`` settings are chosen here when the caller has not (``feed.auto.resolve_auto``); a
+    command that records the run resolves them first, so that its record holds the values."""
+    cfg = resolve_auto(cfg, data)
     cuda = device.type == "cuda"
     on = policy_on or ("device" if cuda else "loader")
     if on not in POLICY_PLACES:

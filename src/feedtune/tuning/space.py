@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from feedtune.config import ConfigError, ParamSpec, SearchConfig
-from feedtune.feed.augment.batch import BATCH_POLICIES
+from feedtune.feed.augment.batch import has_batch_version
 
 SPEED_KEYS = (
     "loader.num_workers",
@@ -96,7 +96,7 @@ def consistent(settings: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
 def batch_augment_qualifies(policy: Any, order: Any) -> bool:
     """Whether ``augment.where: batch`` draws the same transforms as the sample path, which
     makes it a speed setting for this policy (see ``feed.augment.batch``)."""
-    return policy in BATCH_POLICIES and not (policy == "geometric" and order == "augment_first")
+    return has_batch_version(policy, order)
 
 
 def inert_given(settings: dict[str, Any], *, cuda: bool, source: Iterable[str] = ()) -> Inert:

@@ -96,7 +96,7 @@ def test_batch_path_in_the_loader_workers_ships_soft_targets(tiny_folder):
 
 
 def test_sample_path_collate_survives_pickling_for_spawned_workers(tiny_folder):
-    _, _, feed = _feed(tiny_folder, "augment.mix=mixup")
+    _, _, feed = _feed(tiny_folder, "augment.mix=mixup", "augment.where=sample")
     collate = feed.train.loader.collate_fn
     assert isinstance(collate, StepCollate)
     copy = pickle.loads(pickle.dumps(collate))

@@ -41,11 +41,26 @@ from feedtune.feed.augment.squares import (
 )
 from feedtune.feed.geometry import resize_size, working_size
 
-__all__ = ["BATCH_POLICIES", "BatchPolicy", "BatchParams", "ToWorkingUint8", "build_batch_policy"]
+__all__ = [
+    "BATCH_POLICIES",
+    "BatchPolicy",
+    "BatchParams",
+    "ToWorkingUint8",
+    "build_batch_policy",
+    "has_batch_version",
+]
 
 
 # Policies whose batch version draws the same transforms as the sample path.
 BATCH_POLICIES = ("none", "basic", "color", "geometric")
+
+
+def has_batch_version(policy: object, order: object) -> bool:
+    """Whether ``augment.where: batch`` draws the same transforms as the sample path for this
+    policy and order: what ``BatchPolicy`` accepts (geometric's affine must follow the crop)."""
+    return policy in BATCH_POLICIES and not (policy == "geometric" and order == "augment_first")
+
+
 # torchvision's grayscale weights (contrast mean, saturation blend).
 _GRAY = (0.2989, 0.587, 0.114)
 # RandomResizedCrop's attempts before it falls back to a central crop.
