@@ -134,7 +134,6 @@ def run_tune(
             if "quality" in stages:
                 quality = _quality_study(cfg, base, study_storage, seed)
                 stage_q = QualityStage(tuner, quality, speed_params, job_deadline)
-                stage_q.seed_runs()
                 optuna_study.optimize(
                     quality,
                     **stage_q.search_args(n_trials, progress=progress, stop_on_error=in_group),
