@@ -249,10 +249,12 @@ def _tune_call(args: argparse.Namespace, cfg: Config, progress: bool) -> Call:
         "study_name": args.study or None,
         "progress": progress,
     }
-    return Call(run_tune, kwargs, lambda result: _report_tune(result, cfg.search.metric))
+    return Call(
+        run_tune, kwargs, lambda result: _report_tune(result, cfg.search.metric, cfg.experiment)
+    )
 
 
-def _report_tune(result: Any, metric: str) -> None:
+def _report_tune(result: Any, metric: str, experiment: str) -> None:
     if result is None:  # under torchrun, a process other than rank 0: rank 0 reports
         return
     print(
@@ -262,6 +264,11 @@ def _report_tune(result: Any, metric: str) -> None:
         print(f"recommended run {result.best_run_id}: {metric} = {result.best_value:.4f}")
         print(_verdict_line(result))
         print("settings: " + " ".join(f"--set {k}={v}" for k, v in result.best_params.items()))
+    from feedtune.tracking.mlflow_store import ui_address
+
+    address = ui_address(experiment)
+    if address:
+        print(f"MLflow UI: {address}")
 
 
 def _bench_call(args: argparse.Namespace, cfg: Config, progress: bool) -> Call:

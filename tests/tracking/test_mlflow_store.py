@@ -53,3 +53,21 @@ def test_processes_opening_a_fresh_sqlite_store_together_all_succeed(tmp_path):
 )
 def test_redact_hides_passwords_in_user_info_and_query(url, shown):
     assert redact(url) == shown
+
+
+def test_every_experiment_carries_the_runs_view_its_ui_address_opens(mlflow_store):
+    from feedtune.tracking import mlflow_store as store
+
+    assert store.ui_address("absent") is None
+    client = MlflowClient()
+    older = client.create_experiment("older")  # made before feedtune kept a view in it
+    exp_id = store.setup("new")
+    for eid in (exp_id, store.setup("older")):
+        view = client.get_experiment(eid).tags["mlflow.sharedViewState.feedtune"]
+        assert "metrics.`val_f1_macro`" in view and "tags.`feedtune.bottleneck`" in view
+    assert store.setup("older") == older
+    address = store.ui_address("new")
+    assert address == (
+        f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+        f"&viewStateShareKey=feedtune (with `mlflow ui --backend-store-uri {mlflow_store}` running)"
+    )

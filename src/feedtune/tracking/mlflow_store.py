@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from feedtune.config import PROJECT_ROOT, Config
 from feedtune.tracking.liveness import GRACE_S, HEARTBEAT_S, is_alive, worker_info
 from feedtune.tracking.signals import signals_held
+from feedtune.tracking.urls import redact
 from feedtune.training.stopping import StopTraining
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,23 @@ SYSTEM_METRICS_LOGGER = "mlflow.system_metrics"
 HEARTBEAT_TAG = "feedtune.heartbeat"
 # MLflow caps a param value at 6000 characters; ours are short, but never fail a run on it.
 _PARAM_LIMIT = 6000
+# MLflow's UI (3.17) opens an experiment on its GenAI pages unless the address says
+# workflowType=machine_learning (the mlflow.experimentKind tag no longer decides it), and its
+# runs table shows no metric until one is chosen. A shared view, the experiment tag
+# mlflow.sharedViewState.<key> opened with ?viewStateShareKey=<key>, chooses the columns for
+# every browser: each experiment feedtune uses carries this one.
+UI_VIEW_KEY = "feedtune"
+_UI_VIEW_TAG = f"mlflow.sharedViewState.{UI_VIEW_KEY}"
+_UI_VIEW = json.dumps(
+    {
+        "selectedColumns": [
+            "metrics.`val_f1_macro`",
+            "metrics.`train_samples_per_s`",
+            "tags.`feedtune.bottleneck`",
+        ]
+    }
+)
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` answers by default
 
 
 def default_tracking_uri() -> str:
@@ -82,10 +100,14 @@ def setup(experiment: str, tracking_uri: str | None = None) -> str:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
         exp_id = found.experiment_id
+        if found.tags.get(_UI_VIEW_TAG) != _UI_VIEW:
+            _set_ui_view(client, exp_id)
     else:
         try:
             exp_id = client.create_experiment(
-                experiment, artifact_location=_sqlite_artifact_root(uri)
+                experiment,
+                artifact_location=_sqlite_artifact_root(uri),
+                tags={_UI_VIEW_TAG: _UI_VIEW},
             )
         except mlflow.exceptions.MlflowException:
             # Another worker created it a moment ago (several tune processes start together).
@@ -93,6 +115,32 @@ def setup(experiment: str, tracking_uri: str | None = None) -> str:
     mlflow.set_experiment(experiment_id=exp_id)
     _leave_foreign_project_run(experiment, exp_id)
     return exp_id
+
+
+def _set_ui_view(client: MlflowClient, exp_id: str) -> None:
+    """The runs table's columns in MLflow's UI; a store that refuses the tag (a read-only
+    permission) only costs the view."""
+    try:
+        client.set_experiment_tag(exp_id, _UI_VIEW_TAG, _UI_VIEW)
+    except mlflow.exceptions.MlflowException as exc:
+        log.debug("experiment %s: no UI view tag (%s)", exp_id, exc)
+
+
+def ui_address(experiment: str) -> str | None:
+    """Where to look at ``experiment`` in MLflow's UI: its runs table with ``val_f1_macro``,
+    ``train_samples_per_s`` and ``feedtune.bottleneck`` as columns, on the tracking server, or
+    on ``mlflow ui`` at its default address (with the command that starts it) for a store
+    without a server. None when the experiment does not exist or the store is not one of those."""
+    exp_id = experiment_id(experiment)
+    uri = mlflow.get_tracking_uri()
+    scheme = urlparse(uri).scheme
+    if exp_id is None or scheme.startswith("databricks"):
+        return None
+    page = f"/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    page += f"&viewStateShareKey={UI_VIEW_KEY}"
+    if scheme in ("http", "https"):
+        return redact(uri).rstrip("/") + page
+    return f"{LOCAL_UI}{page} (with `mlflow ui --backend-store-uri {redact(uri)}` running)"
 
 
 def _leave_foreign_project_run(experiment: str, exp_id: str) -> None:
