@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/feed_speed.py standin     # (b) bench --model-rate 5000
     .venv/bin/python benchmarks/feed_speed.py repeat      # (c, d) 10 measurements of one setting
     .venv/bin/python benchmarks/feed_speed.py cost        # (e) measure_s / a default train's time
+    .venv/bin/python benchmarks/feed_speed.py default     # (f) the default feed vs bench's best
 
 (a) Loader alone, policy ``basic``, the same images: the seed's loader (PIL + torchvision
     Compose, no workers) against feedtune's loaders (resized cache, OpenCV, 0-2 workers, per
@@ -16,6 +17,11 @@
     run measures itself: a short real training (its epochs give train_samples_per_s) and the
     probes (loader, model). Reports train / model and |predicted - measured| / measured.
 (e) One default ``feedtune train``: ``measure_s`` over the run's wall time.
+(f) The default recipe trained as it is (``loader.cache`` and ``augment.where`` at ``auto``),
+    with ``feedtune bench``'s best cell on this machine (``--best``, default: workers 0, resized
+    cache, PIL, per batch) and with the former defaults (no cache, per sample) as the
+    baseline: interleaved rounds of one short epoch each, a run's own measurement (epochs end
+    to end, probes for the model), medians of train / model and of train / baseline's train.
 """
 
 from __future__ import annotations
@@ -163,6 +169,68 @@ def bench_repeat(repeats: int = 10, steps: int = 60, extra: list[str] | None = N
     }
 
 
+BENCH_BEST = [
+    "loader.num_workers=0",
+    "loader.cache=resized",
+    "data.decoder=pil",
+    "augment.where=batch",
+]
+
+
+def bench_default(rounds: int = 5, steps: int = 60, best: list[str] | None = None) -> dict:
+    from feedtune.feed.auto import resolve_auto
+
+    short = [f"train.max_steps_per_epoch={steps}", "train.epochs=1"]
+    arms = {
+        "former default": ["loader.cache=none", "augment.where=sample"],
+        "default": [],
+        "bench best": best or BENCH_BEST,
+    }
+    data = prepare_data(load_config(DEFAULT), progress=False)
+    device = resolve_device("auto")
+    cfgs = {k: resolve_auto(load_config(DEFAULT, [*v, *short]), data) for k, v in arms.items()}
+    feeds = {k: build_feed(c, data, device) for k, c in cfgs.items()}  # caches filled once
+    train = {k: [] for k in arms}
+    model = {k: [] for k in arms}
+    for _ in range(rounds):
+        for name, cfg in cfgs.items():
+            torch.manual_seed(cfg.seed)
+            with tempfile.TemporaryDirectory() as tmp:
+                out = train_model(cfg, feeds[name], folder=Path(tmp), progress=False)
+            result = measure_run(
+                out.model,
+                feeds[name].train,
+                out.state.history,
+                batches=cfg.train.measure_batches,
+                train_cfg=cfg.train,
+            )
+            train[name].append(result.train_samples_per_s)
+            model[name].append(result.model_samples_per_s)
+            print(name, round(train[name][-1]), round(model[name][-1]), file=sys.stderr)
+    for feed in feeds.values():
+        feed.close()
+    med = statistics.median
+    base = train["former default"]
+    return {
+        "rounds": rounds,
+        "steps": steps,
+        "resolved": {
+            k: {"loader.cache": c.loader.cache, "augment.where": c.augment.where}
+            for k, c in cfgs.items()
+        },
+        "bench_best": best or BENCH_BEST,
+        "median_train_samples_per_s": {k: round(med(v)) for k, v in train.items()},
+        "median_model_samples_per_s": {k: round(med(v)) for k, v in model.items()},
+        "median_train_over_model": {
+            k: round(med([t / m for t, m in zip(train[k], model[k], strict=True)]), 3) for k in arms
+        },
+        "median_train_over_baseline": {
+            k: round(med([t / b for t, b in zip(train[k], base, strict=True)]), 2) for k in arms
+        },
+        "train_samples_per_s": {k: [round(x) for x in v] for k, v in train.items()},
+    }
+
+
 def bench_cost() -> dict:
     from mlflow.tracking import MlflowClient
 
@@ -190,15 +258,18 @@ def bench_cost() -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("which", choices=["loader", "standin", "repeat", "cost"])
+    parser.add_argument("which", choices=["loader", "standin", "repeat", "cost", "default"])
     parser.add_argument("--batch-size", type=int, default=64, help="loader: both sides' batch")
     parser.add_argument("--set", action="append", default=[], help="repeat: another setting")
+    parser.add_argument("--best", action="append", default=[], help="default: bench's best")
+    parser.add_argument("--rounds", type=int, default=5, help="default: interleaved rounds")
     args = parser.parse_args()
     which = args.which
     fn = {
         "loader": lambda: bench_loader(batch_size=args.batch_size),
         "standin": bench_standin,
         "repeat": lambda: bench_repeat(extra=args.set),
+        "default": lambda: bench_default(rounds=args.rounds, best=args.best or None),
     }
     result = {**fn, "cost": bench_cost}[which]()
     print(json.dumps(result, indent=2, default=str))
