@@ -267,7 +267,10 @@ def test_sigterm_marks_the_trial_and_study_interrupted(tmp_path, data, mlflow_st
             optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
         ),
     )
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
+    states = [t.state for t in study.trials]
+    assert states[0] == optuna.trial.TrialState.FAIL  # the interrupted trial
+    # The anchor arm queued behind it waits for the next `tune` on the study.
+    assert set(states[1:]) <= {optuna.trial.TrialState.WAITING}
 
 
 def _add_bad_files(folder: Path) -> list[str]:
