@@ -31,6 +31,8 @@ search:
   speed_steps: 3
   speed_skip_wait_frac: 0
   noise_seeds: 0
+  anchors: []
+  recheck_seeds: 0
 """
 
 
@@ -171,6 +173,8 @@ search:
   train.lr: {{float: [1.0e-3, 1.0e-2], log: true}}
   pruner: none
   noise_seeds: 0
+  anchors: []
+  recheck_seeds: 0
   speed_skip_wait_frac: 0
 """
 ELSEWHERE = "another-machine.example"

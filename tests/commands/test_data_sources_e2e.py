@@ -37,6 +37,8 @@ search:
   n_trials_quality: 1
   speed_steps: 3
   noise_seeds: 0
+  anchors: []
+  recheck_seeds: 0
   speed_skip_wait_frac: 0
 """
 

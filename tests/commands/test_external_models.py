@@ -55,6 +55,8 @@ search:
   n_trials_quality: 2
   pruner: none
   noise_seeds: 0
+  anchors: []
+  recheck_seeds: 0
   speed_skip_wait_frac: 0
 """
 

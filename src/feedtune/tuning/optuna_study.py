@@ -140,7 +140,9 @@ def enqueue_arms(
             continue
         values = {**start, **arm.overrides}
         fixed = {k: values[k] for k, s in space.items() if k in values and inside(s, values[k])}
-        attrs = {ARM_ATTR: arm.name, FULL_LENGTH_ATTR: "arm", ARM_OVERRIDES_ATTR: arm.overrides}
+        # Every searched key at the arm's value, inside the space or not, and its overrides.
+        trained = {**{k: values[k] for k in space if k in values}, **arm.overrides}
+        attrs = {ARM_ATTR: arm.name, FULL_LENGTH_ATTR: "arm", ARM_OVERRIDES_ATTR: trained}
         if arm.is_start:
             attrs[START_ATTR] = True
         study.enqueue_trial(fixed, user_attrs=attrs)

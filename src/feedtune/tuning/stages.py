@@ -271,7 +271,7 @@ class Tuner:
         # An arm trains exactly its recipe, whatever part of it the space can express.
         arm_overrides = trial.user_attrs.get(ARM_OVERRIDES_ATTR)
         if arm_overrides is not None:
-            params = arm_overrides
+            params = {**params, **arm_overrides}
         overrides = self.quality_overrides(speed_params, params)
         self._mark_calibration(trial)
         trial.set_user_attr(OVERRIDES_ATTR, overrides)
