@@ -101,7 +101,8 @@ def test_the_anchor_runs_in_full_and_every_arm_is_rechecked_on_the_same_fresh_se
         assert seeds[name] == {"43", "44"}
     assert metrics["recheck_seeds"] == 2
     assert {"winner_minus_start", "winner_minus_anchor"} <= set(metrics)
-    assert "rung_used" in metrics and "rung_spearman_n" in metrics
+    assert metrics["rung_used"] == 3  # no rung earned pruning: every trial ran all 3 epochs
+    assert "rung_spearman_n" in metrics
     assert tags["feedtune.winner_vs_start"] == result.winner_vs_start
     recommended = tags["feedtune.recommended"]
     assert (recommended != "start") == (result.winner_vs_start == "better")

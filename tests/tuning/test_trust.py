@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from feedtune.tuning.evidence import paired_difference, rung_evidence, seed_spread, spearman
 from feedtune.tuning.optuna_storage import open_storage
-from feedtune.tuning.recheck import decide, recheck
+from feedtune.tuning.recheck import decide, plan, recheck
 from feedtune.tuning.rung_pruner import (
     ARM_ATTR,
     FULL_LENGTH_ATTR,
@@ -175,3 +175,19 @@ def test_the_recheck_runs_every_arm_on_the_same_fresh_seeds(tmp_path):
     for name in ("trial-2", "start", "anchor-1"):
         assert {43, 44} <= set(verdict.scores[name])  # every arm on the same fresh seeds
     assert verdict.recommended == "start"  # 0.61 vs 0.62: no better
+
+
+def test_an_anchor_already_shown_worse_than_the_start_is_not_retrained(tmp_path):
+    study = _study(tmp_path)
+    study.add_trial(_trial(_curve(0.1, 0.3, 0.70), arm="start", overrides={"a": 1}))
+    study.add_trial(_trial(_curve(0.1, 0.2, 0.45), arm="anchor-1", overrides={"a": 2}))
+    study.add_trial(_trial(_curve(0.1, 0.3, 0.74), overrides={"a": 3}))
+    record_seed_curve(study, "start", 43, {FULL: 0.71})
+    record_seed_curve(study, "anchor-1", 43, {FULL: 0.46})  # 0.25 behind on both seeds
+    todo = plan(study, base_seed=42, n_seeds=2)
+    assert todo.anchor == "anchor-1" and todo.retrain == ["trial-2", "start"]
+    assert todo.missing_runs() == 3  # the winner at 43 and 44, the start at 44
+    ran = []
+    verdict = recheck(study, base_seed=42, n_seeds=2, run=lambda n, o, s: ran.append(n) or 0.7)
+    assert sorted(ran) == ["start", "trial-2", "trial-2"]
+    assert verdict.vs_anchor.n == 1  # compared on the fresh seed it has

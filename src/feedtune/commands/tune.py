@@ -211,6 +211,8 @@ def _quality_study(cfg: Config, base: str, storage: Any, seed: int) -> Any:
         warmup_epochs=search.pruner_warmup_epochs,
         min_epochs=search.min_epochs,
         reduction_factor=search.reduction_factor,
+        full_epochs=cfg.train.epochs,
+        rung_trust=search.rung_trust,
     )
     optuna_storage.reap_dead_trials(study, on_dead_trial=close_dead_trial_run)
     return study

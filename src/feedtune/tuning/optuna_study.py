@@ -53,13 +53,15 @@ def build_pruner(
     warmup_epochs: int = 2,
     min_epochs: int = 1,
     reduction_factor: int = 3,
-    full_epochs: int = 1,
+    full_epochs: int | None = None,
     rung_trust: float = 0.0,
 ) -> optuna.pruners.BasePruner:
     """The pruner ``kind``; steps are epochs completed (1 after the first epoch).
     ``successive_halving`` prunes only at the rungs this study has shown it can trust
     (``rung_pruner.TrustedHalvingPruner``)."""
     if kind == "successive_halving":
+        if full_epochs is None:
+            raise ValueError("successive_halving needs full_epochs: its rungs are shorter")
         return TrustedHalvingPruner(
             min_epochs=min_epochs,
             reduction_factor=reduction_factor,
@@ -211,9 +213,9 @@ def optimize(
             timeout=timeout,
             catch=() if stop_on_error else (Exception,),
             show_progress_bar=mode == "bar",
-            callbacks=[
-                *(callbacks or []),
+            callbacks=[  # the trial's line first: a callback may start runs of its own
                 *([_write_trial_line] if mode == "lines" else []),
+                *(callbacks or []),
                 _stop_if_asked,
             ],
             gc_after_trial=True,

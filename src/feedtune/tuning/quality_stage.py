@@ -19,9 +19,9 @@ from typing import Any
 from feedtune.config import Config
 from feedtune.tracking import mlflow_store
 from feedtune.tuning import optuna_study
-from feedtune.tuning.arms import START, Arm
+from feedtune.tuning.arms import START
 from feedtune.tuning.evidence import PairedDifference, RungEvidence
-from feedtune.tuning.recheck import Verdict, recheck, scores_by_seed, trial_name
+from feedtune.tuning.recheck import Verdict, plan, recheck, scores_by_seed, trial_name
 from feedtune.tuning.rung_pruner import (
     ARM_ATTR,
     OVERRIDES_ATTR,
@@ -63,17 +63,6 @@ def seed_runs(
                 return
 
 
-def recheck_runs(cfg: Config, arms: list[Arm], *, winner_is_arm: bool) -> int:
-    """At most how many full-length runs the re-check adds: the winner on every fresh seed
-    (unless it is an arm), the start and one anchor on the fresh seeds their seed runs did not
-    cover."""
-    fresh = cfg.search.recheck_seeds
-    if not fresh:
-        return 0
-    missing = max(0, fresh - cfg.search.noise_seeds) * min(len(arms), 2)
-    return missing + (0 if winner_is_arm else fresh)
-
-
 class QualityStage:
     """The stage around the study's ``optimize`` (which the command calls itself, one frame
     nearer the training step): ``search_args`` for it (the arms' seed runs come in its
@@ -111,12 +100,11 @@ class QualityStage:
         arm_next = trial is None and optuna_study.n_trials(study) < optuna_study.n_arm_trials(study)
         if arm_next or (trial is not None and trial.user_attrs.get(ARM_ATTR)):
             return self.job_deadline
-        if not tuner.full_run_seconds:
+        cfg = tuner.cfg
+        todo = plan(study, base_seed=cfg.seed, n_seeds=cfg.search.recheck_seeds)
+        if not tuner.full_run_seconds or todo is None:
             return self.job_deadline
-        best = optuna_study.best_trial(study)
-        is_arm = best is None or bool(best.user_attrs.get(ARM_ATTR))
-        runs = recheck_runs(tuner.cfg, tuner.arms, winner_is_arm=is_arm)
-        return self.job_deadline - statistics.median(tuner.full_run_seconds) * runs
+        return self.job_deadline - statistics.median(tuner.full_run_seconds) * todo.missing_runs()
 
     def search_args(
         self, n_trials: int | None, *, progress: bool, stop_on_error: bool

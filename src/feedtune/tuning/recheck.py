@@ -137,9 +137,26 @@ def _above(diff: PairedDifference | None) -> bool:
     return diff is not None and diff.above_zero
 
 
-def recheck(study: Any, *, base_seed: int, n_seeds: int, run: SeedRun) -> Verdict | None:
-    """Retrain the winner, the start and the best anchor on ``n_seeds`` fresh seeds (those
-    each lacks) and decide; None without a complete start trial to compare with."""
+@dataclass
+class Plan:
+    """What the re-check compares and still has to train: ``retrain`` (the names trained on
+    the fresh ``seeds`` they lack, with their ``settings``)."""
+
+    winner: str
+    anchor: str | None
+    seeds: list[int]
+    retrain: list[str]
+    settings: dict[str, dict[str, Any]]
+    scores: dict[str, dict[int, float]]
+
+    def missing_runs(self) -> int:
+        return sum(1 for s in self.seeds for n in self.retrain if s not in self.scores.get(n, {}))
+
+
+def plan(study: Any, *, base_seed: int, n_seeds: int) -> Plan | None:
+    """The re-check as the study stands; None without a complete start trial to compare with.
+    An anchor already shown worse than the start (its paired interval below 0 on the seeds
+    both ran) is not retrained further, as a racing method drops an arm."""
     done = optuna_study.complete_trials(study)
     by_name = {trial_name(t): t for t in done}
     if not done or START not in by_name:
@@ -149,11 +166,35 @@ def recheck(study: Any, *, base_seed: int, n_seeds: int, run: SeedRun) -> Verdic
     anchor = best_anchor(scores)
     seeds = [base_seed + 1 + i for i in range(n_seeds)]
     names = list(dict.fromkeys(n for n in (winner, START, anchor) if n is not None))
+    if anchor is not None and anchor != winner and _behind_start(scores, anchor):
+        names.remove(anchor)
     settings = {
         n: dict(by_name[n].user_attrs.get(OVERRIDES_ATTR) or {}) for n in names if n in by_name
     }
-    run_missing([n for n in names if n in settings], settings, seeds, scores, run)
-    return decide(scores, winner, anchor, seeds, base_seed)
+    return Plan(winner, anchor, seeds, [n for n in names if n in settings], settings, scores)
+
+
+def _behind_start(scores: dict[str, dict[int, float]], arm: str) -> bool:
+    """Whether ``arm`` (not chosen by the search, so every seed counts) trails the start with
+    the upper bound of their paired interval below 0."""
+    both = sorted(set(scores.get(arm, {})) & set(scores.get(START, {})))
+    if not both:
+        return False
+    spread = seed_spread([list(scores[arm].values()), list(scores[START].values())])
+    diff = paired_difference(
+        [scores[arm][s] for s in both], [scores[START][s] for s in both], spread
+    )
+    return diff.high is not None and diff.high < 0
+
+
+def recheck(study: Any, *, base_seed: int, n_seeds: int, run: SeedRun) -> Verdict | None:
+    """Retrain the winner, the start and the best anchor on ``n_seeds`` fresh seeds (those
+    each lacks) and decide; None without a complete start trial to compare with."""
+    todo = plan(study, base_seed=base_seed, n_seeds=n_seeds)
+    if todo is None:
+        return None
+    run_missing(todo.retrain, todo.settings, todo.seeds, todo.scores, run)
+    return decide(todo.scores, todo.winner, todo.anchor, todo.seeds, base_seed)
 
 
 def _signed(diff: PairedDifference) -> str:
