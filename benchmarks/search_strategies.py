@@ -212,8 +212,9 @@ def table(args: argparse.Namespace) -> None:
             "best trial" if r["strategy"].startswith("tpe") else "anchor"
         )
         scores = ", ".join(f"{s:.3f}" for s in r["scores"])
+        note = f" ({r['note']})" if r.get("note") else ""
         print(
-            f"| {r['dataset']} | {r['strategy']} | {r['repeat']} | {r['budget_s']:.0f} s "
+            f"| {r['dataset']} | {r['strategy']}{note} | {r['repeat']} | {r['budget_s']:.0f} s "
             f"| {r['wall_s']:.0f} s | {r.get('configurations', 0)} | {rec} "
             f"| **{r['score']:.3f}** ({scores}) |"
         )
