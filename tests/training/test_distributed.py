@@ -236,6 +236,8 @@ def test_group_failures_are_told_apart_from_other_errors(monkeypatch):
     assert "pair.cc" not in said and "typically" not in said
     assert group_failure(torch.distributed.DistBackendError("NCCL watchdog timeout")) is not None
     assert group_failure(RuntimeError("DataLoader timed out after 5 seconds")) is None
+    # What gloo raises in DDP's buffer broadcast when the peer froze: no "gloo" in the text.
+    assert group_failure(RuntimeError("Application timeout caused pair closure")) is not None
     assert group_failure(ValueError(GLOO_RESET)) is None
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert group_failure(RuntimeError(GLOO_RESET)) is None

@@ -33,6 +33,8 @@ NCCL_ERROR_HANDLING_ENV, NCCL_CLEAN_UP_ONLY = "TORCH_NCCL_ASYNC_ERROR_HANDLING",
 # What gloo's errors say (plain RuntimeErrors, raised from gloo's sources) when a peer process
 # died (its sockets closed) or did not answer within the group's timeout.
 _PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out")
+# Gloo's own words when a peer stopped answering, without naming gloo (its pair timed out).
+_GLOO_PAIR_LOST = ("application timeout caused pair closure",)
 
 ReduceOp = Literal["sum", "max", "min"]
 _OPS = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}
@@ -191,7 +193,10 @@ def group_failure(exc: BaseException) -> str | None:
     if world_size <= 1 or not isinstance(exc, RuntimeError):
         return None
     text = str(exc)
-    from_gloo = "gloo" in text and any(p in text.lower() for p in _PEER_LOST)
+    lower = text.lower()
+    from_gloo = ("gloo" in text and any(p in lower for p in _PEER_LOST)) or any(
+        p in lower for p in _GLOO_PAIR_LOST
+    )
     if not (isinstance(exc, tdist.DistError) or from_gloo):
         return None
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
