@@ -325,9 +325,3 @@ def figures(study: optuna.Study, *, pareto_x: str, pareto_y: str) -> dict[str, A
     for fig in out.values():
         fig.set_size_inches(8, 5)
     return out
-
-
-def start_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The complete trial of the configuration's own values, if the study ran it."""
-    found = [t for t in complete_trials(study) if t.user_attrs.get(START_ATTR)]
-    return found[0] if found else None

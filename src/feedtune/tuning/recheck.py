@@ -16,7 +16,7 @@ from typing import Any
 from feedtune.tuning import optuna_study
 from feedtune.tuning.arms import START
 from feedtune.tuning.evidence import PairedDifference, SeedSpread, paired_difference, seed_spread
-from feedtune.tuning.rung_pruner import ARM_ATTR, OVERRIDES_ATTR, SEED_CURVE
+from feedtune.tuning.rung_pruner import ARM_ATTR, OVERRIDES_ATTR, seed_curves
 
 # Runs one configuration (name, settings) at full length with a seed: its score, or None
 # when the deadline stopped it.
@@ -57,10 +57,8 @@ def scores_by_seed(study: Any, base_seed: int) -> dict[str, dict[int, float]]:
     scores: dict[str, dict[int, float]] = {}
     for t in optuna_study.complete_trials(study):
         scores.setdefault(trial_name(t), {})[base_seed] = float(t.value)
-    for key, curve in study.user_attrs.items():
-        if key.startswith(f"{SEED_CURVE}:") and curve:
-            _, name, seed = key.split(":")
-            scores.setdefault(name, {})[int(seed)] = max(float(v) for v in curve.values())
+    for name, seed, curve in seed_curves(study):
+        scores.setdefault(name, {})[seed] = max(curve.values())
     return scores
 
 

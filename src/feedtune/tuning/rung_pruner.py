@@ -16,6 +16,8 @@ kept as study user attributes (``record_seed_curve``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
@@ -76,6 +78,14 @@ def record_seed_curve(study: optuna.Study, arm: str, seed: int, curve: dict[int,
     study.set_user_attr(f"{SEED_CURVE}:{arm}:{seed}", {str(k): v for k, v in curve.items()})
 
 
+def seed_curves(study: optuna.Study) -> Iterator[tuple[str, int, dict[int, float]]]:
+    """(name, seed, epoch -> score) of every curve ``record_seed_curve`` kept in ``study``."""
+    for key, curve in study.user_attrs.items():
+        if key.startswith(f"{SEED_CURVE}:") and curve:
+            _, name, seed = key.split(":")
+            yield name, int(seed), {int(k): float(v) for k, v in curve.items()}
+
+
 def arm_curves(study: optuna.Study, trials: list[FrozenTrial]) -> dict[str, list[dict[int, float]]]:
     """Each arm's epoch curves, one per seed: its trial's, then those of its other seeds."""
     curves: dict[str, list[dict[int, float]]] = {}
@@ -83,10 +93,8 @@ def arm_curves(study: optuna.Study, trials: list[FrozenTrial]) -> dict[str, list
         arm = t.user_attrs.get(ARM_ATTR)
         if arm and t.state == TrialState.COMPLETE and t.intermediate_values:
             curves.setdefault(arm, []).append(dict(t.intermediate_values))
-    for key, curve in study.user_attrs.items():
-        if key.startswith(f"{SEED_CURVE}:"):
-            arm = key.split(":")[1]
-            curves.setdefault(arm, []).append({int(k): v for k, v in curve.items()})
+    for arm, _, curve in seed_curves(study):
+        curves.setdefault(arm, []).append(curve)
     return curves
 
 

@@ -215,8 +215,7 @@ class Tuner:
         search = self.cfg.search
         if study is None:
             return search.min_epochs
-        calibrating = optuna_study.n_arm_trials(study) + search.calibration_trials
-        if optuna_study.n_trials(study) < calibrating:
+        if optuna_study.n_trials(study) < self._calibrating(study):
             return self.cfg.train.epochs
         if isinstance(study.pruner, TrustedHalvingPruner):
             return study.pruner.trusted_rung(study)
@@ -335,11 +334,17 @@ class Tuner:
             trial.report(row[self.cfg.search.metric], int(row["epoch"]) + 1)
         return resume
 
+    def _calibrating(self, study: Any) -> int:
+        """How many of the study's first trials run the full length: the arms, then
+        ``search.calibration_trials`` more."""
+        return optuna_study.n_arm_trials(study) + self.cfg.search.calibration_trials
+
     def _mark_calibration(self, trial: Any) -> None:
         """The first trials after the arms run the full length: with the arms, their epoch
         curves show which rungs may prune (``rung_pruner``)."""
-        calibrating = optuna_study.n_arm_trials(trial.study) + self.cfg.search.calibration_trials
-        if trial.number < calibrating and not trial.user_attrs.get(FULL_LENGTH_ATTR):
+        if trial.number < self._calibrating(trial.study) and not trial.user_attrs.get(
+            FULL_LENGTH_ATTR
+        ):
             trial.set_user_attr(FULL_LENGTH_ATTR, "calibration")
 
     def seed_run(
