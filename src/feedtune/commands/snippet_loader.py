@@ -101,78 +101,14 @@ DISTRIBUTED_WEIGHTED_SOURCE = textwrap.dedent('''
 
 
 def loader_source(cfg: Config, *, world_size: int) -> str:
-    s = cfg.sampler
     distributed = world_size > 1
     mixed = cfg.augment.mix != "none"
-    lines = [
-        f"def make_loader(paths, labels{', num_classes=None' if mixed else ''}):",
-        '    """The training DataLoader over your files, fed as in the tuned run."""',
-    ]
-    if distributed:
-        lines += [
-            "    rank, world_size = rank_and_world_size()",
-            f"    generator = torch.Generator().manual_seed({cfg.seed} + rank)  "
-            "# workers' seeds, per process",
-        ]
-    else:
-        lines.append(f"    generator = torch.Generator().manual_seed({cfg.seed})")
-    kwargs: dict[str, Any] = {}
+    lines = _head_lines(cfg, distributed=distributed, mixed=mixed)
     dataset = Code("ImageDataset(paths, labels, train_transform)")
-    epochs = ["    # torchrun: this process's share of every epoch."]
-    if s.kind != "sequential":
-        epochs = [
-            "    # torchrun: this process's share of every epoch. Call "
-            "loader.sampler.set_epoch(epoch)",
-            "    # before each epoch (as feedtune does), or every epoch repeats the first one's "
-            "draw.",
-        ]
-    if s.kind == "weighted":
-        num = "len(labels)" if s.num_samples is None else str(s.num_samples)
-        lines += [
-            "    labels = np.asarray(labels)",
-            "    # Per-sample weight count(label) ** -weight_power (0: random, 1: class-balanced).",
-            f"    weights = np.bincount(labels)[labels].astype(np.float64) ** {-s.weight_power!r}",
-        ]
-        if distributed:
-            sampler = Code("DistributedWeightedSampler")(
-                Code("torch.as_tensor(weights)"),
-                num_samples=Code(num),
-                replacement=s.replacement,
-                seed=cfg.seed,
-                rank=Code("rank"),
-                num_replicas=Code("world_size"),
-            )
-            lines += [*epochs, f"    sampler = {lit(sampler, 4, 14)}"]
-        else:
-            lines += [
-                "    sampler = WeightedRandomSampler(",
-                f"        torch.as_tensor(weights), num_samples={num}, "
-                f"replacement={s.replacement}, generator=generator",
-                "    )",
-            ]
-        kwargs["sampler"] = Code("sampler")
-    elif distributed:
-        sampler = Code("DistributedSampler")(
-            Code("train_set"),
-            num_replicas=Code("world_size"),
-            rank=Code("rank"),
-            shuffle=s.kind == "random",
-            seed=cfg.seed,
-        )
-        lines += [
-            f"    train_set = {lit(dataset, 4, 16)}",
-            *epochs,
-            f"    sampler = {lit(sampler, 4, 14)}",
-        ]
-        dataset = Code("train_set")
-        kwargs["sampler"] = Code("sampler")
-    else:
-        kwargs["shuffle"] = s.kind == "random"
+    sampling, dataset, kwargs = _sampler_lines(cfg, dataset, distributed=distributed)
+    lines += sampling
     kwargs["generator"] = Code("generator")
-    cpu = loader.loader_kwargs(cfg.loader, cuda=False)
-    for key, value in loader.loader_kwargs(cfg.loader, cuda=True).items():
-        differs = key == "pin_memory" or cpu.get(key) != value
-        kwargs[key] = Code(f"torch.cuda.is_available() and {value!r}") if differs else value
+    kwargs.update(_loader_settings(cfg))
     if mixed:
         lines += [
             "    # Mixed batches: soft targets [B, num_classes], for labels 0 .. num_classes - 1.",
@@ -189,3 +125,93 @@ def loader_source(cfg: Config, *, world_size: int) -> str:
         )
     lines.append(f"    return {lit(Code('DataLoader')(dataset, **kwargs), 4)}")
     return "\n".join(lines) + "\n"
+
+
+def _head_lines(cfg: Config, *, distributed: bool, mixed: bool) -> list[str]:
+    """make_loader's signature, docstring and the generator that seeds the workers."""
+    lines = [
+        f"def make_loader(paths, labels{', num_classes=None' if mixed else ''}):",
+        '    """The training DataLoader over your files, fed as in the tuned run."""',
+    ]
+    if distributed:
+        lines += [
+            "    rank, world_size = rank_and_world_size()",
+            f"    generator = torch.Generator().manual_seed({cfg.seed} + rank)  "
+            "# workers' seeds, per process",
+        ]
+    else:
+        lines.append(f"    generator = torch.Generator().manual_seed({cfg.seed})")
+    return lines
+
+
+def _epoch_note(kind: str) -> list[str]:
+    """The comment above a distributed sampler: a drawing one needs set_epoch."""
+    if kind == "sequential":
+        return ["    # torchrun: this process's share of every epoch."]
+    return [
+        "    # torchrun: this process's share of every epoch. Call loader.sampler.set_epoch(epoch)",
+        "    # before each epoch (as feedtune does), or every epoch repeats the first one's draw.",
+    ]
+
+
+def _sampler_lines(
+    cfg: Config, dataset: Code, *, distributed: bool
+) -> tuple[list[str], Code, dict[str, Any]]:
+    """The lines that make the sampler, the dataset the DataLoader then takes, and the
+    DataLoader's sampler or shuffle argument."""
+    s = cfg.sampler
+    if s.kind == "weighted":
+        return _weighted_lines(cfg, distributed=distributed), dataset, {"sampler": Code("sampler")}
+    if not distributed:
+        return [], dataset, {"shuffle": s.kind == "random"}
+    sampler = Code("DistributedSampler")(
+        Code("train_set"),
+        num_replicas=Code("world_size"),
+        rank=Code("rank"),
+        shuffle=s.kind == "random",
+        seed=cfg.seed,
+    )
+    lines = [
+        f"    train_set = {lit(dataset, 4, 16)}",
+        *_epoch_note(s.kind),
+        f"    sampler = {lit(sampler, 4, 14)}",
+    ]
+    return lines, Code("train_set"), {"sampler": Code("sampler")}
+
+
+def _weighted_lines(cfg: Config, *, distributed: bool) -> list[str]:
+    """The per-sample weights and the class-weighted sampler drawing from them."""
+    s = cfg.sampler
+    num = "len(labels)" if s.num_samples is None else str(s.num_samples)
+    lines = [
+        "    labels = np.asarray(labels)",
+        "    # Per-sample weight count(label) ** -weight_power (0: random, 1: class-balanced).",
+        f"    weights = np.bincount(labels)[labels].astype(np.float64) ** {-s.weight_power!r}",
+    ]
+    if distributed:
+        sampler = Code("DistributedWeightedSampler")(
+            Code("torch.as_tensor(weights)"),
+            num_samples=Code(num),
+            replacement=s.replacement,
+            seed=cfg.seed,
+            rank=Code("rank"),
+            num_replicas=Code("world_size"),
+        )
+        return [*lines, *_epoch_note(s.kind), f"    sampler = {lit(sampler, 4, 14)}"]
+    return [
+        *lines,
+        "    sampler = WeightedRandomSampler(",
+        f"        torch.as_tensor(weights), num_samples={num}, "
+        f"replacement={s.replacement}, generator=generator",
+        "    )",
+    ]
+
+
+def _loader_settings(cfg: Config) -> dict[str, Any]:
+    """The tuned DataLoader settings; those that hold only on a GPU are conditional on one."""
+    kwargs: dict[str, Any] = {}
+    cpu = loader.loader_kwargs(cfg.loader, cuda=False)
+    for key, value in loader.loader_kwargs(cfg.loader, cuda=True).items():
+        differs = key == "pin_memory" or cpu.get(key) != value
+        kwargs[key] = Code(f"torch.cuda.is_available() and {value!r}") if differs else value
+    return kwargs
