@@ -180,6 +180,6 @@ def test_the_closing_line_says_what_to_adopt_and_why():
     result.verdict = decide(scores, "trial-7", "anchor-1", [43, 44], 42)
     line = _verdict_line(result)
     assert "within the noise" in line and "keep your settings" in line
-    assert "winner - start +0.0075 [90% interval" in line and "fresh seeds 43, 44" in line
+    assert "winner - start +0.0075 [80% interval" in line and "fresh seeds 43, 44" in line
     result.verdict = decide(scores, "start", "anchor-1", [43, 44], 42)
     assert "no configuration beat your start configuration: keep it" in _verdict_line(result)

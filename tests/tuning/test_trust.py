@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from feedtune.tuning.evidence import paired_difference, rung_evidence, seed_spread, spearman
 from feedtune.tuning.optuna_storage import open_storage
-from feedtune.tuning.recheck import decide, plan, recheck
+from feedtune.tuning.recheck import behind_start, decide, plan, recheck, verdict_words
 from feedtune.tuning.rung_pruner import (
     ARM_ATTR,
     FULL_LENGTH_ATTR,
@@ -156,7 +156,7 @@ def test_a_tie_inside_the_noise_is_within_noise_and_recommends_the_start():
 def test_the_recheck_runs_every_arm_on_the_same_fresh_seeds(tmp_path):
     study = _study(tmp_path)
     study.add_trial(_trial(_curve(0.1, 0.3, 0.6), arm="start", overrides={"a": 1}))
-    study.add_trial(_trial(_curve(0.1, 0.3, 0.5), arm="anchor-1", overrides={"a": 2}))
+    study.add_trial(_trial(_curve(0.1, 0.3, 0.59), arm="anchor-1", overrides={"a": 2}))
     study.add_trial(_trial(_curve(0.1, 0.3, 0.8), overrides={"a": 3}))
     record_seed_curve(study, "start", 43, {FULL: 0.62})  # the noise run of the start
     ran = []
@@ -191,3 +191,14 @@ def test_an_anchor_already_shown_worse_than_the_start_is_not_retrained(tmp_path)
     verdict = recheck(study, base_seed=42, n_seeds=2, run=lambda n, o, s: ran.append(n) or 0.7)
     assert sorted(ran) == ["start", "trial-2", "trial-2"]
     assert verdict.vs_anchor.n == 1  # compared on the fresh seed it has
+
+
+def test_an_anchor_behind_the_start_by_twice_the_noise_is_raced_out_before_its_seed_runs():
+    start = {42: 0.70, 43: 0.72}  # one noise run of the start: a spread of ~0.014
+    assert behind_start({"start": start, "anchor-1": {42: 0.50}}, "anchor-1")
+    assert not behind_start({"start": start, "anchor-1": {42: 0.69}}, "anchor-1")
+    assert not behind_start({"start": {42: 0.70}, "anchor-1": {42: 0.50}}, "anchor-1")
+    scores = {"start": {**start, 44: 0.71}, "anchor-1": {42: 0.50}, "trial-3": {43: 0.8, 44: 0.8}}
+    verdict = decide(scores, "trial-3", "anchor-1", [43, 44], 42)
+    assert verdict.recommended == "trial-3" and verdict.vs_anchor is None
+    assert "anchor-1 not retrained" in verdict_words(verdict)

@@ -117,13 +117,13 @@ class PairedDifference:
 
 
 def paired_difference(
-    a: Sequence[float], b: Sequence[float], spread: SeedSpread
+    a: Sequence[float], b: Sequence[float], spread: SeedSpread, *, confidence: float = CONFIDENCE
 ) -> PairedDifference:
     """The mean of ``a[i] - b[i]`` (seed i for both) with a Student-t interval whose standard
     error is the seeds' pooled spread times sqrt(2/n): the spread of one run's score, for each
     side of a difference of means. Pairing the seeds can only shrink the true error when the
     seed moves both configurations alike, so the interval errs on the wide side; it exists only
-    with a measured spread."""
+    with a measured spread. ``confidence``: the interval's two-sided level."""
     diffs = [x - y for x, y in zip(a, b, strict=True)]
     n = len(diffs)
     if n == 0:
@@ -131,7 +131,7 @@ def paired_difference(
     mean = sum(diffs) / n
     if spread.sd is None or spread.df < 1:
         return PairedDifference(mean, None, None, n)
-    half = _t_quantile(0.5 + CONFIDENCE / 2, spread.df) * spread.sd * math.sqrt(2 / n)
+    half = _t_quantile(0.5 + confidence / 2, spread.df) * spread.sd * math.sqrt(2 / n)
     return PairedDifference(mean, mean - half, mean + half, n)
 
 

@@ -21,7 +21,14 @@ from feedtune.tracking import mlflow_store
 from feedtune.tuning import optuna_study
 from feedtune.tuning.arms import START
 from feedtune.tuning.evidence import PairedDifference, RungEvidence
-from feedtune.tuning.recheck import Verdict, plan, recheck, scores_by_seed, trial_name
+from feedtune.tuning.recheck import (
+    Verdict,
+    behind_start,
+    plan,
+    recheck,
+    scores_by_seed,
+    trial_name,
+)
 from feedtune.tuning.rung_pruner import (
     ARM_ATTR,
     OVERRIDES_ATTR,
@@ -50,13 +57,16 @@ class QualityOutcome:
 def seed_runs(
     tuner: Tuner, study: Any, speed_params: dict[str, Any], *, deadline: float | None
 ) -> None:
-    """Each arm on each of ``search.noise_seeds`` more seeds, those the study lacks."""
+    """Each arm on each of ``search.noise_seeds`` more seeds, those the study lacks; the start
+    first, so an anchor already behind it (``behind_start``) is spared its runs."""
     cfg = tuner.cfg
-    held = scores_by_seed(study, cfg.seed)
     seeds = [cfg.seed + 1 + i for i in range(cfg.search.noise_seeds)]
     for seed in seeds:
-        for arm in tuner.arms:
-            if seed in held.get(arm.name, {}):
+        for arm in sorted(tuner.arms, key=lambda a: a.name != START):
+            held = scores_by_seed(study, cfg.seed)
+            if seed in held.get(arm.name, {}) or (
+                arm.name != START and START in held and behind_start(held, arm.name)
+            ):
                 continue
             overrides = tuner.quality_overrides(speed_params, arm.overrides)
             if tuner.seed_run(study, arm.name, overrides, seed, deadline=deadline) is None:

@@ -16,7 +16,15 @@ from typing import Any
 from feedtune.tuning import optuna_study
 from feedtune.tuning.arms import START
 from feedtune.tuning.evidence import PairedDifference, SeedSpread, paired_difference, seed_spread
-from feedtune.tuning.rung_pruner import ARM_ATTR, OVERRIDES_ATTR, seed_curves
+from feedtune.tuning.rung_pruner import ARM_ATTR, NOISE_GAP, OVERRIDES_ATTR, seed_curves
+
+# The verdict's two-sided level: its lower bound is the one-sided 90% bound. Simulated at the
+# default job's seeds (benchmarks/verdict_level.py), 80% adopts a winner that is truly no
+# better 10% of the time (at no loss: it scores the same), a worse one at most 3%, and keeps
+# the largest expected loss to 0.65 of a seed's spread, where 90% loses up to 0.95 by keeping
+# the start when the winner is 2-3 spreads better. Lower levels lose less still but adopt a
+# no-better winner ever more often (50%: one time in four), and "better" must mean something.
+VERDICT_CONFIDENCE = 0.80
 
 # Runs one configuration (name, settings) at full length with a seed: its score, or None
 # when the deadline stopped it.
@@ -113,7 +121,12 @@ def decide(
         both = [s for s in seeds if s in scores.get(a, {}) and s in scores.get(b, {})]
         if not both:
             return None
-        return paired_difference([scores[a][s] for s in both], [scores[b][s] for s in both], spread)
+        return paired_difference(
+            [scores[a][s] for s in both],
+            [scores[b][s] for s in both],
+            spread,
+            confidence=VERDICT_CONFIDENCE,
+        )
 
     vs_start, vs_anchor, anchor_vs_start = (
         diff(winner, START),
@@ -153,8 +166,8 @@ class Plan:
 
 def plan(study: Any, *, base_seed: int, n_seeds: int) -> Plan | None:
     """The re-check as the study stands; None without a complete start trial to compare with.
-    An anchor already shown worse than the start (its paired interval below 0 on the seeds
-    both ran) is not retrained further, as a racing method drops an arm."""
+    An anchor already behind the start (``behind_start``) is not retrained further, as a
+    racing method drops an arm."""
     done = optuna_study.complete_trials(study)
     by_name = {trial_name(t): t for t in done}
     if not done or START not in by_name:
@@ -164,7 +177,7 @@ def plan(study: Any, *, base_seed: int, n_seeds: int) -> Plan | None:
     anchor = best_anchor(scores)
     seeds = [base_seed + 1 + i for i in range(n_seeds)]
     names = list(dict.fromkeys(n for n in (winner, START, anchor) if n is not None))
-    if anchor is not None and anchor != winner and _behind_start(scores, anchor):
+    if anchor is not None and anchor != winner and behind_start(scores, anchor):
         names.remove(anchor)
     settings = {
         n: dict(by_name[n].user_attrs.get(OVERRIDES_ATTR) or {}) for n in names if n in by_name
@@ -172,17 +185,17 @@ def plan(study: Any, *, base_seed: int, n_seeds: int) -> Plan | None:
     return Plan(winner, anchor, seeds, [n for n in names if n in settings], settings, scores)
 
 
-def _behind_start(scores: dict[str, dict[int, float]], arm: str) -> bool:
-    """Whether ``arm`` (not chosen by the search, so every seed counts) trails the start with
-    the upper bound of their paired interval below 0."""
+def behind_start(scores: dict[str, dict[int, float]], arm: str) -> bool:
+    """Whether ``arm`` (not chosen by the search, so every seed counts) trails the start, on
+    the seeds both ran, by more than ``NOISE_GAP`` seed spreads: the pruner's own rule, with
+    the spread pooled over the two. One seed of each and one more of the start suffice, so a
+    clearly worse anchor costs no further run."""
     both = sorted(set(scores.get(arm, {})) & set(scores.get(START, {})))
-    if not both:
+    spread = seed_spread([list(scores.get(arm, {}).values()), list(scores[START].values())])
+    if not both or spread.sd is None:
         return False
-    spread = seed_spread([list(scores[arm].values()), list(scores[START].values())])
-    diff = paired_difference(
-        [scores[arm][s] for s in both], [scores[START][s] for s in both], spread
-    )
-    return diff.high is not None and diff.high < 0
+    gap = sum(scores[START][s] - scores[arm][s] for s in both) / len(both)
+    return gap > NOISE_GAP * spread.sd
 
 
 def recheck(study: Any, *, base_seed: int, n_seeds: int, run: SeedRun) -> Verdict | None:
@@ -198,7 +211,8 @@ def recheck(study: Any, *, base_seed: int, n_seeds: int, run: SeedRun) -> Verdic
 def _signed(diff: PairedDifference) -> str:
     if diff.low is None:
         return f"{diff.mean:+.4f} (no interval: the seed noise was not measured)"
-    return f"{diff.mean:+.4f} [90% interval {diff.low:+.4f}, {diff.high:+.4f}]"
+    level = round(VERDICT_CONFIDENCE * 100)
+    return f"{diff.mean:+.4f} [{level}% interval {diff.low:+.4f}, {diff.high:+.4f}]"
 
 
 def verdict_words(verdict: Verdict) -> str:
@@ -211,6 +225,8 @@ def verdict_words(verdict: Verdict) -> str:
         figures.append(f"winner - {verdict.anchor} {_signed(verdict.vs_anchor)}")
     if verdict.winner != verdict.anchor and verdict.anchor_vs_start is not None:
         figures.append(f"{verdict.anchor} - start {_signed(verdict.anchor_vs_start)}")
+    elif verdict.anchor is not None and verdict.vs_anchor is None:
+        figures.append(f"{verdict.anchor} not retrained: {NOISE_GAP:g}+ seed spreads behind start")
     on = f"on fresh seeds {seeds}" if verdict.seeds else "without fresh seeds"
     said = "; ".join(figures) if figures else "no paired runs finished before the deadline"
     if verdict.recommended == verdict.winner and verdict.better:
