@@ -285,3 +285,49 @@ def test_two_torchrun_groups_split_one_study(tmp_path, data, mlflow_store):
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert all(r.data.metrics["train_samples_per_s"] > 0 for r in children)
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
+
+
+def test_under_torchrun_rank_0_runs_the_arms_seeds_and_recheck_on_every_rank(
+    tmp_path, data, mlflow_store
+):
+    """The quality stage's own decisions under torchrun: the anchor is queued and trained in
+    full, the arms' noise seeds and the re-check's fresh seeds are ordered by rank 0 and trained
+    by both processes, and the verdict lands on the one parent run."""
+    storage = tmp_path / "optuna.journal"
+    config = _config(tmp_path, "ddp-arms")
+    raw = yaml.safe_load(config.read_text())
+    for key in ("pruner", "pruner_startup_trials", "pruner_warmup_epochs", "anchors"):
+        raw["search"].pop(key)  # feedtune's own pruner and the default anchor
+    raw["search"].update(noise_seeds=1, recheck_seeds=1)
+    config.write_text(yaml.safe_dump(raw))
+    cmd = _torchrun_tune(config, data, storage, "--stage", "quality", "--n-trials", "3")
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=_env(mlflow_store), capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    orders: dict[int, list] = collections.defaultdict(list)
+    for line in proc.stderr.splitlines():
+        if line.startswith(RECORD):
+            row = json.loads(line[len(RECORD) :])
+            orders[row["rank"]].append((row["stage"], row["trial"], row["params"]))
+    assert orders[0] == orders[1]  # every trial and seed run, trained by both processes
+    seeds_ordered = [params["seed"] for stage, _, params in orders[0] if stage == "seed"]
+    assert 43 in seeds_ordered
+    anchor = [p for stage, n, p in orders[0] if stage == "quality" and n == 1]
+    assert anchor and anchor[0]["augment.policy"] == "trivialaugment"
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("ddp-arms").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags["feedtune.kind"] == "study"]
+    seed_runs = [r for r in runs if r.data.tags.get("feedtune.stage") == "seed"]
+    assert len(seed_runs) == len(seeds_ordered)  # one run per order, rank 0's
+    assert ("start", "43") in {
+        (r.data.tags["feedtune.arm"], r.data.params["seed"]) for r in seed_runs
+    }
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["feedtune.world_size"] for r in runs} == {"2"}
+    assert parent.data.metrics["recheck_seeds"] == 1
+    assert "winner_minus_start" in parent.data.metrics
+    assert parent.data.tags["feedtune.recommended"] in {"start", "anchor-1", "trial-2"}
+    assert "noise_val_f1_macro_sd" in parent.data.metrics
