@@ -17,7 +17,7 @@ from feedtune.config import AUTO, AUTO_SETTINGS, Config, config_from_dict
 from feedtune.feed.auto import resolve_auto
 from feedtune.feed.feed import build_feed
 from feedtune.sources.dataset_source import is_dataset_spec
-from feedtune.sources.prepare import PreparedData, prepare_data
+from feedtune.sources.prepare import prepare_data
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.recording import (
     RunRecorder,
@@ -61,16 +61,6 @@ def _require_trusted_dataset(path: str | None, asked: str | None, *, run_id: str
         raise ValueError(
             f"run {run_id} reads its data from the callable '{path}', code that runs only when "
             f"you name it: pass --set data.path={path} to trust it"
-        )
-
-
-def _same_data(dist: Dist, data: PreparedData) -> None:
-    """Every process must split the same images alike, or their shares would not add up."""
-    digests = dist.all_gather(data.split.digest)
-    if len(set(digests)) > 1:
-        raise ValueError(
-            f"the {dist.world_size} processes split their data differently (split digests "
-            f"{sorted(set(digests))}): every machine needs the same data.path contents"
         )
 
 
@@ -120,7 +110,7 @@ def _train(
         if resume_run_id:
             cfg, resume = _resume(cfg, dist, resume_run_id, folder)
         data = prepare_data(cfg, progress=progress and dist.is_main)
-        _same_data(dist, data)
+        dist.require_same_split(data.split.digest)
         cfg = resolve_auto(cfg, data)  # what the run records is what it ran
         feed = build_feed(cfg, data, device, rank=dist.rank, world_size=dist.world_size)
         ctx.stop.check()  # a signal during the preparation: no run opened yet

@@ -90,58 +90,98 @@ def run_tune(
         if not group.dist.is_main:
             _follow(cfg, group, ctx)
             return None
-        stages = STAGES if stage == "all" else (stage,)
-        budget = timeout if timeout is not None else cfg.search.timeout_s
-        job_deadline = None if budget is None else started + budget
-        speed_deadline = None if budget is None else started + budget * cfg.search.speed_share
-        storage_url = storage or optuna_storage.storage_url_for(DEFAULT_STORAGE)
-        study_storage = optuna_storage.open_storage(storage_url, on_dead_trial=close_dead_trial_run)
-        base = study_name or cfg.experiment
-        mlflow_store.setup(cfg.experiment)
-        mlflow_store.close_dead_runs(cfg.experiment)
-        data = prepare_data(cfg, progress=progress)
-        group.agree(cfg, data.split.digest)
-        # The start configuration's values, as its trials run and record them.
-        cfg = resolve_auto(cfg, data)
-        tuner = Tuner(cfg, data, base, progress=progress, group=group, device=ctx.device)
+        job = _TuneJob.open(cfg, stage, timeout, storage, study_name, started, group, progress)
+        cfg = job.cfg  # the start configuration's values, as its trials run and record them
+        tuner = Tuner(cfg, job.data, job.base, progress=progress, group=group, device=ctx.device)
         ctx.stop.check()  # a signal during the preparation: no run opened yet
         in_group = group.dist.enabled  # a failed trial ends the group's job
-        seed = cfg.search.sampler_seed if cfg.search.sampler_seed is not None else cfg.seed
-        result = TuneResult("", base, redact(storage_url), None, None, {})
+        result = TuneResult("", job.base, redact(job.storage_url), None, None, {})
         with (
             _outer_project_run() as project_run,
-            _study_run(
-                cfg, base, storage_url, data, nested=project_run is not None, dist=group.dist
-            ) as parent,
+            _study_run(job, nested=project_run is not None, dist=group.dist) as parent,
         ):
             result.parent_run_id = parent.info.run_id
-            speed_study = optuna_study.create_study(f"{base}-speed", study_storage, seed=seed)
-            optuna_storage.reap_dead_trials(speed_study, on_dead_trial=close_dead_trial_run)
-            if "speed" in stages and speed_space(cfg.search):
+            speed_study = job.study("speed")
+            if "speed" in job.stages and speed_space(cfg.search):
                 before = optuna_study.n_trials(speed_study)
                 optuna_study.optimize(
                     speed_study,
                     tuner.start_stage(speed_study, "speed"),
                     n_trials=tuner.planned_trials("speed", n_trials),
-                    timeout=_seconds_left(speed_deadline),
+                    timeout=_seconds_left(job.speed_deadline),
                     progress=progress,
-                    callbacks=[tuner.stop_before(speed_deadline)],
+                    callbacks=[tuner.stop_before(job.speed_deadline)],
                     stop_on_error=in_group,
                 )
                 result.speed_skipped = _log_speed_stage(speed_study, before)
-            speed_params = _log_best_speed(speed_study)
-            _log_study(speed_study, "study/speed")
-            if "quality" in stages:
-                quality = _quality_study(cfg, base, study_storage, seed)
-                stage_q = QualityStage(tuner, quality, speed_params, job_deadline)
+            speed_params = _log_speed_study(speed_study)
+            if "quality" in job.stages:
+                quality = job.study("quality")
+                stage_q = QualityStage(tuner, quality, speed_params, job.deadline)
                 optuna_study.optimize(
                     quality,
                     **stage_q.search_args(n_trials, progress=progress, stop_on_error=in_group),
                 )
-                outcome = stage_q.finish()
-                _log_quality_stage(result, quality, outcome, cfg)
+                _log_quality_stage(result, quality, stage_q.finish(), cfg)
         group.send(Order("done"), cfg)  # the other processes end
     return result
+
+
+@dataclass
+class _TuneJob:
+    """What rank 0's study job is set up with before any run opens: its stages and
+    deadlines, the Optuna storage, the prepared data and the start configuration."""
+
+    cfg: Config
+    stages: tuple[str, ...]
+    deadline: float | None
+    speed_deadline: float | None
+    storage_url: str
+    storage: Any
+    base: str
+    data: PreparedData
+
+    @classmethod
+    def open(
+        cls,
+        cfg: Config,
+        stage: str,
+        timeout: float | None,
+        storage: str | None,
+        study_name: str | None,
+        started: float,
+        group: TrialGroup,
+        progress: bool,
+    ) -> _TuneJob:
+        budget = timeout if timeout is not None else cfg.search.timeout_s
+        deadline = None if budget is None else started + budget
+        speed_deadline = None if budget is None else started + budget * cfg.search.speed_share
+        storage_url = storage or optuna_storage.storage_url_for(DEFAULT_STORAGE)
+        study_storage = optuna_storage.open_storage(storage_url, on_dead_trial=close_dead_trial_run)
+        mlflow_store.setup(cfg.experiment)
+        mlflow_store.close_dead_runs(cfg.experiment)
+        data = prepare_data(cfg, progress=progress)
+        group.agree(cfg, data.split.digest)
+        return cls(
+            cfg=resolve_auto(cfg, data),
+            stages=STAGES if stage == "all" else (stage,),
+            deadline=deadline,
+            speed_deadline=speed_deadline,
+            storage_url=storage_url,
+            storage=study_storage,
+            base=study_name or cfg.experiment,
+            data=data,
+        )
+
+    def study(self, stage: str) -> Any:
+        """The stage's study (created, or resumed with its dead trials failed)."""
+        seed = self.cfg.search.sampler_seed
+        seed = self.cfg.seed if seed is None else seed
+        if stage == "quality":
+            return _quality_study(self.cfg, self.base, self.storage, seed)
+        study = optuna_study.create_study(f"{self.base}-speed", self.storage, seed=seed)
+        optuna_storage.reap_dead_trials(study, on_dead_trial=close_dead_trial_run)
+        return study
 
 
 def _follow(cfg: Config, group: TrialGroup, ctx: RunContext) -> None:
@@ -157,24 +197,22 @@ def _seconds_left(deadline: float | None) -> float | None:
 
 
 @contextlib.contextmanager
-def _study_run(
-    cfg: Config, base: str, storage_url: str, data: PreparedData, *, nested: bool, dist: Dist
-) -> Any:
+def _study_run(job: _TuneJob, *, nested: bool, dist: Dist) -> Any:
     """The study's parent run, with what every trial shares: config, split, bad files, and
     how many processes train each trial."""
     tags = {
-        "optuna.study_name": base,
-        "optuna.storage": redact(storage_url),
-        "feedtune.split_digest": data.split.digest,
+        "optuna.study_name": job.base,
+        "optuna.storage": redact(job.storage_url),
+        "feedtune.split_digest": job.data.split.digest,
         "feedtune.world_size": str(dist.world_size),
     }
     with (
-        mlflow_store.start_run("study", run_name=base, nested=nested, tags=tags) as parent,
+        mlflow_store.start_run("study", run_name=job.base, nested=nested, tags=tags) as parent,
         mlflow_store.heartbeat(parent.info.run_id),
     ):
-        mlflow_store.log_config(cfg)
-        mlflow_store.log_split(data.split)
-        mlflow_store.log_bad_images(data.bad)
+        mlflow_store.log_config(job.cfg)
+        mlflow_store.log_split(job.data.split)
+        mlflow_store.log_bad_images(job.data.bad)
         yield parent
 
 
@@ -185,6 +223,14 @@ def _log_speed_stage(study: Any, before: int) -> str:
         print(f"feedtune: speed stage skipped after its first trial ({skipped})")
     mlflow_store.set_tags({"feedtune.speed_stage": "skipped" if skipped else "searched"})
     return skipped
+
+
+def _log_speed_study(study: Any) -> dict[str, Any]:
+    """The speed stage's winner's settings (empty when it ran no trial), then the study's
+    table and plots, on the parent run."""
+    params = _log_best_speed(study)
+    _log_study(study, "study/speed")
+    return params
 
 
 def _log_best_speed(study: Any) -> dict[str, Any]:

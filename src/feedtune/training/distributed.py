@@ -97,6 +97,16 @@ class Dist:
         tdist.all_gather_object(out, obj, group=group)
         return out
 
+    def require_same_split(self, split_digest: str, group: Any = None) -> None:
+        """Every process must split the same images alike, or their shares would not add up
+        (``group`` as in ``all_gather``)."""
+        digests = self.all_gather(split_digest, group=group)
+        if len(set(digests)) > 1:
+            raise ValueError(
+                f"the {self.world_size} processes split their data differently (split digests "
+                f"{sorted(set(digests))}): every machine needs the same data.path contents"
+            )
+
     def broadcast(self, obj: Any, src: int = 0, group: Any = None) -> Any:
         """Rank ``src``'s ``obj`` (picklable) on every process (``group`` as in
         ``all_gather``)."""

@@ -77,7 +77,7 @@ class TrialGroup:
         (overrides of each process's own config) would train different things."""
         if not self.dist.enabled:
             return
-        mine = {**cfg.flat(), "search": cfg.to_dict()["search"], "split digest": split_digest}
+        mine = {**cfg.flat(), "search": cfg.to_dict()["search"]}
         rows = self.dist.all_gather(mine, group=self._orders)
         differ = sorted({k for row in rows for k in row if row.get(k) != rows[0].get(k)})
         if differ:
@@ -86,6 +86,7 @@ class TrialGroup:
                 f"{', '.join(differ[:5])}: start every one with the same --config, --set and "
                 "data.path contents"
             )
+        self.dist.require_same_split(split_digest, group=self._orders)
 
 
 def record(order: Order, cfg: Config, dist: Dist) -> None:
