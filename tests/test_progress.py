@@ -23,7 +23,7 @@ FIT_SCRIPT = textwrap.dedent(
     from pathlib import Path
 
     from tests.conftest import tiny_feed
-    from feedtune.training.trainer import train_model
+    from feedtune.training.trainer import new_model, train_model
 
     cfg, _, feed = tiny_feed(sys.argv[1], "train.epochs=3", "train.patience=0", "model.width=4")
     for name, forced, progress in [
@@ -34,7 +34,8 @@ FIT_SCRIPT = textwrap.dedent(
             os.environ["FEEDTUNE_PROGRESS"] = forced
         print(f"=== {name}", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            train_model(cfg, feed, folder=Path(tmp), progress=progress)
+            model = new_model(cfg, len(feed.classes))
+            train_model(cfg, feed, model=model, folder=Path(tmp), progress=progress)
     """
 )
 

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from feedtune.tracking import mlflow_store as tracking
 from feedtune.tracking.recording import RunRecorder, finish_run
-from feedtune.training.trainer import train_model
+from feedtune.training.trainer import new_model, train_model
 from tests.conftest import artifact_paths, tiny_feed
 
 
@@ -21,8 +21,11 @@ def test_a_recorded_run_logs_its_inputs_epochs_results_and_feed(
     tracking.setup(cfg.experiment)
     with tracking.start_run("train", system_metrics=False) as run:
         recorder = RunRecorder(cfg, data, feed, tmp_path)
-        outcome = train_model(cfg, feed, folder=tmp_path, progress=False, callbacks=[recorder])
-        finish_run(cfg, outcome, feed)
+        model = new_model(cfg, len(feed.classes))
+        outcome = train_model(
+            cfg, feed, model=model, folder=tmp_path, progress=False, callbacks=[recorder]
+        )
+        finish_run(cfg, outcome, feed, model)
     client = MlflowClient()
     paths = artifact_paths(client, run.info.run_id)
     assert {

@@ -25,7 +25,7 @@ from feedtune.training.models import (
     num_outputs,
     replace_head,
 )
-from feedtune.training.trainer import BEST, train_model
+from feedtune.training.trainer import BEST, new_model, train_model
 from tests.conftest import tiny_feed
 
 timm = pytest.importorskip("timm")
@@ -150,14 +150,15 @@ def test_a_timm_model_trains_and_its_checkpoint_rebuilds_it(tiny_folder, tmp_pat
     cfg, _, feed = tiny_feed(
         tiny_folder, "model.name=timm/test_resnet", "train.epochs=1", "train.amp=false"
     )
-    outcome = train_model(cfg, feed, folder=tmp_path, progress=False)
+    trained = new_model(cfg, len(feed.classes))
+    train_model(cfg, feed, model=trained, folder=tmp_path, progress=False)
     payload = load_checkpoint(tmp_path / BEST)
     assert payload["model_args"]["source"] == "timm"
     model, saved = model_from_checkpoint(payload)
     assert saved.model.name == "timm/test_resnet"
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(model.eval()(x), outcome.model.cpu().eval()(x), atol=1e-5)
+        assert torch.allclose(model.eval()(x), trained.cpu().eval()(x), atol=1e-5)
 
 
 def test_a_user_factory_trains_and_reloads_when_the_caller_names_it(
@@ -168,7 +169,8 @@ def test_a_user_factory_trains_and_reloads_when_the_caller_names_it(
         tiny_folder, f"model.name={name}", "model.kwargs={width: 6, tag: '1e-3'}", "train.epochs=1"
     )
     assert cfg.flat()["model.kwargs.width"] == 6
-    outcome = train_model(cfg, feed, folder=tmp_path, progress=False)
+    trained = new_model(cfg, len(feed.classes))
+    train_model(cfg, feed, model=trained, folder=tmp_path, progress=False)
     payload = load_checkpoint(tmp_path / BEST)
     assert payload["model_args"]["source"] == "factory"
     assert model_args_of(payload)["kwargs"] == {"width": 6, "tag": "1e-3"}
@@ -176,7 +178,7 @@ def test_a_user_factory_trains_and_reloads_when_the_caller_names_it(
     assert model.fc.in_features == 6
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(model.eval()(x), outcome.model.cpu().eval()(x), atol=1e-5)
+        assert torch.allclose(model.eval()(x), trained.cpu().eval()(x), atol=1e-5)
     frozen, _ = model_from_checkpoint(payload, allowed_factory=name, freeze="backbone")
     assert [p.requires_grad for p in frozen.parameters()] == [False, False, True, True]
     replace_head(frozen, 7)

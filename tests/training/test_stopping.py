@@ -15,7 +15,7 @@ from feedtune.training.stopping import (
     current,
     stop_on_signals,
 )
-from feedtune.training.trainer import train_model
+from feedtune.training.trainer import new_model, train_model
 from tests.conftest import tiny_feed
 
 
@@ -54,5 +54,12 @@ def test_the_loop_stops_at_the_next_step_once_asked(tiny_folder, tmp_path):
     stop = StopRequest()
     stop.request(INTERRUPTED, "SIGTERM received")
     with pytest.raises(KeyboardInterrupt):
-        train_model(cfg, feed, folder=tmp_path, progress=False, stop=stop)
+        train_model(
+            cfg,
+            feed,
+            model=new_model(cfg, len(feed.classes)),
+            folder=tmp_path,
+            progress=False,
+            stop=stop,
+        )
     assert not (tmp_path / "last.pt").exists()  # stopped before its first step

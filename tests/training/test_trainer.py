@@ -11,7 +11,7 @@ from feedtune.config import load_config
 from feedtune.feed.feed import build_feed
 from feedtune.sources.prepare import prepare_data
 from feedtune.training.checkpoint import load_checkpoint
-from feedtune.training.trainer import BEST, train_model
+from feedtune.training.trainer import BEST, new_model, train_model
 
 CPU = torch.device("cpu")
 
@@ -36,9 +36,11 @@ def test_the_search_metric_picks_the_best_epoch_and_checkpoint(
     tiny_folder, tmp_path, one_torch_thread, metric
 ):
     cfg = _cfg(tiny_folder, **{"search.metric": metric, "train.lr": 0.003})
+    feed = build_feed(cfg, prepare_data(cfg, progress=False), CPU)
     outcome = train_model(
         cfg,
-        build_feed(cfg, prepare_data(cfg, progress=False), CPU),
+        feed,
+        model=new_model(cfg, len(feed.classes)),
         folder=tmp_path,
         progress=False,
     )

@@ -34,7 +34,7 @@ from feedtune.training.checkpoint import (
 )
 from feedtune.training.models import replace_head, set_backbone_trainable
 from feedtune.training.run_context import run_context
-from feedtune.training.trainer import train_model
+from feedtune.training.trainer import seed_run, train_model
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +119,16 @@ def run_finetune(
         folder = Path(tmp) / "checkpoints"
         with run_context(cfg) as ctx, mlflow_store.start_run("finetune", tags=tags) as run:
             feed = build_feed(cfg, data, ctx.device)
+            seed_run(cfg)  # the prepared model's training starts on the run's seeded stream
             outcome = train_model(
                 cfg,
                 feed,
-                folder=folder,
                 model=start.model,
+                folder=folder,
                 finetune=True,
                 progress=progress,
                 callbacks=[RunRecorder(cfg, data, feed, folder)],
                 stop=ctx.stop,
             )
-            finish_run(cfg, outcome, feed)
+            finish_run(cfg, outcome, feed, start.model)
             return run.info.run_id

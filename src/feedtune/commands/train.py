@@ -28,7 +28,7 @@ from feedtune.tracking.recording import (
 from feedtune.training.checkpoint import require_trusted_factory
 from feedtune.training.distributed import Dist
 from feedtune.training.run_context import RunContext, run_context
-from feedtune.training.trainer import train_model
+from feedtune.training.trainer import new_model, train_model
 
 
 def _resumed_config(asked: Config, resume: dict, run_id: str) -> Config:
@@ -113,6 +113,7 @@ def _train(
         dist.require_same_split(data.split.digest)
         cfg = resolve_auto(cfg, data)  # what the run records is what it ran
         feed = build_feed(cfg, data, device, rank=dist.rank, world_size=dist.world_size)
+        model = new_model(cfg, len(data.classes))
         ctx.stop.check()  # a signal during the preparation: no run opened yet
         if not dist.is_main:
             run_id = dist.broadcast(None)
@@ -120,6 +121,7 @@ def _train(
                 train_model(
                     cfg,
                     feed,
+                    model=model,
                     folder=folder,
                     resume=resume,
                     progress=False,
@@ -142,6 +144,7 @@ def _train(
                 outcome = train_model(
                     cfg,
                     feed,
+                    model=model,
                     folder=folder,
                     resume=resume,
                     progress=progress,
@@ -152,5 +155,5 @@ def _train(
             except (KeyboardInterrupt, RuntimeError) as exc:  # RuntimeError: a lost peer
                 exc.resume_hint = f"feedtune train --resume {run.info.run_id}"
                 raise
-            finish_run(cfg, outcome, feed)
+            finish_run(cfg, outcome, feed, model)
             return run.info.run_id

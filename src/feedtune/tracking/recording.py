@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from torch import nn
 
 from feedtune.config import Config
 from feedtune.feed.augment.per_sample import save_sample_grid
@@ -122,9 +123,9 @@ def log_run_results(outcome: TrainOutcome, feed: Feed) -> None:
         ),
         "plots/confusion_matrix.png",
     )
-    # The model served is the best checkpoint's, as load_best rebuilds it; its input example
-    # is a real validation image, shrunk.
-    payload = load_checkpoint(outcome.checkpoint)
+    # The model served is the best checkpoint's, as load_best rebuilds it (the payload the
+    # trainer read to restore it); its input example is a real validation image, shrunk.
+    payload = outcome.payload or load_checkpoint(outcome.checkpoint)
     config = payload["config"]
     example = example_image(
         feed.val_set.paths,
@@ -135,13 +136,16 @@ def log_run_results(outcome: TrainOutcome, feed: Feed) -> None:
     mlflow_models.log_model(payload, example)
 
 
-def log_throughput(cfg: Config, outcome: TrainOutcome, feed: Feed) -> Throughput | None:
-    """The run's feed: end to end from its epochs, the two sides from short probes; logs the
-    speed metrics, the verdict and the cost of each pipeline step."""
+def log_throughput(
+    cfg: Config, outcome: TrainOutcome, feed: Feed, model: nn.Module
+) -> Throughput | None:
+    """The run's feed: end to end from its epochs, the two sides from short probes (whose
+    steps train ``model``, the run's own: its training is over); logs the speed metrics, the
+    verdict and the cost of each pipeline step."""
     if cfg.train.measure_batches <= 0:
         return None
     result = measure_run(
-        outcome.model,
+        model,
         feed.train,
         outcome.state.history,
         batches=cfg.train.measure_batches,
@@ -165,10 +169,13 @@ def log_throughput(cfg: Config, outcome: TrainOutcome, feed: Feed) -> Throughput
     return result
 
 
-def finish_run(cfg: Config, outcome: TrainOutcome, feed: Feed) -> Throughput | None:
-    """What every run that trained to the end logs: results, model, then its throughput."""
+def finish_run(
+    cfg: Config, outcome: TrainOutcome, feed: Feed, model: nn.Module
+) -> Throughput | None:
+    """What every run that trained ``model`` to the end logs: results, the model, then its
+    throughput."""
     log_run_results(outcome, feed)
-    return log_throughput(cfg, outcome, feed)
+    return log_throughput(cfg, outcome, feed, model)
 
 
 def download_resume(run_id: str, folder: Path) -> dict[str, Any] | None:

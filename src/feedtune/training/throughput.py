@@ -13,7 +13,6 @@ to fork workers and then streams fast is not a slow loader.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -190,10 +189,12 @@ def measure_loader(loader: Any, *, batches: int, warmup: int = 2) -> tuple[float
 def _probe_parts(
     model: nn.Module, device: torch.device, train_cfg: TrainConfig | None
 ) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module, bool]:
-    """A copy of ``model`` with the run's own optimizer and loss, so a probe's step costs what
-    a training step costs (the model being measured is not changed)."""
+    """``model`` with the run's own optimizer and loss, so a probe's step costs what a
+    training step costs. The probe's steps train ``model`` itself: the caller hands over a
+    model it is done with (a trained run's, whose weights are in its checkpoint) or built for
+    the measurement."""
     cfg = train_cfg or TrainConfig()
-    model = copy.deepcopy(model).to(device).train()
+    model = model.to(device).train()
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     return model, build_optimizer(model, cfg), loss_fn, cfg.amp and device.type == "cuda"
 

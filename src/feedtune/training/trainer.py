@@ -29,6 +29,7 @@ from feedtune.training.devices import prepare_model
 from feedtune.training.distributed import Dist, unwrap
 from feedtune.training.engine import (
     Callback,
+    EpochStats,
     LrSchedule,
     TrainState,
     build_optimizer,
@@ -39,12 +40,7 @@ from feedtune.training.engine import (
     train_one_epoch,
 )
 from feedtune.training.evaluation import EvalResult, evaluate
-from feedtune.training.models import (
-    build_model,
-    model_args,
-    num_outputs,
-    set_backbone_trainable,
-)
+from feedtune.training.models import build_model, model_args, num_outputs, set_backbone_trainable
 from feedtune.training.stopping import StopRequest, current
 
 LAST, BEST = "last.pt", "best.pt"
@@ -130,33 +126,38 @@ def train_state_from(payload: dict[str, Any]) -> TrainState:
 
 @dataclass
 class TrainOutcome:
+    """How training went; the caller's model now holds the best epoch's weights."""
+
     state: TrainState
     best: EvalResult
-    model: nn.Module
     checkpoint: Path
+    # ``best.pt`` as read once to restore the best weights (the main process's; None on the
+    # others): what the recording logs as the model, without reading the file again.
+    payload: dict[str, Any] | None = None
 
 
 def train_model(
     cfg: Config,
     feed: Feed,
     *,
+    model: nn.Module,
     folder: Path,
     resume: dict[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
-    model: nn.Module | None = None,
     finetune: bool = False,
     dist: Dist | None = None,
     stop: StopRequest | None = None,
 ) -> TrainOutcome:
-    """Train ``cfg`` on ``feed`` (``resume``: a checkpoint payload to continue from),
-    evaluating and checkpointing into ``folder`` every epoch; returns the best epoch's model
+    """Train ``model`` (the caller's: ``new_model``, or one sized to the feed's classes and
+    frozen as wanted, after ``seed_run``) with
+    ``cfg`` on ``feed`` (``resume``: a checkpoint payload to continue from), evaluating and
+    checkpointing into ``folder`` every epoch; ``model`` ends with the best epoch's weights
     (on ``search.metric``, which early stopping on ``train.patience`` follows too).
 
     ``callbacks`` run after each epoch's checkpoint is written; one raising
-    :class:`StopTraining` ends training on every process, stops the feed's workers and
-    propagates. ``model``: start from it (sized to the feed's classes, frozen as wanted)
-    rather than ``build_model(cfg.model)``; ``finetune``: the backbone learns at ``train.lr *
+    :class:`StopTraining` ends training on every process and propagates (the caller closes
+    the feed). ``finetune``: the backbone learns at ``train.lr *
     train.backbone_lr_scale``. ``dist``: this process's place under torchrun, ``feed`` its
     share; the model trains in ``DistributedDataParallel``, only the main process writes
     checkpoints, and every process sees the same metrics and gets the best weights. ``stop``
@@ -187,12 +188,8 @@ def train_model(
                 set_lr=functools.partial(run.schedule.set, epoch),
                 stop=stop,
             )
-            result = _validate(run, feed, dist, progress=progress)
-            metrics = epoch_metrics(combined_stats(stats, dist), result, run.optimizer)
-            improved = state.record(epoch, metrics, cfg.search.metric)
+            result = _close_epoch(run, cfg, feed, epoch, stats, callbacks, dist, progress=progress)
             epochs.set_postfix(val_f1=f"{result.f1_macro:.3f}", best=f"{state.best_metric:.3f}")
-            context = {"model": run.model, "optimizer": run.optimizer, "evaluation": result}
-            end_epoch(callbacks, epoch, metrics, state, improved, context, dist)  # may stop
             stop.check()  # the epoch is checkpointed and recorded: a signal ends it here
             if state.out_of_patience(train_cfg.patience):
                 break
@@ -233,15 +230,13 @@ class _Run:
 def _start(
     cfg: Config,
     feed: Feed,
-    model: nn.Module | None,
+    model: nn.Module,
     resume: dict[str, Any] | None,
     *,
     finetune: bool,
     dist: Dist,
 ) -> _Run:
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    model = _starting_model(cfg, model, len(feed.classes))
+    model = _starting_model(model, len(feed.classes), finetune=finetune)
     optimizer = build_optimizer(model, cfg.train, finetune=finetune, world_size=dist.world_size)
     state = TrainState()
     if resume is not None:
@@ -294,6 +289,27 @@ def _start_epoch(
         cb.on_epoch_start(epoch)
 
 
+def _close_epoch(
+    run: _Run,
+    cfg: Config,
+    feed: Feed,
+    epoch: int,
+    stats: EpochStats,
+    callbacks: Sequence[Callback],
+    dist: Dist,
+    *,
+    progress: bool,
+) -> EvalResult:
+    """Validate the epoch, record it in the state and run the callbacks (checkpoint first;
+    one may stop training); the epoch's evaluation."""
+    result = _validate(run, feed, dist, progress=progress)
+    metrics = epoch_metrics(combined_stats(stats, dist), result, run.optimizer)
+    improved = run.state.record(epoch, metrics, cfg.search.metric)
+    context = {"model": run.model, "optimizer": run.optimizer, "evaluation": result}
+    end_epoch(callbacks, epoch, metrics, run.state, improved, context, dist)  # may stop
+    return result
+
+
 def _validate(run: _Run, feed: Feed, dist: Dist, *, progress: bool) -> EvalResult:
     """The epoch's evaluation of the whole validation set (every process's share gathered)."""
     dist.broadcast_buffers(run.model)
@@ -312,8 +328,8 @@ def _validate(run: _Run, feed: Feed, dist: Dist, *, progress: bool) -> EvalResul
 def _finish(run: _Run, feed: Feed, folder: Path, dist: Dist) -> TrainOutcome:
     """The best epoch's weights (from ``best.pt``, on every process) and their evaluation."""
     best_path = folder / BEST
-    best_state = load_checkpoint(best_path)["model_state"] if dist.is_main else None
-    run.model.load_state_dict(dist.broadcast(best_state))
+    payload = load_checkpoint(best_path) if dist.is_main else None
+    run.model.load_state_dict(dist.broadcast(payload["model_state"] if payload else None))
     best = evaluate(
         run.model,
         feed.val,
@@ -323,13 +339,28 @@ def _finish(run: _Run, feed: Feed, folder: Path, dist: Dist) -> TrainOutcome:
         progress=False,
         dist=dist,
     )
-    return TrainOutcome(state=run.state, best=best, model=run.model, checkpoint=best_path)
+    return TrainOutcome(state=run.state, best=best, checkpoint=best_path, payload=payload)
 
 
-def _starting_model(cfg: Config, model: nn.Module | None, num_classes: int) -> nn.Module:
-    if model is None:
-        return build_model(cfg.model, num_classes=num_classes)
-    if num_outputs(model) != num_classes:
+def seed_run(cfg: Config) -> None:
+    """Seed torch and numpy from ``cfg.seed``: a run's random stream starts here, before its
+    model is built (``new_model``) or after a given one is prepared."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+
+
+def new_model(cfg: Config, num_classes: int) -> nn.Module:
+    """The model a run of ``cfg`` trains from scratch, for ``train_model(model=...)``: built
+    first on the run's seeded stream, which training then continues."""
+    seed_run(cfg)
+    return build_model(cfg.model, num_classes=num_classes)
+
+
+def _starting_model(model: nn.Module, num_classes: int, *, finetune: bool) -> nn.Module:
+    """``model``, checked when it comes from another run (finetuning): a head sized for other
+    classes must be replaced first. A new model is sized by ``new_model``, and may have no
+    head that ``num_outputs`` can name (a factory's plain Sequential)."""
+    if finetune and num_outputs(model) != num_classes:
         raise ValueError(
             f"the model has {num_outputs(model)} outputs but the data has {num_classes} "
             "classes; replace its head first (models.replace_head)"

@@ -35,7 +35,7 @@ from feedtune.tracking.signals import signals_held
 from feedtune.training.distributed import group_failure
 from feedtune.training.engine import Callback
 from feedtune.training.stopping import StopTraining
-from feedtune.training.trainer import train_model
+from feedtune.training.trainer import new_model, train_model
 from feedtune.tuning import optuna_storage, optuna_study, space
 from feedtune.tuning.arms import config_arms
 from feedtune.tuning.rung_pruner import (
@@ -288,16 +288,18 @@ class Tuner:
             order = Order("train", overrides, study_name, "quality", trial.number, resume=resume)
             self.group.send(order, cfg)
             feed = group_feed(cfg, self.data, self.device, self.dist, self.caches)
+            model = new_model(cfg, len(self.data.classes))
             outcome = train_model(
                 cfg,
                 feed,
+                model=model,
                 folder=Path(tmp),
                 resume=resume,
                 progress=self.progress,
                 callbacks=self._callbacks(cfg, feed, Path(tmp), deadline, trial),
                 dist=self.dist,
             )
-            speed = finish_run(cfg, outcome, feed)
+            speed = finish_run(cfg, outcome, feed, model)
         best = max(h[metric] for h in outcome.state.history)
         trial.set_user_attr(f"best_{metric}", best)
         if len(outcome.state.history) >= cfg.train.epochs and resume is None:
@@ -376,15 +378,17 @@ class Tuner:
                     Order("train", {**overrides, "seed": seed}, study_name, "seed"), cfg
                 )
                 feed = group_feed(cfg, self.data, self.device, self.dist, self.caches)
+                model = new_model(cfg, len(self.data.classes))
                 outcome = train_model(
                     cfg,
                     feed,
+                    model=model,
                     folder=Path(tmp),
                     progress=self.progress,
                     callbacks=self._callbacks(cfg, feed, Path(tmp), deadline),
                     dist=self.dist,
                 )
-                finish_run(cfg, outcome, feed)
+                finish_run(cfg, outcome, feed, model)
         except StopTraining:  # the deadline came first
             return None
         self.full_run_seconds.append(time.monotonic() - started)

@@ -27,7 +27,7 @@ from feedtune.training.distributed import Dist, cpu_group
 from feedtune.training.models import build_model
 from feedtune.training.stopping import StopTraining
 from feedtune.training.throughput import measure_training
-from feedtune.training.trainer import train_model
+from feedtune.training.trainer import new_model, train_model
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,10 @@ def _train(
     feed = group_feed(cfg, data, device, dist, caches)
     with tempfile.TemporaryDirectory() as tmp:  # rank 0 alone writes checkpoints
         try:
-            train_model(cfg, feed, folder=Path(tmp), resume=resume, progress=False, dist=dist)
+            model = new_model(cfg, len(data.classes))
+            train_model(
+                cfg, feed, model=model, folder=Path(tmp), resume=resume, progress=False, dist=dist
+            )
         except StopTraining:
             return  # train_model closed the feed
     feed.close()

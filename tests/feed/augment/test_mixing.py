@@ -13,7 +13,7 @@ from feedtune.config import load_config
 from feedtune.feed.augment.mixing import StepCollate
 from feedtune.feed.feed import build_feed
 from feedtune.sources.prepare import prepare_data
-from feedtune.training.trainer import train_model
+from feedtune.training.trainer import new_model, train_model
 from feedtune.tuning.space import inert_settings, ordered, quality_space
 
 SMALL = ["augment.image_size=32", "loader.batch_size=8", "seed=3"]
@@ -142,7 +142,9 @@ def test_training_with_mixing_learns_from_soft_targets(
         "train.epochs=1",
         "train.measure_batches=0",
     )
-    outcome = train_model(cfg, feed, folder=tmp_path, progress=False)
+    outcome = train_model(
+        cfg, feed, model=new_model(cfg, len(feed.classes)), folder=tmp_path, progress=False
+    )
     assert outcome.state.epoch == 1
     row = outcome.state.history[0]
     assert math.isfinite(row["train_loss"]) and row["train_loss"] > 0
