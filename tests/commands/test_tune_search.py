@@ -3,6 +3,8 @@ and the speed stage skipped when the start configuration is model-bound (tiny re
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from feedtune.feed.dataset import single_torch_thread
 from feedtune.training.stopping import StopTraining
 from feedtune.tuning.recheck import decide
 from feedtune.tuning.trial_stops import StopAtDeadline
-from tests.conftest import write_image_folder
+from tests.conftest import REPO, env_with_src, reaped, write_image_folder
 
 TINY = """
 experiment: {experiment}
@@ -183,3 +185,51 @@ def test_the_closing_line_says_what_to_adopt_and_why():
     assert "winner - start +0.0075 [80% interval" in line and "fresh seeds 43, 44" in line
     result.verdict = decide(scores, "start", "anchor-1", [43, 44], 42)
     assert "no configuration beat your start configuration: keep it" in _verdict_line(result)
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_study_train_each_arm_and_seed_run_once(tmp_path, data, mlflow_store):
+    """Two `feedtune tune` workers started at once on one journal: the arms are queued once,
+    no seed run is trained twice, and each worker's parent run holds a verdict."""
+    config = tmp_path / "two.yaml"
+    config.write_text(TINY.format(experiment="two"))
+    cmd = [
+        *(sys.executable, "-m", "feedtune", "tune", "--no-progress", "--config", str(config)),
+        *("--set", f"data.path={data}", "--storage", f"journal:{tmp_path / 'optuna.journal'}"),
+        *("--study", "two", "--stage", "quality", "--n-trials", "2"),
+        *("--set", "search.recheck_seeds=2", "--set", "search.calibration_trials=0"),
+    ]
+    env = {**env_with_src(), "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": mlflow_store}
+    with reaped() as procs:
+        for _ in range(2):
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=REPO,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        outputs = [p.communicate(timeout=400) for p in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-4000:]
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
+    )
+    trials = optuna.load_study(study_name="two-quality", storage=storage).trials
+    arms = [t.user_attrs["arm"] for t in trials if t.user_attrs.get("arm")]
+    assert sorted(arms) == ["anchor-1", "start"], [
+        (t.number, t.state, t.user_attrs) for t in trials
+    ]
+    _, runs = _runs("two")
+    seed_runs = [
+        (r.data.tags["feedtune.arm"], r.data.params["seed"])
+        for r in runs
+        if r.data.tags.get("feedtune.stage") == "seed"
+    ]
+    assert len(seed_runs) == len(set(seed_runs)), seed_runs
+    parents = [r for r in runs if r.data.tags.get("feedtune.kind") == "study"]
+    assert len(parents) == 2
+    assert all("feedtune.recommended" in p.data.tags for p in parents)

@@ -36,9 +36,15 @@ from feedtune.tuning.rung_pruner import (
     candidate_rungs,
 )
 from feedtune.tuning.rung_pruner import rung_report as _rung_report
+from feedtune.tuning.seed_claims import claim, new_owner, wait_for_score
 from feedtune.tuning.stages import Tuner
 
 log = logging.getLogger(__name__)
+
+# A seed run claimed by another worker this many full runs ago (or STALE_S seconds, before a
+# full run was measured here) without its curve is a dead worker's, and is taken over.
+STALE_RUNS = 3
+STALE_S = 1800.0
 
 
 @dataclass
@@ -55,10 +61,16 @@ class QualityOutcome:
 
 
 def seed_runs(
-    tuner: Tuner, study: Any, speed_params: dict[str, Any], *, deadline: float | None
+    tuner: Tuner,
+    study: Any,
+    speed_params: dict[str, Any],
+    *,
+    deadline: float | None,
+    owner: str,
 ) -> None:
-    """Each arm on each of ``search.noise_seeds`` more seeds, those the study lacks; the start
-    first, so an anchor already behind it (``behind_start``) is spared its runs."""
+    """Each arm on each of ``search.noise_seeds`` more seeds, those the study lacks and no
+    other worker has claimed; the start first, so an anchor already behind it
+    (``behind_start``) is spared its runs."""
     cfg = tuner.cfg
     seeds = [cfg.seed + 1 + i for i in range(cfg.search.noise_seeds)]
     for seed in seeds:
@@ -68,9 +80,19 @@ def seed_runs(
                 arm.name != START and START in held and behind_start(held, arm.name)
             ):
                 continue
+            if not claim(study, arm.name, seed, owner, stale_s=stale_after(tuner)):
+                continue  # another worker trains it
             overrides = tuner.quality_overrides(speed_params, arm.overrides)
             if tuner.seed_run(study, arm.name, overrides, seed, deadline=deadline) is None:
                 return
+
+
+def stale_after(tuner: Tuner) -> float:
+    """How old another worker's claim on a seed run may be before it counts as dead:
+    ``STALE_RUNS`` full runs as measured here (none measured yet: ``STALE_S``)."""
+    if not tuner.full_run_seconds:
+        return STALE_S
+    return STALE_RUNS * statistics.median(tuner.full_run_seconds)
 
 
 class QualityStage:
@@ -86,6 +108,7 @@ class QualityStage:
         self.speed_params = speed_params
         self.job_deadline = job_deadline
         self.seeds_done = False
+        self.owner = new_owner()  # this worker, in its claims on seed runs
 
     def seed_runs_after_arms(self, study: Any, trial: Any) -> None:
         """A study callback: once every arm has its trial, the arms' extra seeds (their noise
@@ -97,7 +120,9 @@ class QualityStage:
         if len(arms - {None}) < optuna_study.n_arm_trials(study):
             return
         self.seeds_done = True
-        seed_runs(self.tuner, study, self.speed_params, deadline=self.job_deadline)
+        seed_runs(
+            self.tuner, study, self.speed_params, deadline=self.job_deadline, owner=self.owner
+        )
 
     def deadline(self, trial: Any) -> float | None:
         """When a quality trial (None: the next one) must end. The arms run to the job's
@@ -136,15 +161,24 @@ class QualityStage:
 
     def finish(self) -> QualityOutcome:
         """The re-check (unless ``search.recheck_seeds`` is 0), then the outcome."""
-        tuner, study, cfg = self.tuner, self.study, self.tuner.cfg
+        study, cfg = self.study, self.tuner.cfg
         verdict = None
         if cfg.search.recheck_seeds:
-
-            def run(name: str, overrides: dict[str, Any], seed: int) -> float | None:
-                return tuner.seed_run(study, name, overrides, seed, deadline=self.job_deadline)
-
-            verdict = recheck(study, base_seed=cfg.seed, n_seeds=cfg.search.recheck_seeds, run=run)
+            verdict = recheck(
+                study, base_seed=cfg.seed, n_seeds=cfg.search.recheck_seeds, run=self._recheck_run
+            )
         return _outcome(cfg, study, verdict, self.speed_params)
+
+    def _recheck_run(self, name: str, overrides: dict[str, Any], seed: int) -> float | None:
+        """One run of the re-check: trained here, or, when another worker claimed it, its
+        score once that worker records it (taken over if that worker died)."""
+        tuner, study, stale = self.tuner, self.study, stale_after(self.tuner)
+        if claim(study, name, seed, self.owner, stale_s=stale):
+            return tuner.seed_run(study, name, overrides, seed, deadline=self.job_deadline)
+        score = wait_for_score(study, name, seed, until=self.job_deadline, stale_s=stale)
+        if score is None and claim(study, name, seed, self.owner, stale_s=stale):
+            return tuner.seed_run(study, name, overrides, seed, deadline=self.job_deadline)
+        return score
 
 
 def _outcome(
