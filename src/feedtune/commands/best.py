@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from feedtune.commands.snippet import snippet_from_params
 from feedtune.config import Config
-from feedtune.tracking import mlflow_store
+from feedtune.tracking import mlflow_search, mlflow_store
 from feedtune.tracking.lookup import find_best_run
 
 SHOWN_METRICS = (
@@ -39,7 +39,7 @@ def describe_best(experiment: str) -> str:
         f"best run:    {run.info.run_id}  ({run.data.tags.get('feedtune.kind', '?')}, "
         f"{run.info.run_name})",
         "metrics:     " + ", ".join(f"{k}={metrics[k]:.4g}" for k in SHOWN_METRICS if k in metrics),
-        f"checkpoint:  {mlflow_store.checkpoint_uri(run)}",
+        f"checkpoint:  {mlflow_search.checkpoint_uri(run)}",
         f"model:       runs:/{run.info.run_id}/model",
         f"settings:    {settings_line(run.data.params) or '(defaults)'}",
     ]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from feedtune.config import DEFAULT_EXPERIMENT
-from feedtune.tracking import mlflow_models, mlflow_store
+from feedtune.tracking import mlflow_models, mlflow_search, mlflow_store
 from feedtune.tracking.urls import redact
 from feedtune.training.checkpoint import CheckpointError, load_checkpoint
 
@@ -27,15 +27,15 @@ def find_best_run(experiment: str, *, metric: str = RANKING_METRIC) -> Any:
     """
     run_id = mlflow_models.alias_run_id(experiment, BEST_ALIAS)
     if run_id:
-        return mlflow_store.get_run(run_id)
-    store = mlflow_store.current_store()
-    if mlflow_store.experiment_id(experiment) is None:
+        return mlflow_search.get_run(run_id)
+    store = mlflow_search.current_store()
+    if mlflow_search.experiment_id(experiment) is None:
         raise LookupError(
             f"no registered model '{experiment}' with alias '{BEST_ALIAS}' and no experiment "
             f"'{experiment}' in store {redact(store)}; run `feedtune train` or "
             "`feedtune tune` first, or name another experiment"
         )
-    runs = mlflow_store.search_runs(
+    runs = mlflow_search.search_runs(
         experiment,
         filter_string=(
             f"metrics.{metric} > -1 and attributes.status = 'FINISHED' "
@@ -78,7 +78,7 @@ def resolve_run_id(source: str, *, experiment: str = DEFAULT_EXPERIMENT) -> str:
         return run_id
     run_id = source[len("runs:/") :].split("/", 1)[0] if source.startswith("runs:/") else source
     try:
-        mlflow_store.get_run(run_id)
+        mlflow_search.get_run(run_id)
     except Exception as exc:  # MlflowException: unknown run id (or not a run id at all)
         raise LookupError(
             f"--from {source!r}: not 'best', models:/NAME@ALIAS, models:/NAME/VERSION, "

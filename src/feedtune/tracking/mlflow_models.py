@@ -1,5 +1,6 @@
 """The MLflow calls about models: logging a run's model and the model registry (the ``best``
-alias, versions). The rest of feedtune's MLflow calls live in ``mlflow_store``."""
+alias, versions). The rest of feedtune's MLflow calls live in ``mlflow_store``
+and ``mlflow_search``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Every MLflow call feedtune makes lives here: runs, params, metrics, artifacts, models.
+"""The MLflow store and what feedtune writes to it: experiments, runs, params, metrics,
+artifacts, heartbeats, dead runs closed. Finding runs is in ``mlflow_search``, models in
+``mlflow_models``.
 
 The fluent API's active-run stack is thread-local in MLflow, so each trial thread that opens
 its own run logs to it; everything else below takes explicit run ids.
@@ -27,6 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from feedtune.config import PROJECT_ROOT, Config
 from feedtune.tracking.liveness import GRACE_S, HEARTBEAT_S, is_alive, worker_info
+from feedtune.tracking.mlflow_search import experiment_id, search_runs
 from feedtune.tracking.signals import signals_held
 from feedtune.tracking.urls import redact
 from feedtune.training.stopping import StopTraining
@@ -300,42 +303,6 @@ def download_artifact(run_id: str, artifact_path: str, dst: str | Path) -> Path:
     )
 
 
-def get_run(run_id: str) -> Any:
-    return MlflowClient().get_run(run_id)
-
-
-def search_runs(
-    experiment: str,
-    *,
-    filter_string: str = "",
-    order_by: list[str] | None = None,
-    max_results: int | None = 1000,
-) -> list[Any]:
-    """Runs of ``experiment`` (none when it does not exist); ``max_results=None`` reads every
-    page of the search."""
-    exp_id = experiment_id(experiment)
-    if exp_id is None:
-        return []
-    client = MlflowClient()
-    found, token = [], None
-    while True:
-        page = client.search_runs(
-            [exp_id],
-            filter_string=filter_string,
-            order_by=order_by or [],
-            max_results=max_results or 1000,
-            page_token=token,
-        )
-        found += page
-        token = page.token
-        if max_results is not None or not token:
-            return found
-
-
-def checkpoint_uri(run: Any, name: str = "best.pt") -> str:
-    return f"{run.info.artifact_uri.rstrip('/')}/checkpoints/{name}"
-
-
 def end_run_by_id(run_id: str, status: str) -> None:
     MlflowClient().set_terminated(run_id, status)
 
@@ -358,17 +325,6 @@ def use_store(tracking_uri: str | None = None) -> Iterator[str]:
         yield uri
     finally:
         mlflow.set_tracking_uri(previous)
-
-
-def experiment_id(name: str) -> str | None:
-    """The id of the live experiment ``name``, or None; creates nothing."""
-    found = MlflowClient().get_experiment_by_name(name)
-    return None if found is None or found.lifecycle_stage == "deleted" else found.experiment_id
-
-
-def current_store() -> str:
-    """The tracking URI MLflow uses now."""
-    return mlflow.get_tracking_uri()
 
 
 @contextlib.contextmanager
