@@ -55,6 +55,11 @@ def _cmd(
     ]
 
 
+def _start(cmd: list[str]) -> subprocess.Popen:
+    """``cmd`` started in the repository, its stderr kept as text for the assertions."""
+    return subprocess.Popen(cmd, cwd=REPO, env=env_with_src(), stderr=subprocess.PIPE, text=True)
+
+
 def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         cmd, cwd=REPO, env=env_with_src(), capture_output=True, text=True, timeout=timeout
@@ -131,13 +136,7 @@ def test_killed_tune_worker_is_failed_retried_and_resumed(tmp_path, data, mlflow
 
 
 def test_sigterm_ends_train_promptly_with_a_resume_hint(tmp_path, data, mlflow_store):
-    proc = subprocess.Popen(
-        _cmd(tmp_path, data, "train", epochs=30),
-        cwd=REPO,
-        env=env_with_src(),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start(_cmd(tmp_path, data, "train", epochs=30))
     client = MlflowClient()
     with reaped(proc):
         run_id = _wait_for_epoch(client, "rel", proc, "train")
@@ -176,13 +175,7 @@ def _sigterm_when(proc: subprocess.Popen, ready: Any) -> tuple[int, str]:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 def test_sigterm_during_the_start_up_imports_exits_130_before_any_run(tmp_path, data, mlflow_store):
-    proc = subprocess.Popen(
-        _cmd(tmp_path, data, "train", epochs=30),
-        cwd=REPO,
-        env=env_with_src(),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start(_cmd(tmp_path, data, "train", epochs=30))
     with reaped(proc):
         # The handler is set before the command's imports (torch, MLflow: seconds).
         code, err = _sigterm_when(proc, lambda: _catches_sigterm(proc.pid))
@@ -193,13 +186,7 @@ def test_sigterm_during_the_start_up_imports_exits_130_before_any_run(tmp_path, 
 
 
 def test_sigterm_in_the_first_epoch_ends_the_run_killed(tmp_path, data, mlflow_store):
-    proc = subprocess.Popen(
-        _cmd(tmp_path, data, "train", epochs=30),
-        cwd=REPO,
-        env=env_with_src(),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start(_cmd(tmp_path, data, "train", epochs=30))
     client = MlflowClient()
 
     def run_open() -> bool:
@@ -217,13 +204,7 @@ def test_sigterm_in_the_first_epoch_ends_the_run_killed(tmp_path, data, mlflow_s
 
 def test_sigterm_while_the_run_ends_exits_130_with_no_run_running(tmp_path, data, mlflow_store):
     epochs = 2
-    proc = subprocess.Popen(
-        _cmd(tmp_path, data, "train", epochs=epochs),
-        cwd=REPO,
-        env=env_with_src(),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start(_cmd(tmp_path, data, "train", epochs=epochs))
     client = MlflowClient()
 
     def trained() -> bool:  # every epoch logged: the run is being finished (probes, model)
@@ -244,13 +225,7 @@ def test_sigterm_while_the_run_ends_exits_130_with_no_run_running(tmp_path, data
 def test_sigterm_marks_the_trial_and_study_interrupted(tmp_path, data, mlflow_store):
     storage = f"journal:{tmp_path / 'optuna.journal'}"
     args = ("--stage", "quality", "--study", "T", "--storage", storage, "--n-trials", "3")
-    proc = subprocess.Popen(
-        _cmd(tmp_path, data, "tune", *args, epochs=30),
-        cwd=REPO,
-        env=env_with_src(),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start(_cmd(tmp_path, data, "tune", *args, epochs=30))
     client = MlflowClient()
     with reaped(proc):
         run_id = _wait_for_epoch(client, "rel", proc, "trial")
