@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from feedtune.config import ConfigError, DataConfig, load_config
 from feedtune.feed.dataset import ImageDataset
-from feedtune.sources.imageio import (
+from feedtune.sources.image_checks import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     EMPTY,
@@ -25,8 +25,10 @@ from feedtune.sources.imageio import (
     NOT_REGULAR,
     TRUNCATED_JPEG,
     TRUNCATED_PNG,
-    BadImageError,
     check_image,
+)
+from feedtune.sources.imageio import (
+    BadImageError,
     decode_bytes,
     decode_image,
     image_size,

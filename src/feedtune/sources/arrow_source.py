@@ -22,11 +22,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from feedtune.sources.image_checks import check_bytes, check_image
 from feedtune.sources.imageio import (
     BadImageError,
     bytes_header,
-    check_bytes,
-    check_image,
     decode_bytes,
     decode_image,
     jpeg_scale,

@@ -25,7 +25,8 @@ from PIL import Image
 
 from feedtune.config.callables import CALLABLE_NAME, import_callable
 from feedtune.progress import progress_bar
-from feedtune.sources.imageio import DEFAULT_MAX_PIXELS, BadImageError, check_image, decode_image
+from feedtune.sources.image_checks import DEFAULT_MAX_PIXELS, check_image
+from feedtune.sources.imageio import BadImageError, decode_image
 from feedtune.sources.items import ItemReader, Source, declared_classes, item_ref, ref_index
 from feedtune.sources.pixels import pil_to_rgb
 from feedtune.sources.tables import DataSourceError

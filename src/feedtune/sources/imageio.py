@@ -1,4 +1,4 @@
-"""Decode one image file to an RGB ``uint8`` array, and cheap checks of image files.
+"""Decode one image (a file or bytes) to an RGB ``uint8`` array; read its size from its header.
 
 ``decode_image`` is what the Dataset calls per sample: it always returns a C-contiguous,
 writable ``(H, W, 3) uint8`` RGB array, whatever the file holds:
@@ -42,54 +42,32 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from feedtune.sources.image_checks import (
-    _HEAD,
-    _JPEG_MAGIC,
-    _TAIL,
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_PIXELS,
     EMPTY,
-    MIB,
+    HEAD_BYTES,
+    JPEG_MAGIC,
     NOT_AN_IMAGE,
     NOT_FOUND,
-    NOT_REGULAR,
-    TRUNCATED_BMP,
-    TRUNCATED_JPEG,
-    TRUNCATED_PNG,
-    TRUNCATED_WEBP,
-    _file_problem,
-    _open,
-    _pixels_problem,
-    _resolve_limits,
-    _stat_problem,
-    _structure_problem,
-    _too_many_bytes,
-    _unreadable,
+    TAIL_BYTES,
+    file_problem,
+    open_file,
+    pixels_problem,
+    resolve_limits,
+    stat_problem,
+    structure_problem,
+    too_many_bytes,
+    unreadable,
 )
 from feedtune.sources.pixels import decode_opencv as _decode_opencv
 from feedtune.sources.pixels import pil_to_rgb
 
-# The reasons a file is bad (shared with ``image_checks``) are part of this module's API:
-# tests and reports match on them.
 __all__ = [
     "BACKENDS",
     "BadImageError",
-    "DEFAULT_MAX_BYTES",
-    "DEFAULT_MAX_PIXELS",
-    "EMPTY",
-    "MIB",
-    "NOT_AN_IMAGE",
-    "NOT_FOUND",
-    "NOT_REGULAR",
-    "TRUNCATED_BMP",
-    "TRUNCATED_JPEG",
-    "TRUNCATED_PNG",
-    "TRUNCATED_WEBP",
-    "check_image",
     "bytes_header",
-    "check_bytes",
     "decode_bytes",
     "decode_image",
     "image_size",
+    "jpeg_scale",
 ]
 
 BACKENDS = ("pil", "opencv")
@@ -149,13 +127,13 @@ def decode_image(
         ValueError: unknown ``backend``, or a ``min_size`` or limit below 1.
     """
     max_pixels, max_bytes = _decode_limits(backend, min_size, max_pixels, max_bytes)
-    problem = _stat_problem(path, max_bytes)
+    problem = stat_problem(path, max_bytes)
     if problem:
         raise BadImageError(path, problem)
     try:
-        with _open(path) as f:
+        with open_file(path) as f:
             st = os.fstat(f.fileno())
-            problem = _file_problem(st, max_bytes)
+            problem = file_problem(st, max_bytes)
             if problem:
                 raise BadImageError(path, problem)
             # The size just checked, even if the file grows meanwhile (read(n) allocates n).
@@ -163,7 +141,7 @@ def decode_image(
     except FileNotFoundError:
         raise BadImageError(path, NOT_FOUND) from None
     except OSError as exc:
-        raise BadImageError(path, _unreadable(exc)) from None
+        raise BadImageError(path, unreadable(exc)) from None
     return decode_bytes(
         data,
         name=path,
@@ -188,10 +166,10 @@ def decode_bytes(
     max_pixels, max_bytes = _decode_limits(backend, min_size, max_pixels, max_bytes)
     data = bytes(data)
     if len(data) > max_bytes:
-        raise BadImageError(name, _too_many_bytes(len(data), max_bytes))
+        raise BadImageError(name, too_many_bytes(len(data), max_bytes))
     if not data:
         raise BadImageError(name, EMPTY)
-    problem = _structure_problem(data[:_HEAD], data[-_TAIL:], len(data), lambda: data)
+    problem = structure_problem(data[:HEAD_BYTES], data[-TAIL_BYTES:], len(data), lambda: data)
     if problem:
         raise BadImageError(name, problem)
     try:
@@ -200,13 +178,13 @@ def decode_bytes(
         raise BadImageError(name, NOT_AN_IMAGE) from None
     except Exception as exc:  # Pillow raises many types (SyntaxError, struct.error, ...)
         raise BadImageError(name, f"bad header ({type(exc).__name__}: {exc})") from None
-    problem = _pixels_problem(im.size, max_pixels)
+    problem = pixels_problem(im.size, max_pixels)
     if problem:
         raise BadImageError(name, problem)
     try:
         orientation = _orientation(im)
-        scale = jpeg_scale(im.size, min_size) if data.startswith(_JPEG_MAGIC) else 1
-        if backend == "opencv" and data.startswith(_JPEG_MAGIC) and im.mode != "CMYK":
+        scale = jpeg_scale(im.size, min_size) if data.startswith(JPEG_MAGIC) else 1
+        if backend == "opencv" and data.startswith(JPEG_MAGIC) and im.mode != "CMYK":
             rgb = _decode_opencv(data, scale)
             if rgb is None:
                 raise BadImageError(name, "OpenCV could not decode it")
@@ -232,84 +210,7 @@ def _decode_limits(
         raise ValueError(f"unknown image backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if min_size is not None and (isinstance(min_size, bool) or min_size < 1):
         raise ValueError(f"min_size must be a positive integer or None, got {min_size!r}")
-    return _resolve_limits(max_pixels, max_bytes)
-
-
-def check_image(
-    path: str | Path, *, max_pixels: int | None = None, max_bytes: int | None = None
-) -> str | None:
-    """Cheap structural check without decoding pixels: None if OK, else a short reason.
-
-    ``os.stat`` comes first: a non-regular file is never opened (a FIFO would block the read)
-    and a file over ``max_bytes`` is never read; an image over ``max_pixels`` is refused from
-    its header. Both limits default (None) to those of ``decode_image``, so a file that passes
-    here is not refused by ``decode_image`` for its size.
-
-    Reads the header (Pillow identifies the format lazily) and the last few KiB (JPEG
-    end-of-image marker, PNG IEND chunk; WebP and uncompressed BMP sizes from the header).
-    Only a file whose end looks wrong is read whole, to look for an end marker followed by
-    trailing data (e.g. camera padding or an appended motion-photo video). Truncated GIF and
-    TIFF files, and files whose pixel data is corrupt inside, pass here and fail in
-    ``decode_image``.
-    """
-    max_pixels, max_bytes = _resolve_limits(max_pixels, max_bytes)
-    problem = _stat_problem(path, max_bytes)
-    if problem:
-        return problem
-    try:
-        with _open(path) as f:
-            st = os.fstat(f.fileno())
-            problem = _file_problem(st, max_bytes)
-            if problem:
-                return problem
-            size = st.st_size
-            head = f.read(_HEAD)
-            f.seek(max(0, size - _TAIL))
-            tail = f.read()
-
-            def read_all() -> bytes:
-                f.seek(0)
-                return f.read()
-
-            problem = _structure_problem(head, tail, size, read_all)
-            if problem:
-                return problem
-            f.seek(0)
-            try:
-                # Header only; closing the image leaves ``f`` open.
-                with Image.open(f) as im:
-                    dimensions = im.size
-            except UnidentifiedImageError:
-                return NOT_AN_IMAGE
-            except Exception as exc:
-                return f"bad header ({type(exc).__name__}: {exc})"
-    except FileNotFoundError:
-        return NOT_FOUND
-    except OSError as exc:
-        return _unreadable(exc)
-    return _pixels_problem(dimensions, max_pixels)
-
-
-def check_bytes(
-    data: bytes, *, max_pixels: int | None = None, max_bytes: int | None = None
-) -> str | None:
-    """``check_image`` of an encoded image held in memory: None if OK, else a short reason."""
-    max_pixels, max_bytes = _resolve_limits(max_pixels, max_bytes)
-    if not data:
-        return EMPTY
-    if len(data) > max_bytes:
-        return _too_many_bytes(len(data), max_bytes)
-    problem = _structure_problem(data[:_HEAD], data[-_TAIL:], len(data), lambda: data)
-    if problem:
-        return problem
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            dimensions = im.size
-    except UnidentifiedImageError:
-        return NOT_AN_IMAGE
-    except Exception as exc:
-        return f"bad header ({type(exc).__name__}: {exc})"
-    return _pixels_problem(dimensions, max_pixels)
+    return resolve_limits(max_pixels, max_bytes)
 
 
 def bytes_header(data: bytes, *, name: str | Path) -> tuple[int, int, str, str]:
@@ -333,11 +234,11 @@ def image_size(path: str | Path) -> tuple[int, int]:
     after the pixel data (rare) is not seen without decoding and is ignored here. A
     non-regular file is refused from ``os.stat`` without being opened (a FIFO would block).
     """
-    problem = _stat_problem(path, None)
+    problem = stat_problem(path, None)
     if problem:
         raise BadImageError(path, problem)
     try:
-        with _open(path) as f, Image.open(f) as im:
+        with open_file(path) as f, Image.open(f) as im:
             w, h = im.size
             if _orientation(im) >= 5:  # 5-8 swap width and height
                 w, h = h, w
@@ -348,9 +249,6 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except Exception as exc:
         raise BadImageError(path, f"bad header ({type(exc).__name__}: {exc})") from None
     return w, h
-
-
-# --- file checks -----------------------------------------------------------------------------
 
 
 def _orientation(im: Image.Image) -> int:

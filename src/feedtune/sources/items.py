@@ -20,15 +20,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from feedtune.sources.image_checks import JPEG_MAGIC, check_image
 from feedtune.sources.imageio import (
     BadImageError,
-    check_image,
     decode_image,
     image_size,
     jpeg_scale,
 )
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
 # The separator of an item reference: ``<source>#<index>``.
 REF_SEP = "#"
 
@@ -80,7 +79,7 @@ class ItemReader:
         w, h = image_size(ref)
         if min_size is not None:
             with open(ref, "rb") as f:
-                is_jpeg = f.read(3) == _JPEG_MAGIC
+                is_jpeg = f.read(3) == JPEG_MAGIC
             scale = jpeg_scale((w, h), min_size) if is_jpeg else 1
             w, h = math.ceil(w / scale), math.ceil(h / scale)
         return h, w
