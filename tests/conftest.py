@@ -246,3 +246,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     instead of one long module running alone at the end."""
     slow = {item.path for item in items if item.get_closest_marker("slow") is not None}
     items.sort(key=lambda item: item.path not in slow)
+
+
+def run_at_once(
+    commands: list[list[str]], *, env: dict[str, str], timeout: float = 400
+) -> list[str]:
+    """Start every command at once (from the repository root), wait for all, and return each
+    one's stderr; a command that fails fails the test with the end of its stderr."""
+    with reaped() as procs:
+        for cmd in commands:
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=REPO,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-4000:]
+    return [err for _, err in outputs]

@@ -3,7 +3,6 @@ and the speed stage skipped when the start configuration is model-bound (tiny re
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from feedtune.feed.dataset import single_torch_thread
 from feedtune.training.stopping import StopTraining
 from feedtune.tuning.recheck import decide
 from feedtune.tuning.trial_stops import StopAtDeadline
-from tests.conftest import REPO, env_with_src, reaped, write_image_folder
+from tests.conftest import env_with_src, run_at_once, write_image_folder
 
 TINY = """
 experiment: {experiment}
@@ -200,21 +199,7 @@ def test_two_workers_on_one_study_train_each_arm_and_seed_run_once(tmp_path, dat
         *("--set", "search.recheck_seeds=2", "--set", "search.calibration_trials=0"),
     ]
     env = {**env_with_src(), "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": mlflow_store}
-    with reaped() as procs:
-        for _ in range(2):
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    cwd=REPO,
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            )
-        outputs = [p.communicate(timeout=400) for p in procs]
-    for proc, (_, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err[-4000:]
+    run_at_once([cmd, cmd], env=env)
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
     )

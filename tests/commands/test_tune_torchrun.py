@@ -20,7 +20,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, env_with_src, reaped, write_image_folder
+from tests.conftest import REPO, env_with_src, reaped, run_at_once, write_image_folder
 from tests.training.test_distributed import _free_port, _rank_process
 
 pytestmark = pytest.mark.slow
@@ -246,28 +246,15 @@ def test_two_torchrun_groups_split_one_study(tmp_path, data, mlflow_store):
     config = _config(tmp_path, "ddp-tune-two")
     cmd = _torchrun_tune(config, data, storage, "--stage", "speed", "--n-trials", "2")
     cmd += ["--study", "W"]
-    with reaped() as procs:
-        for _ in range(2):
-            cmd[cmd.index("--master-port") + 1] = str(_free_port())
-            procs.append(
-                subprocess.Popen(
-                    list(cmd),
-                    cwd=REPO,
-                    env=_env(mlflow_store),
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            )
-        outputs = [p.communicate(timeout=400) for p in procs]
-    for proc, (_, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err[-4000:]
+    port = cmd.index("--master-port") + 1
+    groups = [[*cmd[:port], str(_free_port()), *cmd[port + 1 :]] for _ in range(2)]
+    errors = run_at_once(groups, env=_env(mlflow_store))
 
     trials = optuna.load_study(study_name="W-speed", storage=_journal(storage)).trials
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
     assert {t.state.name for t in trials} == {"COMPLETE"}
     per_group = []
-    for _, err in outputs:
+    for err in errors:
         records = _records(err)
         assert records[0] == records[1]  # both ranks of a group trained the same trials
         per_group.append({number for _, number in records[0]})
