@@ -14,66 +14,33 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-import torch
-from torch import nn
 
 from feedtune.config import Config, experiment_for
-from feedtune.feed.augment.per_sample import Transform, build_transform
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.lookup import fetch_checkpoint, find_best_run
 from feedtune.training.checkpoint import model_from_checkpoint
-from feedtune.training.devices import resolve_device
 from feedtune.training.inference import ImageClassifier
 
 
-@dataclass
-class BestModel:
-    """A logged model ready for inference.
+@dataclass(repr=False)
+class BestModel(ImageClassifier):
+    """A logged model ready for inference: the classifier of its run (``predict``,
+    ``preprocess``: the path the served MLflow model ``runs:/<run_id>/model`` takes) and where
+    it came from.
 
     Attributes:
         model: the network, in eval mode, on ``device``.
         eval_transform: the run's deterministic eval transform (resize, centre crop, normalize).
         classes: class names; output ``i`` of the model is ``classes[i]``.
+        decoder: the run's ``data.decoder``.
         config: the run's full configuration.
         run_id: the MLflow run the checkpoint came from.
         metrics: the metrics stored in the checkpoint (its best epoch).
     """
 
-    model: nn.Module
-    eval_transform: Transform
-    classes: list[str]
     config: Config
     run_id: str
-    device: torch.device
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    @property
-    def classifier(self) -> ImageClassifier:
-        """The prediction path, shared with the served MLflow model ``runs:/<run_id>/model``."""
-        return ImageClassifier(
-            model=self.model,
-            eval_transform=self.eval_transform,
-            classes=self.classes,
-            decoder=self.config.data.decoder,
-            device=self.device,
-        )
-
-    def preprocess(self, images: Any) -> torch.Tensor:
-        """The model's input for ``images`` (``[n, 3, S, S]`` float, on the CPU): decoded and
-        passed through ``eval_transform`` exactly as validation images are."""
-        return self.classifier.preprocess(images)
-
-    def predict(self, images: Any, *, batch_size: int = 64) -> tuple[list[str], np.ndarray]:
-        """Labels and class probabilities ``[n, n_classes]`` (rows sum to 1).
-
-        ``images``: a sequence of (or one) image path, encoded image bytes (JPEG, PNG, WebP,
-        ...), PIL image (any mode) or ``(H, W, 3)`` uint8 RGB array; each goes through
-        ``preprocess``, as validation images do. The same answer as the served model
-        (``mlflow models serve -m models:/<experiment>@best``) gives for the same file."""
-        return self.classifier.predict(images, batch_size=batch_size)
 
     def __repr__(self) -> str:
         return (
@@ -118,13 +85,7 @@ def load_best(
         run_id = find_best_run(experiment).info.run_id
         payload = fetch_checkpoint(run_id, tmp)
     model, cfg = model_from_checkpoint(payload, allowed_factory=allowed_factory)
-    dev = resolve_device(device)
-    return BestModel(
-        model=model.to(dev).eval(),
-        eval_transform=build_transform(cfg.augment, train=False),
-        classes=list(payload["classes"]),
-        config=cfg,
-        run_id=run_id,
-        device=dev,
-        metrics=dict(payload.get("metrics") or {}),
+    metrics = dict(payload.get("metrics") or {})
+    return BestModel.for_network(
+        model, cfg, payload["classes"], device=device, config=cfg, run_id=run_id, metrics=metrics
     )

@@ -12,15 +12,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
 from torch import nn
 
-from feedtune.feed.augment.per_sample import Transform
+from feedtune.config import Config
+from feedtune.feed.augment.per_sample import Transform, build_transform
 from feedtune.feed.geometry import working_size
 from feedtune.sources.imageio import decode_bytes, decode_image
+from feedtune.training.devices import resolve_device
 
 ENCODED = (bytes, bytearray, memoryview)
 
@@ -83,6 +85,23 @@ class ImageClassifier:
     decoder: str
     device: torch.device
 
+    @classmethod
+    def for_network(
+        cls, model: nn.Module, cfg: Config, classes: Sequence[str], *, device: str, **more: Any
+    ) -> Self:
+        """``model`` in eval mode on ``device`` (``auto``: CUDA when available) with the eval
+        transform and decoder of ``cfg``, the run's configuration; ``more``: the fields a
+        subclass adds."""
+        dev = resolve_device(device)
+        return cls(
+            model=model.to(dev).eval(),
+            eval_transform=build_transform(cfg.augment, train=False),
+            classes=[str(c) for c in classes],
+            decoder=cfg.data.decoder,
+            device=dev,
+            **more,
+        )
+
     def preprocess(self, images: Any, *, first_index: int = 0) -> torch.Tensor:
         """The model's input for ``images`` (``[n, 3, S, S]`` float, on the CPU), decoded and
         transformed exactly as validation images are; errors number images from
@@ -99,7 +118,12 @@ class ImageClassifier:
 
     @torch.inference_mode()
     def predict(self, images: Any, *, batch_size: int = 64) -> tuple[list[str], np.ndarray]:
-        """Labels and class probabilities ``[n, n_classes]`` (float32, rows sum to 1)."""
+        """Labels and class probabilities ``[n, n_classes]`` (float32, rows sum to 1).
+
+        ``images``: a sequence of (or one) image path, encoded image bytes (JPEG, PNG, WebP,
+        ...), PIL image (any mode) or ``(H, W, 3)`` uint8 RGB array; each goes through
+        ``preprocess``, as validation images do. The served model (``mlflow models serve -m
+        models:/<experiment>@best``) answers through this same method."""
         items = as_image_list(images)
         probs = np.zeros((len(items), len(self.classes)), dtype=np.float32)
         for start in range(0, len(items), batch_size):

@@ -26,7 +26,6 @@ import torch
 from PIL import Image
 
 from feedtune.config import config_from_dict
-from feedtune.feed.augment.per_sample import build_transform
 from feedtune.feed.geometry import working_size
 from feedtune.sources.imageio import BadImageError
 from feedtune.sources.items import FILES, ItemReader
@@ -37,7 +36,6 @@ from feedtune.training.checkpoint import (
     model_args_of,
     require_trusted_factory,
 )
-from feedtune.training.devices import resolve_device
 from feedtune.training.inference import ImageClassifier
 from feedtune.training.models import ARCHITECTURE_KEYS, build_model
 
@@ -120,18 +118,10 @@ def load_classifier(
             "data": {"decoder": spec["decoder"]},
         }
     )
-    classes = [str(c) for c in spec["classes"]]
-    model = build_model(cfg.model, num_classes=len(classes))
+    model = build_model(cfg.model, num_classes=len(spec["classes"]))
     state = load_tensors(weights, what="the served model's weights")
-    dev = resolve_device(device)
     load_weights(model, {"model_state": state})
-    return ImageClassifier(
-        model=model.to(dev).eval(),
-        eval_transform=build_transform(cfg.augment, train=False),
-        classes=classes,
-        decoder=cfg.data.decoder,
-        device=dev,
-    )
+    return ImageClassifier.for_network(model, cfg, spec["classes"], device=device)
 
 
 def request_images(model_input: Any) -> list[Any]:
