@@ -64,7 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
         "DataLoader settings, tuned with Optuna and tracked in MLflow.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    # The order here is the order `feedtune --help` lists the commands in.
+    for add in (
+        _add_data,
+        _add_train,
+        _add_tune,
+        _add_bench,
+        _add_finetune,
+        _add_inspect,
+        _add_best,
+    ):
+        add(sub)
+    return parser
 
+
+def _add_data(sub: Subparsers) -> None:
     p = sub.add_parser("data", help="write the embedded dataset (data/<name>/) if missing")
     p.add_argument("--name", default="shapes", choices=["shapes", "shapes-shift"])
     p.add_argument("--seed", type=int, default=0)
@@ -73,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true")
 
+
+def _add_train(sub: Subparsers) -> None:
     p = sub.add_parser("train", help="one run of one configuration")
     _common(p)
     p.add_argument(
@@ -82,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a killed run from its last checkpoint, with that run's configuration",
     )
 
+
+def _add_tune(sub: Subparsers) -> None:
     p = sub.add_parser("tune", help="Optuna study: speed stage, then quality stage")
     _common(p)
     p.add_argument("--stage", default="all", choices=["speed", "quality", "all"])
@@ -110,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="study name; an existing study is resumed (default: the experiment name)",
     )
 
+
+def _add_bench(sub: Subparsers) -> None:
     p = sub.add_parser(
         "bench",
         help="loader benchmark grid (num_workers x cache x decoder x where, by default)",
@@ -124,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
 
+
+def _add_finetune(sub: Subparsers) -> None:
     p = sub.add_parser(
         "finetune", help="transfer learning from a logged checkpoint to a new dataset"
     )
@@ -137,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p, default_config=DEFAULT_FINETUNE_CONFIG_PATH)
 
+
+def _add_inspect(sub: Subparsers) -> None:
     p = sub.add_parser(
         "inspect",
         help="look at the data before training: classes, groups, sizes, formats, duplicates, "
@@ -144,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
 
+
+def _add_best(sub: Subparsers) -> None:
     p = sub.add_parser("best", help="print the best run of an experiment")
     p.add_argument("--experiment", default=None, help="default: the config's, or feedtune-<data>")
     p.add_argument(
@@ -153,7 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="python: print the best run's data feeding as a runnable PyTorch snippet",
     )
     _common(p)
-    return parser
 
 
 def _positive_or_none(value: float | None) -> float | None:
