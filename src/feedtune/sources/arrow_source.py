@@ -228,17 +228,10 @@ class ArrowItems(ItemReader):
             return b""
         return value.as_py() if value.is_valid else b""
 
-    def decode(
-        self,
-        ref: str,
-        *,
-        backend: str = "pil",
-        min_size: int | None = None,
-        max_pixels: int | None = None,
-        max_bytes: int | None = None,
+    def _decode(
+        self, ref: str, backend: str, min_size: int | None, limits: dict[str, int | None]
     ) -> np.ndarray:
         stored = self._stored(ref)
-        limits = {"max_pixels": max_pixels, "max_bytes": max_bytes}
         if isinstance(stored, str):
             return decode_image(stored, backend=backend, min_size=min_size, **limits)
         return decode_bytes(stored, name=ref, backend=backend, min_size=min_size, **limits)

@@ -119,16 +119,9 @@ class DatasetItems(ItemReader):
             raise BadImageError(ref, f"could not be read ({type(exc).__name__}: {exc})") from None
         return image
 
-    def decode(
-        self,
-        ref: str,
-        *,
-        backend: str = "pil",
-        min_size: int | None = None,
-        max_pixels: int | None = None,
-        max_bytes: int | None = None,
+    def _decode(
+        self, ref: str, backend: str, min_size: int | None, limits: dict[str, int | None]
     ) -> np.ndarray:
-        limits = {"max_pixels": max_pixels, "max_bytes": max_bytes}
         image = self._image(ref)
         return to_rgb(image, name=ref, backend=backend, min_size=min_size, **limits)
 

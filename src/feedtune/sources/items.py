@@ -63,9 +63,14 @@ class ItemReader:
         max_bytes: int | None = None,
     ) -> np.ndarray:
         """The item's ``(H, W, 3) uint8`` RGB pixels; ``BadImageError`` naming ``ref``."""
-        return decode_image(
-            ref, backend=backend, min_size=min_size, max_pixels=max_pixels, max_bytes=max_bytes
-        )
+        limits = {"max_pixels": max_pixels, "max_bytes": max_bytes}
+        return self._decode(ref, backend, min_size, limits)
+
+    def _decode(
+        self, ref: str, backend: str, min_size: int | None, limits: dict[str, int | None]
+    ) -> np.ndarray:
+        """``decode`` for this source: here the item is the image file ``ref``."""
+        return decode_image(ref, backend=backend, min_size=min_size, **limits)
 
     def check(
         self, ref: str, *, max_pixels: int | None = None, max_bytes: int | None = None
