@@ -118,7 +118,8 @@ def test_batch_where_trains_and_repeats_with_the_seed(tiny_folder, tmp_path):
 def test_an_interrupted_training_stops_its_loader_workers_at_once(tiny_folder, tmp_path):
     # A pruned trial or a deadline ends training with an exception. Its traceback keeps the
     # loaders alive; their persistent workers must still stop now, not when the garbage
-    # collector finds them (then each took a 5 s timeout to be killed).
+    # collector finds them (then each took a 5 s timeout to be killed): the feed's builder
+    # closes it on the way out.
     cfg, _, feed = _feed(
         tiny_folder,
         "loader.num_workers=2",
@@ -134,7 +135,7 @@ def test_an_interrupted_training_stops_its_loader_workers_at_once(tiny_folder, t
                 workers.extend(loader._iterator._workers)
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt) as stopped:
+    with pytest.raises(KeyboardInterrupt) as stopped, feed:
         train_model(
             cfg,
             feed,

@@ -37,6 +37,7 @@ from feedtune.training.models import StandIn, build_model
 from feedtune.training.run_context import RunContext, run_context
 from feedtune.training.throughput import (
     Throughput,
+    first_batch,
     measure_loader,
     measure_model,
     measure_training,
@@ -116,21 +117,20 @@ def measure_cell(
     """
     ccfg = cell_config(cfg, cell)
     # Build without a cache, then attach the grid's shared one (filled once per mode).
-    feed = build_feed(with_overrides(ccfg, {"loader.cache": "none"}), data, device)
-    cache = _cache_for(ccfg.loader.cache, feed.train_set, ccfg, caches, progress=progress)
-    attach_cache(feed.train_set, cache)
-    start = time.perf_counter()
-    loader_rate, loader_startup = measure_loader(feed.train.loader, batches=cfg.bench.batches)
-    eats = (ccfg.loader.batch_size, ccfg.augment.where)
-    if eats not in appetite:
-        batch = next(b for b in feed.train.loader if b is not None)
-        appetite[eats] = measure_model(
-            model, batch, feed.train, steps=cfg.bench.train_steps, train_cfg=cfg.train
+    with build_feed(with_overrides(ccfg, {"loader.cache": "none"}), data, device) as feed:
+        cache = _cache_for(ccfg.loader.cache, feed.train_set, ccfg, caches, progress=progress)
+        attach_cache(feed.train_set, cache)
+        start = time.perf_counter()
+        loader_rate, loader_startup = measure_loader(feed.train, batches=cfg.bench.batches)
+        eats = (ccfg.loader.batch_size, ccfg.augment.where)
+        if eats not in appetite:
+            batch = first_batch(feed.train)
+            appetite[eats] = measure_model(
+                model, batch, feed.train, steps=cfg.bench.train_steps, train_cfg=cfg.train
+            )
+        train_rate, wait_frac, train_startup = measure_training(
+            model, feed.train, steps=cfg.bench.train_steps, warmup=1, train_cfg=cfg.train
         )
-    train_rate, wait_frac, train_startup = measure_training(
-        model, feed.train, steps=cfg.bench.train_steps, warmup=1, train_cfg=cfg.train
-    )
-    feed.close()
     result = Throughput(
         loader_samples_per_s=loader_rate,
         model_samples_per_s=appetite[eats],

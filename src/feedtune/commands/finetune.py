@@ -118,17 +118,17 @@ def run_finetune(
         }
         folder = Path(tmp) / "checkpoints"
         with run_context(cfg) as ctx, mlflow_store.start_run("finetune", tags=tags) as run:
-            feed = build_feed(cfg, data, ctx.device)
-            seed_run(cfg)  # the prepared model's training starts on the run's seeded stream
-            outcome = train_model(
-                cfg,
-                feed,
-                model=start.model,
-                folder=folder,
-                finetune=True,
-                progress=progress,
-                callbacks=[RunRecorder(cfg, data, feed, folder)],
-                stop=ctx.stop,
-            )
-            finish_run(cfg, outcome, feed, start.model)
+            with build_feed(cfg, data, ctx.device) as feed:
+                seed_run(cfg)  # the prepared model's training starts on the run's seeded stream
+                outcome = train_model(
+                    cfg,
+                    feed,
+                    model=start.model,
+                    folder=folder,
+                    finetune=True,
+                    progress=progress,
+                    callbacks=[RunRecorder(cfg, data, feed, folder)],
+                    stop=ctx.stop,
+                )
+                finish_run(cfg, outcome, feed, start.model)
             return run.info.run_id

@@ -8,16 +8,21 @@ end-to-end ``train_samples_per_s`` counts the samples of all processes.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from feedtune.config import AUTO, AUTO_SETTINGS, Config, config_from_dict
 from feedtune.feed.auto import resolve_auto
-from feedtune.feed.feed import build_feed
+from feedtune.feed.feed import Feed, build_feed
 from feedtune.sources.dataset_source import is_dataset_spec
-from feedtune.sources.prepare import prepare_data
+from feedtune.sources.prepare import PreparedData, prepare_data
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.recording import (
     RunRecorder,
@@ -28,7 +33,7 @@ from feedtune.tracking.recording import (
 from feedtune.training.checkpoint import require_trusted_factory
 from feedtune.training.distributed import Dist
 from feedtune.training.run_context import RunContext, run_context
-from feedtune.training.trainer import new_model, train_model
+from feedtune.training.trainer import TrainOutcome, new_model, train_model
 
 
 def _resumed_config(asked: Config, resume: dict, run_id: str) -> Config:
@@ -112,48 +117,65 @@ def _train(
         data = prepare_data(cfg, progress=progress and dist.is_main)
         dist.require_same_split(data.split.digest)
         cfg = resolve_auto(cfg, data)  # what the run records is what it ran
-        feed = build_feed(cfg, data, device, rank=dist.rank, world_size=dist.world_size)
-        model = new_model(cfg, len(data.classes))
-        ctx.stop.check()  # a signal during the preparation: no run opened yet
-        if not dist.is_main:
-            run_id = dist.broadcast(None)
-            try:
-                train_model(
-                    cfg,
-                    feed,
-                    model=model,
-                    folder=folder,
-                    resume=resume,
-                    progress=False,
-                    dist=dist,
-                    stop=ctx.stop,
-                )
-            except (KeyboardInterrupt, RuntimeError) as exc:  # RuntimeError: a lost peer
-                exc.resume_hint = f"feedtune train --resume {run_id}"
-                raise
-            return run_id
-        tags = {
-            "feedtune.split_digest": data.split.digest,
-            "feedtune.world_size": str(dist.world_size),
-        }
-        with mlflow_store.start_run("train", run_id=resume_run_id, tags=tags) as run:
-            dist.broadcast(run.info.run_id)
-            if resume is not None:
-                relog_missing_epochs(run.info.run_id, resume)
-            try:
-                outcome = train_model(
-                    cfg,
-                    feed,
-                    model=model,
-                    folder=folder,
-                    resume=resume,
-                    progress=progress,
-                    callbacks=[RunRecorder(cfg, data, feed, folder)],
-                    dist=dist,
-                    stop=ctx.stop,
-                )
-            except (KeyboardInterrupt, RuntimeError) as exc:  # RuntimeError: a lost peer
-                exc.resume_hint = f"feedtune train --resume {run.info.run_id}"
-                raise
-            finish_run(cfg, outcome, feed, model)
-            return run.info.run_id
+        with build_feed(cfg, data, device, rank=dist.rank, world_size=dist.world_size) as feed:
+            model = new_model(cfg, len(data.classes))
+            ctx.stop.check()  # a signal during the preparation: no run opened yet
+            job = _Job(cfg, data, feed, model, folder, resume)
+            if not dist.is_main:
+                run_id = dist.broadcast(None)
+                with _resume_hint(run_id):
+                    job.train(ctx, progress=False)
+                return run_id
+            return _recorded(job, ctx, resume_run_id, progress=progress)
+
+
+@dataclass
+class _Job:
+    """What this process trains, built once (the model included) and closed by ``_train``."""
+
+    cfg: Config
+    data: PreparedData
+    feed: Feed
+    model: nn.Module
+    folder: Path
+    resume: dict[str, Any] | None
+
+    def train(self, ctx: RunContext, **kwargs: Any) -> TrainOutcome:
+        return train_model(
+            self.cfg,
+            self.feed,
+            model=self.model,
+            folder=self.folder,
+            resume=self.resume,
+            dist=ctx.dist,
+            stop=ctx.stop,
+            **kwargs,
+        )
+
+
+def _recorded(job: _Job, ctx: RunContext, resume_run_id: str | None, *, progress: bool) -> str:
+    """The main process's run: ``job`` trained inside the MLflow run opened (or reopened, to
+    resume) here, then its results; the run id."""
+    tags = {
+        "feedtune.split_digest": job.data.split.digest,
+        "feedtune.world_size": str(ctx.dist.world_size),
+    }
+    with mlflow_store.start_run("train", run_id=resume_run_id, tags=tags) as run:
+        ctx.dist.broadcast(run.info.run_id)
+        if job.resume is not None:
+            relog_missing_epochs(run.info.run_id, job.resume)
+        recorder = RunRecorder(job.cfg, job.data, job.feed, job.folder)
+        with _resume_hint(run.info.run_id):
+            outcome = job.train(ctx, progress=progress, callbacks=[recorder])
+        finish_run(job.cfg, outcome, job.feed, job.model)
+        return run.info.run_id
+
+
+@contextlib.contextmanager
+def _resume_hint(run_id: str) -> Iterator[None]:
+    """A run ended by Ctrl-C or a lost peer (a RuntimeError) says how to resume it."""
+    try:
+        yield
+    except (KeyboardInterrupt, RuntimeError) as exc:
+        exc.resume_hint = f"feedtune train --resume {run_id}"  # type: ignore[attr-defined]
+        raise

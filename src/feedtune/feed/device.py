@@ -40,22 +40,50 @@ class DeviceLoader:
         self.device_step = device_step
         self.channels_last = channels_last
         self.wait_s = 0.0
+        self._host: Iterator[Any] | None = None  # the host loader's iterator, for ``close``
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.host_batches():
+            yield self.to_device(batch)
+
+    def host_batches(self) -> Iterator[Any]:
+        """One pass of the host loader's batches, not yet moved (``to_device`` moves one):
+        the feed's side alone, as a probe times it. Empty batches are skipped; ``close``
+        stops the workers of the pass."""
         self.wait_s = 0.0
-        iterator = iter(self.loader)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            self.wait_s += time.perf_counter() - t0
-            if batch is not None:
-                yield self.to_device(batch)
+        iterator = self._host = iter(self.loader)
+        try:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+                self.wait_s += time.perf_counter() - t0
+                if batch is not None:
+                    yield batch
+        finally:
+            if not getattr(self.loader, "persistent_workers", False):
+                # A pass's own workers stop with it (when its iterator is freed), not at close.
+                self._host = iterator = None
+
+    def close(self) -> None:
+        """Stop the worker processes of the host iterator this loader started, now.
+
+        Left to the garbage collector, a loader caught in a reference cycle (an exception's
+        traceback holds the training frames) can be finalized after its own queues: its
+        workers never receive the order to stop, and each costs a 5 s join timeout before it
+        is killed (measured: 20 s after every pruned trial with 2+2 workers). DataLoader has
+        no public close; its iterator's shutdown is the one that ``del`` would run. The
+        persistent workers' iterator is the loader's own: a closed loader is not iterated
+        again."""
+        iterator, self._host = self._host, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One host batch on the device, through the device step when there is one."""

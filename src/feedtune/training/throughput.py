@@ -111,23 +111,15 @@ def probe_sides(
     feed's training batches; its host loader is the loader's side, its device step the
     model's."""
     start = time.perf_counter()
-    it = _batches(train.loader)
+    it = _batches(train)
     batch = next(it)
     startup = time.perf_counter() - start
     step = _model_step(model, batch, train, train_cfg=train_cfg)
     step()  # warm-up
     loader_rates, model_rates = [], []
     for _ in range(rounds):
-        t, samples = time.perf_counter(), 0
-        for _ in range(batches):
-            samples += len(next(it)[1])
-        loader_rates.append(samples / (time.perf_counter() - t))
-        _sync(train.device)
-        t, samples = time.perf_counter(), 0
-        for _ in range(batches):
-            samples += step()
-        _sync(train.device)
-        model_rates.append(samples / (time.perf_counter() - t))
+        loader_rates.append(_loader_rate(it, batches))
+        model_rates.append(_model_rate(step, batches, train.device))
     it.close()
     spent = time.perf_counter() - start
     return float(np.median(loader_rates)), float(np.median(model_rates)), startup, spent
@@ -157,33 +149,54 @@ def measure_run(
     )
 
 
-def _batches(loader: Any) -> Iterator[Any]:
-    """Cycle through the loader (re-iterating at the end of an epoch), skipping empty batches."""
+def _batches(train: DeviceLoader) -> Iterator[Any]:
+    """Cycle through ``train``'s host batches (re-iterating at the end of an epoch)."""
     while True:
         produced = False
-        for batch in loader:
-            if batch is not None:
-                produced = True
-                yield batch
+        for batch in train.host_batches():
+            produced = True
+            yield batch
         if not produced:
             raise RuntimeError("the loader produced no usable batch (all images bad?)")
 
 
-def measure_loader(loader: Any, *, batches: int, warmup: int = 2) -> tuple[float, float]:
-    """(samples/s of the host loader alone, start-up seconds until the first batch)."""
+def _loader_rate(it: Iterator[Any], batches: int) -> float:
+    """Samples/s of the next ``batches`` host batches of ``it``."""
+    samples, start = 0, time.perf_counter()
+    for _ in range(batches):
+        samples += len(next(it)[1])
+    return samples / (time.perf_counter() - start)
+
+
+def _model_rate(step: Callable[[], int], steps: int, device: torch.device) -> float:
+    """Samples/s of ``steps`` calls of a probe ``step`` (``_model_step``)."""
+    _sync(device)
+    start, samples = time.perf_counter(), 0
+    for _ in range(steps):
+        samples += step()
+    _sync(device)
+    return samples / (time.perf_counter() - start)
+
+
+def measure_loader(train: DeviceLoader, *, batches: int, warmup: int = 2) -> tuple[float, float]:
+    """(samples/s of ``train``'s host loader alone, start-up seconds until the first batch)."""
     t0 = time.perf_counter()
-    it = _batches(loader)
+    it = _batches(train)
     next(it)
     startup = time.perf_counter() - t0
     for _ in range(max(0, warmup - 1)):
         next(it)
-    samples = 0
-    start = time.perf_counter()
-    for _ in range(batches):
-        samples += len(next(it)[1])
-    elapsed = time.perf_counter() - start
+    rate = _loader_rate(it, batches)
     it.close()
-    return samples / elapsed, startup
+    return rate, startup
+
+
+def first_batch(train: DeviceLoader) -> Any:
+    """A host batch of ``train``, for ``measure_model``."""
+    it = _batches(train)
+    batch = next(it)
+    it.close()
+    return batch
 
 
 def _probe_parts(
@@ -235,12 +248,7 @@ def measure_model(
     step = _model_step(model, batch, train, train_cfg=train_cfg)
     for _ in range(warmup):
         step()
-    _sync(train.device)
-    start, samples = time.perf_counter(), 0
-    for _ in range(steps):
-        samples += step()
-    _sync(train.device)
-    return samples / (time.perf_counter() - start)
+    return _model_rate(step, steps, train.device)
 
 
 def measure_training(
@@ -262,7 +270,7 @@ def measure_training(
     model, optimizer, loss_fn, amp = _probe_parts(model, train.device, train_cfg)
     net = dist.wrap(model, train.device) if dist is not None else model
     t0 = time.perf_counter()
-    it = _batches(train.loader)
+    it = _batches(train)
     batch = next(it)
     startup = time.perf_counter() - t0
     wait, samples, start = 0.0, 0, 0.0
@@ -299,9 +307,8 @@ def measure(
     train_cfg: TrainConfig | None = None,
 ) -> Throughput:
     """All rates for one (model, feed) pair; ``batches`` timed batches per measurement."""
-    loader_rate, loader_startup = measure_loader(train.loader, batches=batches)
-    batch = next(b for b in train.loader if b is not None)
-    model_rate = measure_model(model, batch, train, steps=batches, train_cfg=train_cfg)
+    loader_rate, loader_startup = measure_loader(train, batches=batches)
+    model_rate = measure_model(model, first_batch(train), train, steps=batches, train_cfg=train_cfg)
     train_rate, wait_frac, train_startup = measure_training(
         model, train, steps=batches, train_cfg=train_cfg
     )

@@ -193,9 +193,6 @@ def train_model(
             stop.check()  # the epoch is checkpointed and recorded: a signal ends it here
             if state.out_of_patience(train_cfg.patience):
                 break
-    except BaseException:  # a stop, Ctrl-C: the traceback keeps the loaders alive (Feed.close)
-        feed.close()
-        raise
     finally:
         epochs.close()
     return _finish(run, feed, folder, dist)

@@ -287,19 +287,19 @@ class Tuner:
             resume = self._resume(trial, previous, run.info.run_id, Path(tmp))
             order = Order("train", overrides, study_name, "quality", trial.number, resume=resume)
             self.group.send(order, cfg)
-            feed = group_feed(cfg, self.data, self.device, self.dist, self.caches)
-            model = new_model(cfg, len(self.data.classes))
-            outcome = train_model(
-                cfg,
-                feed,
-                model=model,
-                folder=Path(tmp),
-                resume=resume,
-                progress=self.progress,
-                callbacks=self._callbacks(cfg, feed, Path(tmp), deadline, trial),
-                dist=self.dist,
-            )
-            speed = finish_run(cfg, outcome, feed, model)
+            with group_feed(cfg, self.data, self.device, self.dist, self.caches) as feed:
+                model = new_model(cfg, len(self.data.classes))
+                outcome = train_model(
+                    cfg,
+                    feed,
+                    model=model,
+                    folder=Path(tmp),
+                    resume=resume,
+                    progress=self.progress,
+                    callbacks=self._callbacks(cfg, feed, Path(tmp), deadline, trial),
+                    dist=self.dist,
+                )
+                speed = finish_run(cfg, outcome, feed, model)
         best = max(h[metric] for h in outcome.state.history)
         trial.set_user_attr(f"best_{metric}", best)
         if len(outcome.state.history) >= cfg.train.epochs and resume is None:
@@ -377,18 +377,18 @@ class Tuner:
                 self.group.send(
                     Order("train", {**overrides, "seed": seed}, study_name, "seed"), cfg
                 )
-                feed = group_feed(cfg, self.data, self.device, self.dist, self.caches)
-                model = new_model(cfg, len(self.data.classes))
-                outcome = train_model(
-                    cfg,
-                    feed,
-                    model=model,
-                    folder=Path(tmp),
-                    progress=self.progress,
-                    callbacks=self._callbacks(cfg, feed, Path(tmp), deadline),
-                    dist=self.dist,
-                )
-                finish_run(cfg, outcome, feed, model)
+                with group_feed(cfg, self.data, self.device, self.dist, self.caches) as feed:
+                    model = new_model(cfg, len(self.data.classes))
+                    outcome = train_model(
+                        cfg,
+                        feed,
+                        model=model,
+                        folder=Path(tmp),
+                        progress=self.progress,
+                        callbacks=self._callbacks(cfg, feed, Path(tmp), deadline),
+                        dist=self.dist,
+                    )
+                    finish_run(cfg, outcome, feed, model)
         except StopTraining:  # the deadline came first
             return None
         self.full_run_seconds.append(time.monotonic() - started)

@@ -9,6 +9,7 @@ does. A prune or the deadline, decided on rank 0, reaches the others through the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -124,18 +125,15 @@ def speed_trial(
     the rate is the job's: all processes' samples over the slowest one's time."""
     dist = dist or Dist()
     torch.manual_seed(cfg.seed)
-    feed = group_feed(cfg, data, device, dist, caches or CacheMemo())
-    model = prepare_model(
-        build_model(cfg.model, num_classes=len(data.classes)),
-        device,
-        channels_last=cfg.train.channels_last,
-    )
-    try:
+    with group_feed(cfg, data, device, dist, caches or CacheMemo()) as feed:
+        model = prepare_model(
+            build_model(cfg.model, num_classes=len(data.classes)),
+            device,
+            channels_last=cfg.train.channels_last,
+        )
         rate, wait_frac, startup = measure_training(
             model, feed.train, steps=steps, train_cfg=cfg.train, dist=dist
         )
-    finally:
-        feed.close()
     return {"train_samples_per_s": rate, "data_wait_frac": wait_frac, "train_startup_s": startup}
 
 
@@ -164,13 +162,12 @@ def _train(
     caches: CacheMemo,
     resume: dict[str, Any] | None,
 ) -> None:
-    feed = group_feed(cfg, data, device, dist, caches)
-    with tempfile.TemporaryDirectory() as tmp:  # rank 0 alone writes checkpoints
-        try:
-            model = new_model(cfg, len(data.classes))
-            train_model(
-                cfg, feed, model=model, folder=Path(tmp), resume=resume, progress=False, dist=dist
-            )
-        except StopTraining:
-            return  # train_model closed the feed
-    feed.close()
+    with (
+        group_feed(cfg, data, device, dist, caches) as feed,
+        tempfile.TemporaryDirectory() as tmp,  # rank 0 alone writes checkpoints
+        contextlib.suppress(StopTraining),  # a stop ends this training, as on rank 0
+    ):
+        model = new_model(cfg, len(data.classes))
+        train_model(
+            cfg, feed, model=model, folder=Path(tmp), resume=resume, progress=False, dist=dist
+        )
