@@ -192,13 +192,51 @@ def build_cache(
     Raises:
         CacheTooLargeError: the estimate exceeds ``loader.cache_limit_mb``.
     """
-    if cfg.cache not in MODES:
-        raise ValueError(f"loader.cache: got {cfg.cache!r}, allowed: {', '.join(MODES)}")
-    if cfg.cache == "none":
+    if not _caching(cfg):
         return None
     start = time.perf_counter()
     paths = list(dataset.paths)
     target = working_size(image_size)
+    estimate = _estimate_that_fits(
+        dataset,
+        cfg,
+        paths,
+        target=target,
+        square=square,
+        reserved_bytes=reserved_bytes,
+        shm_path=shm_path,
+        shm_margin_bytes=shm_margin_bytes,
+    )
+    if estimate is None:
+        return None
+    cache = _fill(
+        dataset, paths, estimate, mode=cfg.cache, target=target, progress=progress, square=square
+    )
+    cache.fill_seconds = time.perf_counter() - start
+    log.info("filled %r", cache)
+    return cache
+
+
+def _caching(cfg: LoaderConfig) -> bool:
+    """Whether ``cfg.cache`` asks for a cache (a mode that is none of ``MODES`` is an error)."""
+    if cfg.cache not in MODES:
+        raise ValueError(f"loader.cache: got {cfg.cache!r}, allowed: {', '.join(MODES)}")
+    return cfg.cache != "none"
+
+
+def _estimate_that_fits(
+    dataset: Any,
+    cfg: LoaderConfig,
+    paths: list[str],
+    *,
+    target: int,
+    square: int | None,
+    reserved_bytes: int,
+    shm_path: str | os.PathLike[str] | None,
+    shm_margin_bytes: int | None,
+) -> CacheEstimate | None:
+    """The cache's size from the headers, refused over the limit (``CacheTooLargeError``);
+    None when it would not fit in shared memory (a warning says why)."""
     reader = getattr(dataset, "reader", FILES)
     estimate = estimate_cache(
         paths,
@@ -211,7 +249,7 @@ def build_cache(
     check_limit(
         estimate, cfg, paths=paths, target=target, reserved_bytes=reserved_bytes, reader=reader
     )
-    if not fits_in_shm(
+    fits = fits_in_shm(
         estimate,
         cfg,
         paths=paths,
@@ -219,14 +257,8 @@ def build_cache(
         path=shm_path,
         margin=shm_margin_bytes,
         reader=reader,
-    ):
-        return None
-    cache = _fill(
-        dataset, paths, estimate, mode=cfg.cache, target=target, progress=progress, square=square
     )
-    cache.fill_seconds = time.perf_counter() - start
-    log.info("filled %r", cache)
-    return cache
+    return estimate if fits else None
 
 
 def _entry_loader(

@@ -130,13 +130,9 @@ def build_feed(
         rank=rank,
         world_size=world_size,
     )
-    train_loader = build_loader(
-        train_set, cfg.loader, sampler=sampler, seed=cfg.seed, cuda=cuda, collate_fn=aug.collate
+    train_loader, val_loader = _loaders(
+        cfg, train_set, val_set, sampler, aug, cuda=cuda, rank=rank, world_size=world_size
     )
-    val_share = (
-        val_set if world_size <= 1 else Subset(val_set, range(rank, len(val_set), world_size))
-    )
-    val_loader = build_loader(val_share, cfg.loader, seed=cfg.seed, cuda=cuda)
     channels_last = cfg.train.channels_last
     return Feed(
         device=device,
@@ -153,6 +149,28 @@ def build_feed(
         world_size=world_size,
         cache_fill_s=fill_s,
     )
+
+
+def _loaders(
+    cfg: Config,
+    train_set: ImageDataset,
+    val_set: ImageDataset,
+    sampler: Any,
+    aug: _Augmentation,
+    *,
+    cuda: bool,
+    rank: int,
+    world_size: int,
+) -> tuple[Any, Any]:
+    """The host loaders of process ``rank``: its sampler's share of training, and every
+    ``world_size``-th validation image from ``rank`` on."""
+    train_loader = build_loader(
+        train_set, cfg.loader, sampler=sampler, seed=cfg.seed, cuda=cuda, collate_fn=aug.collate
+    )
+    val_share = (
+        val_set if world_size <= 1 else Subset(val_set, range(rank, len(val_set), world_size))
+    )
+    return train_loader, build_loader(val_share, cfg.loader, seed=cfg.seed, cuda=cuda)
 
 
 def _datasets(
