@@ -63,3 +63,16 @@ def test_the_loop_stops_at_the_next_step_once_asked(tiny_folder, tmp_path):
             stop=stop,
         )
     assert not (tmp_path / "last.pt").exists()  # stopped before its first step
+
+
+def test_patience_is_a_normal_end_that_a_signal_still_overrides():
+    stop = StopRequest()
+    stop.request("patience", "no better val_f1_macro in 2 epochs")
+    stop.check()  # raises nothing: the loop ends normally
+    assert stop.finished and stop.requested
+    stop.request("pruned")  # the first request wins
+    assert stop.reason == "patience"
+    stop.request(INTERRUPTED)
+    assert not stop.finished
+    with pytest.raises(KeyboardInterrupt):
+        stop.check()

@@ -59,11 +59,9 @@ class TrainState:
     stale_epochs: int = 0
     stopped: str = ""  # why training ended before train.epochs: patience, pruned, deadline
 
-    def out_of_patience(self, patience: int) -> bool:
+    def patience_spent(self, patience: int) -> bool:
         """Whether ``patience`` epochs (0: never) passed without improvement: early stopping."""
-        if patience and self.stale_epochs >= patience:
-            self.stopped = "patience"
-        return self.stopped == "patience"
+        return bool(patience) and self.stale_epochs >= patience
 
     def record(self, epoch: int, metrics: dict[str, float], metric: str) -> bool:
         """Add an epoch's metrics; whether it improved on the best ``metric`` so far."""

@@ -26,6 +26,9 @@ STOP_REASONS = ("", "pruned", "deadline")
 # KILLED and the command's exit code 130.
 INTERRUPTED = "interrupted"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Early stopping on ``train.patience``: a normal end of training, which ``check`` does not
+# raise; the loop ends at the epoch boundary and the request is cleared for whatever follows.
+PATIENCE = "patience"
 
 
 class StopTraining(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -45,7 +48,8 @@ class StopRequest:
     """A request to stop: ``request(reason, detail)`` sets it (the first request wins, but a
     signal's overrides any other), ``check()`` raises it at a safe point. ``interrupted`` (a
     signal) raises ``KeyboardInterrupt``, which every layer ends as Ctrl-C (runs KILLED, exit
-    130); ``pruned`` and ``deadline`` raise :class:`StopTraining`."""
+    130); ``pruned`` and ``deadline`` raise :class:`StopTraining`; ``patience`` raises
+    nothing: the loop sees it ``finished`` and ends normally."""
 
     def __init__(self) -> None:
         self.reason = ""
@@ -55,9 +59,14 @@ class StopRequest:
     def requested(self) -> bool:
         return bool(self.reason)
 
+    @property
+    def finished(self) -> bool:
+        """Whether training reached its normal end early (``patience``)."""
+        return self.reason == PATIENCE
+
     def request(self, reason: str, detail: str = "") -> None:
-        if reason != INTERRUPTED and reason not in STOP_REASONS[1:]:
-            allowed = (INTERRUPTED, *STOP_REASONS[1:])
+        if reason not in (INTERRUPTED, PATIENCE) and reason not in STOP_REASONS[1:]:
+            allowed = (INTERRUPTED, PATIENCE, *STOP_REASONS[1:])
             raise ValueError(f"StopRequest: reason {reason!r}, allowed: {allowed}")
         if not self.reason or (reason == INTERRUPTED and self.reason != INTERRUPTED):
             self.reason, self.detail = reason, detail or reason
@@ -69,7 +78,7 @@ class StopRequest:
         """Raise the requested stop, if any (a safe point: between steps, epochs, trials)."""
         if self.reason == INTERRUPTED:
             raise KeyboardInterrupt(self.detail)
-        if self.reason:
+        if self.reason and not self.finished:
             raise StopTraining(self.reason, self.detail)
 
 

@@ -41,7 +41,7 @@ from feedtune.training.engine import (
 )
 from feedtune.training.evaluation import EvalResult, evaluate
 from feedtune.training.models import build_model, model_args, num_outputs, set_backbone_trainable
-from feedtune.training.stopping import StopRequest, current
+from feedtune.training.stopping import PATIENCE, StopRequest, current
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -190,12 +190,25 @@ def train_model(
             )
             result = _close_epoch(run, cfg, feed, epoch, stats, callbacks, dist, progress=progress)
             epochs.set_postfix(val_f1=f"{result.f1_macro:.3f}", best=f"{state.best_metric:.3f}")
-            stop.check()  # the epoch is checkpointed and recorded: a signal ends it here
-            if state.out_of_patience(train_cfg.patience):
+            if _ends_here(state, cfg, stop):
                 break
     finally:
         epochs.close()
     return _finish(run, feed, folder, dist)
+
+
+def _ends_here(state: TrainState, cfg: Config, stop: StopRequest) -> bool:
+    """At an epoch's end (checkpointed and recorded): ``train.patience`` spent asks ``stop``
+    for a normal end; any other stop asked for (a signal's) is raised here. Whether training
+    ends normally now."""
+    if state.patience_spent(cfg.train.patience):
+        stop.request(PATIENCE, f"no better {cfg.search.metric} in {cfg.train.patience} epochs")
+    stop.check()
+    if not stop.finished:
+        return False
+    state.stopped = stop.reason
+    stop.clear()  # a normal end: the command's request serves what runs next (a study's trial)
+    return True
 
 
 def _epochs_bar(state: TrainState, cfg: TrainConfig, *, progress: bool) -> Any:
