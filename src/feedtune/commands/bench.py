@@ -14,6 +14,7 @@ settings.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import time
 from typing import Any
@@ -25,6 +26,7 @@ from torch import nn
 from feedtune.config import Config, with_overrides
 from feedtune.feed.auto import resolve_auto
 from feedtune.feed.cache import ImageCache, attach_cache, build_cache
+from feedtune.feed.cache_reuse import CacheMemo
 from feedtune.feed.dataset import single_torch_thread
 from feedtune.feed.feed import build_feed
 from feedtune.feed.geometry import working_size
@@ -80,22 +82,24 @@ def cell_config(cfg: Config, cell: dict[str, Any]) -> Config:
 
 
 def _cache_for(
-    mode: str, dataset: Any, cfg: Config, caches: dict[tuple, ImageCache], *, progress: bool
+    mode: str, dataset: Any, cfg: Config, caches: CacheMemo, *, progress: bool
 ) -> ImageCache | None:
     """One cache per mode and image layout for the whole grid (``augment.where: batch`` keeps
     working squares): the time to read it does not depend on the other axes."""
     if mode == "none":
         return None
     square = working_size(cfg.augment.image_size) if cfg.augment.where == "batch" else None
-    if (mode, square) not in caches:
-        caches[mode, square] = build_cache(
+    return caches.cached(
+        (mode, square),
+        functools.partial(
+            build_cache,
             dataset,
             cfg.loader,
             image_size=cfg.augment.image_size,
             progress=progress,
             square=square,
-        )
-    return caches[mode, square]
+        ),
+    )
 
 
 def measure_cell(
@@ -105,13 +109,13 @@ def measure_cell(
     *,
     model: torch.nn.Module,
     device: torch.device,
-    caches: dict[tuple, ImageCache],
+    caches: CacheMemo,
     appetite: dict[tuple, float],
     progress: bool = False,
 ) -> dict[str, Any]:
     """One row of the table: the cell's settings, its rates, verdict and cache cost.
 
-    ``caches`` ((mode, square) -> cache) and ``appetite`` ((batch size, where) -> model
+    ``caches`` (by (mode, square)) and ``appetite`` ((batch size, where) -> model
     samples/s) are filled on first use and shared by the cells: neither depends on the other
     axes.
     """
@@ -220,7 +224,7 @@ def _bench(cfg: Config, ctx: RunContext, *, progress: bool) -> pd.DataFrame:
     cells = grid(cfg, data.reader.inert)
     for cell in cells:  # a bad grid value fails now, naming its key, not after minutes
         cell_config(cfg, cell)
-    caches: dict[tuple, ImageCache] = {}
+    caches = CacheMemo()
     appetite: dict[tuple, float] = {}
     rows = []
     shown = None if rate is None else (int(rate) if float(rate).is_integer() else rate)

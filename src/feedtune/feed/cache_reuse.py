@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from feedtune.config import LoaderConfig
@@ -19,7 +20,7 @@ class CacheMemo:
     the memory held is never more than one pipeline's."""
 
     def __init__(self) -> None:
-        self._kept: dict[tuple, ImageCache] = {}
+        self._kept: dict[tuple, ImageCache | None] = {}
         self.reused: list[ImageCache] = []  # the latest call's caches that were not filled anew
 
     @staticmethod
@@ -41,6 +42,14 @@ class CacheMemo:
 
     def keep(self, used: dict[tuple, ImageCache]) -> None:
         self._kept = dict(used)
+
+    def cached(self, key: tuple, build: Callable[[], ImageCache | None]) -> ImageCache | None:
+        """The cache kept under ``key``, or ``build``'s, kept from now on (None too: a cache
+        that did not fit is not tried again). Unlike ``cache_datasets``, keeps every key: for
+        one process that reads each cache many times (bench's grid)."""
+        if key not in self._kept:
+            self._kept[key] = build()
+        return self._kept[key]
 
 
 def cache_datasets(
