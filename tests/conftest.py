@@ -112,6 +112,15 @@ def tiny_feed(folder: Path, *overrides: str, policy_on: str | None = None):
     return cfg, data, build_feed(cfg, data, torch.device("cpu"), policy_on=policy_on)
 
 
+def train_tiny(cfg, feed, folder: Path, **kwargs):
+    """``train_model`` of a new model for ``cfg`` on ``feed``, checkpoints in ``folder``,
+    without progress; ``kwargs`` go to ``train_model``."""
+    from feedtune.training.trainer import new_model, train_model
+
+    model = new_model(cfg, len(feed.classes))
+    return train_model(cfg, feed, model=model, folder=folder, progress=False, **kwargs)
+
+
 @pytest.fixture(scope="session")
 def _empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """MLflow's schema migrations take seconds: run them once, copy the file per test."""

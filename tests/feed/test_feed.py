@@ -12,7 +12,7 @@ from feedtune.feed.feed import build_feed
 from feedtune.feed.geometry import working_size
 from feedtune.sources.prepare import prepare_data
 from feedtune.training.engine import Callback
-from feedtune.training.trainer import new_model, train_model
+from tests.conftest import train_tiny
 
 SMALL = ["augment.image_size=32", "loader.batch_size=8", "seed=3"]
 
@@ -103,13 +103,7 @@ def test_batch_where_trains_and_repeats_with_the_seed(tiny_folder, tmp_path):
         cfg, _, feed = _feed(
             tiny_folder, "augment.where=batch", "train.epochs=1", "train.measure_batches=0"
         )
-        outcome = train_model(
-            cfg,
-            feed,
-            model=new_model(cfg, len(feed.classes)),
-            folder=tmp_path / str(run),
-            progress=False,
-        )
+        outcome = train_tiny(cfg, feed, tmp_path / str(run))
         assert outcome.state.epoch == 1
         losses.append(outcome.state.history[0]["train_loss"])
     assert np.isfinite(losses[0]) and losses[0] == losses[1]
@@ -136,13 +130,6 @@ def test_an_interrupted_training_stops_its_loader_workers_at_once(tiny_folder, t
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt) as stopped, feed:
-        train_model(
-            cfg,
-            feed,
-            model=new_model(cfg, len(feed.classes)),
-            folder=tmp_path,
-            progress=False,
-            callbacks=[Interrupt()],
-        )
+        train_tiny(cfg, feed, tmp_path, callbacks=[Interrupt()])
     assert len(workers) == 4 and stopped.traceback  # the frames are still held here
     assert not any(w.is_alive() for w in workers)

@@ -19,7 +19,7 @@ from feedtune.training.engine import (
 )
 from feedtune.training.models import SmallCNN, set_backbone_trainable
 from feedtune.training.trainer import new_model, train_model
-from tests.conftest import tiny_feed
+from tests.conftest import tiny_feed, train_tiny
 
 
 def test_cosine_warms_up_then_decays_to_zero():
@@ -102,14 +102,7 @@ def test_a_stop_from_a_callback_ends_training_after_that_epoch(
     cfg, _, feed = tiny_feed(tiny_folder, "train.epochs=4", "train.patience=0")
     prune = Prune()
     with pytest.raises(StopTraining) as stopped:
-        train_model(
-            cfg,
-            feed,
-            model=new_model(cfg, len(feed.classes)),
-            folder=tmp_path,
-            progress=False,
-            callbacks=[prune],
-        )
+        train_tiny(cfg, feed, tmp_path, callbacks=[prune])
     assert stopped.value.reason == "pruned" and str(stopped.value) == "pruned after epoch 2"
     assert prune.state.epoch == 2 and prune.state.stopped == "pruned"
     assert (tmp_path / "last.pt").exists()  # the stopped epoch is checkpointed
@@ -118,9 +111,7 @@ def test_a_stop_from_a_callback_ends_training_after_that_epoch(
 def test_patience_ends_training_normally_and_says_so(tiny_folder, tmp_path, one_torch_thread):
     # lr 0: nothing improves after the first epoch, so patience 1 stops after the second.
     cfg, _, feed = tiny_feed(tiny_folder, "train.epochs=5", "train.patience=1", "train.lr=1e-8")
-    outcome = train_model(
-        cfg, feed, model=new_model(cfg, len(feed.classes)), folder=tmp_path, progress=False
-    )
+    outcome = train_tiny(cfg, feed, tmp_path)
     assert outcome.state.epoch < 5 and outcome.state.stopped == "patience"
 
 

@@ -15,8 +15,7 @@ from feedtune.training.stopping import (
     current,
     stop_on_signals,
 )
-from feedtune.training.trainer import new_model, train_model
-from tests.conftest import tiny_feed
+from tests.conftest import tiny_feed, train_tiny
 
 
 def test_a_signal_only_sets_the_request_and_a_second_one_interrupts():
@@ -54,14 +53,7 @@ def test_the_loop_stops_at_the_next_step_once_asked(tiny_folder, tmp_path):
     stop = StopRequest()
     stop.request(INTERRUPTED, "SIGTERM received")
     with pytest.raises(KeyboardInterrupt):
-        train_model(
-            cfg,
-            feed,
-            model=new_model(cfg, len(feed.classes)),
-            folder=tmp_path,
-            progress=False,
-            stop=stop,
-        )
+        train_tiny(cfg, feed, tmp_path, stop=stop)
     assert not (tmp_path / "last.pt").exists()  # stopped before its first step
 
 
