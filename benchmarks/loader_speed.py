@@ -239,7 +239,7 @@ def part_c(cfg: Config, data: PreparedData, best: dict[str, Any], args: argparse
 
 def part_e(cfg: Config, data: PreparedData, args: argparse.Namespace) -> None:
     """CV of the whole ``throughput.measure`` (loader, model, end to end) that ``train`` logs."""
-    from feedtune.feed.device import DeviceLoader
+    from feedtune.feed.device_loader import DeviceLoader
     from feedtune.training.devices import resolve_device
     from feedtune.training.models import build_model
     from feedtune.training.throughput import measure

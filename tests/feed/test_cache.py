@@ -18,11 +18,11 @@ import torch.multiprocessing  # noqa: F401 - registers torch's shared-memory pic
 from PIL import Image
 
 from feedtune.config import AugmentConfig, LoaderConfig, load_config, with_overrides
-from feedtune.feed import cache_reuse
+from feedtune.feed import cache_memo
 from feedtune.feed.augment.per_sample import build_transform
 from feedtune.feed.augment.squares import SquashedImage, ToWorkingUint8
 from feedtune.feed.cache import attach_cache, build_cache
-from feedtune.feed.cache_reuse import cache_datasets
+from feedtune.feed.cache_memo import cache_datasets
 from feedtune.feed.cache_sizing import (
     CacheTooLargeError,
     estimate_cache,
@@ -346,7 +346,7 @@ def test_a_memo_reuses_a_matching_cache_and_keeps_only_the_latest(tmp_path, monk
     side = working_size(IMAGE_SIZE)
     table = _mixed_folder(tmp_path / "m")
     ds = _dataset(table, min_decode_size=side)
-    memo = cache_reuse.CacheMemo()
+    memo = cache_memo.CacheMemo()
     (first,) = cache_datasets([ds], _cfg("resized"), image_size=IMAGE_SIZE, memo=memo)
     assert memo.reused == []
 
@@ -373,7 +373,7 @@ def test_a_feed_that_reuses_a_cache_reports_no_fill_time(tiny_folder):
         None, [f"data.path={tiny_folder}", "augment.image_size=32", "loader.cache=resized"]
     )
     data = prepare_data(cfg, progress=False)
-    memo = cache_reuse.CacheMemo()
+    memo = cache_memo.CacheMemo()
     first = build_feed(cfg, data, torch.device("cpu"), caches=memo)
     second = build_feed(
         with_overrides(cfg, {"train.lr": 0.01}), data, torch.device("cpu"), caches=memo

@@ -36,7 +36,7 @@ from feedtune.sources.imageio import BadImageError, decode_image
 from feedtune.tracking import mlflow_models
 from feedtune.tracking import mlflow_store as tracking
 from feedtune.training.checkpoint import CheckpointError
-from feedtune.training.serving import FACTORY_ENV, SPEC_FILE, WEIGHTS_FILE
+from feedtune.training.model_bundle import FACTORY_ENV, SPEC_FILE, WEIGHTS_FILE
 from tests.conftest import (
     encoded_image,
     env_with_src,

@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from feedtune.config import LoaderConfig
-from feedtune.feed.device import DeviceLoader
+from feedtune.feed.device_loader import DeviceLoader
 from feedtune.feed.loader import build_loader
 from feedtune.training.throughput import measure
 

@@ -26,7 +26,7 @@ from torch import nn
 from feedtune.config import Config, with_overrides
 from feedtune.feed.auto import resolve_auto
 from feedtune.feed.cache import ImageCache, attach_cache, build_cache
-from feedtune.feed.cache_reuse import CacheMemo
+from feedtune.feed.cache_memo import CacheMemo
 from feedtune.feed.dataset import single_torch_thread
 from feedtune.feed.feed import build_feed
 from feedtune.feed.geometry import working_size

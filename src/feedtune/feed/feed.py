@@ -16,9 +16,9 @@ from feedtune.feed.augment.mixing import AugmentThenMix, StepCollate, build_mix
 from feedtune.feed.augment.per_sample import Transform, build_transform
 from feedtune.feed.augment.squares import ToWorkingUint8
 from feedtune.feed.auto import resolve_auto
-from feedtune.feed.cache_reuse import CacheMemo, cache_datasets
+from feedtune.feed.cache_memo import CacheMemo, cache_datasets
 from feedtune.feed.dataset import ImageDataset
-from feedtune.feed.device import DeviceLoader
+from feedtune.feed.device_loader import DeviceLoader
 from feedtune.feed.geometry import working_size
 from feedtune.feed.loader import build_loader
 from feedtune.feed.sampling import build_sampler

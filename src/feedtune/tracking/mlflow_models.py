@@ -15,7 +15,7 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from feedtune.training import serving
+from feedtune.training import model_bundle
 from feedtune.training.external_models import TIMM_PREFIX, is_factory
 
 
@@ -24,7 +24,7 @@ def log_model(payload: dict[str, Any], example_image: bytes) -> None:
     encoded images with ``label`` and ``probabilities`` (``served_model``), logged as code.
 
     Its files are data: the weights as a ``state_dict`` (read with ``weights_only=True``) and
-    a JSON of what rebuilds the network and preprocesses images (``training.serving``); the
+    a JSON of what rebuilds the network and preprocesses images (``training.model_bundle``); the
     code is this package's, so a ``module.path:callable`` network is rebuilt only where
     ``FEEDTUNE_ALLOWED_FACTORY`` names it. ``example_image`` (a small real JPEG) is the input
     example; MLflow checks at logging time that the model answers it."""
@@ -32,13 +32,13 @@ def log_model(payload: dict[str, Any], example_image: bytes) -> None:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
-    spec = serving.serving_spec(payload)
+    spec = model_bundle.serving_spec(payload)
     signature = ModelSignature(
-        inputs=Schema([ColSpec(DataType.binary, serving.IMAGE_COLUMN)]),
+        inputs=Schema([ColSpec(DataType.binary, model_bundle.IMAGE_COLUMN)]),
         outputs=Schema(
             [
-                ColSpec(DataType.string, serving.LABEL_COLUMN),
-                ColSpec(Array(DataType.double), serving.PROBS_COLUMN),
+                ColSpec(DataType.string, model_bundle.LABEL_COLUMN),
+                ColSpec(Array(DataType.double), model_bundle.PROBS_COLUMN),
             ]
         ),
     )
@@ -47,9 +47,9 @@ def log_model(payload: dict[str, Any], example_image: bytes) -> None:
         mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(__file__).with_name("served_model.py")),
-            artifacts=serving.write_bundle(payload, Path(tmp)),
+            artifacts=model_bundle.write_bundle(payload, Path(tmp)),
             signature=signature,
-            input_example=pd.DataFrame({serving.IMAGE_COLUMN: [example_image]}),
+            input_example=pd.DataFrame({model_bundle.IMAGE_COLUMN: [example_image]}),
             # Given, so MLflow need not load the model in a subprocess to infer them.
             pip_requirements=_model_requirements(name),
             metadata={"classes": spec["classes"]},
@@ -63,15 +63,15 @@ def _factory_trusted(name: str) -> Iterator[None]:
     if not is_factory(name):
         yield
         return
-    before = os.environ.get(serving.FACTORY_ENV)
-    os.environ[serving.FACTORY_ENV] = name
+    before = os.environ.get(model_bundle.FACTORY_ENV)
+    os.environ[model_bundle.FACTORY_ENV] = name
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop(serving.FACTORY_ENV, None)
+            os.environ.pop(model_bundle.FACTORY_ENV, None)
         else:
-            os.environ[serving.FACTORY_ENV] = before
+            os.environ[model_bundle.FACTORY_ENV] = before
 
 
 def _model_requirements(model_name: str) -> list[str]:

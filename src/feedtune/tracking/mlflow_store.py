@@ -30,9 +30,8 @@ from mlflow.tracking import MlflowClient
 from feedtune.config import PROJECT_ROOT, Config
 from feedtune.tracking.liveness import GRACE_S, HEARTBEAT_S, is_alive, worker_info
 from feedtune.tracking.mlflow_search import experiment_id, search_runs
-from feedtune.tracking.signals import signals_held
 from feedtune.tracking.urls import redact
-from feedtune.training.stopping import StopTraining
+from feedtune.training.stopping import StopTraining, signals_held
 
 log = logging.getLogger(__name__)
 

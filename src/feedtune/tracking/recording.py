@@ -21,7 +21,7 @@ from feedtune.tracking import mlflow_models, mlflow_store
 from feedtune.tracking.plots import bar_figure, confusion_matrix_figure
 from feedtune.training.checkpoint import load_checkpoint
 from feedtune.training.engine import Callback, scaled_lr
-from feedtune.training.serving import example_image
+from feedtune.training.model_bundle import example_image
 from feedtune.training.throughput import Throughput, cache_metrics, measure_run, transform_costs
 from feedtune.training.trainer import BEST, LAST, TrainOutcome
 

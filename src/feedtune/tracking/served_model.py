@@ -3,7 +3,7 @@
 
 Logged as code (MLflow's models-from-code): ``mlflow_models.log_model`` passes this file's path
 and MLflow runs it when the model loads. It stays this short on purpose: the work is done by the
-installed feedtune (``training.serving``), so a served model answers as ``load_best`` does, and
+installed feedtune (``training.model_bundle``), so a served model answers as ``load_best`` does, and
 the model's own files are data (weights, JSON), never pickles.
 
 A request is a table with a column ``image``: encoded JPEG/PNG/WebP bytes (base64 over REST;
@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from feedtune.training.serving import (
+from feedtune.training.model_bundle import (
     FACTORY_ENV,
     load_classifier,
     request_images,

@@ -1,5 +1,5 @@
 """Where tensors live: the training device and the model's memory format (moving batches there
-is the feed's last step, ``feed.device``)."""
+is the feed's last step, ``feed.device_loader``)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from feedtune.config import TrainConfig
-from feedtune.feed.device import DeviceLoader
+from feedtune.feed.device_loader import DeviceLoader
 from feedtune.progress import progress_bar
 from feedtune.training.devices import autocast
 from feedtune.training.distributed import Dist

@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import confusion_matrix, f1_score, recall_score
 from torch import nn
 
-from feedtune.feed.device import on_device
+from feedtune.feed.device_loader import on_device
 from feedtune.progress import progress_bar
 from feedtune.training.devices import autocast, is_channels_last
 from feedtune.training.distributed import Dist

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from feedtune.config import TrainConfig
-from feedtune.feed.device import DeviceLoader
+from feedtune.feed.device_loader import DeviceLoader
 from feedtune.feed.feed import Feed
 from feedtune.training.distributed import Dist
 from feedtune.training.engine import build_optimizer, train_step

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from feedtune.config import Config, with_overrides
-from feedtune.feed.cache_reuse import CacheMemo
+from feedtune.feed.cache_memo import CacheMemo
 from feedtune.sources.prepare import PreparedData
 from feedtune.tracking import mlflow_store
 from feedtune.tracking.liveness import worker_info
@@ -31,10 +31,9 @@ from feedtune.tracking.recording import (
     finish_run,
     relog_missing_epochs,
 )
-from feedtune.tracking.signals import signals_held
 from feedtune.training.distributed import group_failure
 from feedtune.training.engine import Callback
-from feedtune.training.stopping import StopTraining
+from feedtune.training.stopping import StopTraining, signals_held
 from feedtune.training.trainer import new_model, train_model
 from feedtune.tuning import optuna_storage, optuna_study, space
 from feedtune.tuning.arms import config_arms

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from feedtune.config import Config, with_overrides
-from feedtune.feed.cache_reuse import CacheMemo
+from feedtune.feed.cache_memo import CacheMemo
 from feedtune.feed.feed import Feed, build_feed
 from feedtune.sources.prepare import PreparedData
 from feedtune.training.devices import prepare_model
