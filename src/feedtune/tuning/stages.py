@@ -50,6 +50,8 @@ from feedtune.tuning.trial_stops import PruneOnPlateau, StopAtDeadline
 if TYPE_CHECKING:
     import torch
 
+    from feedtune.feed.feed import Feed
+
 STAGES = ("speed", "quality")
 # When trials must end: ``time.monotonic()`` seconds, None (never), or a function of the trial
 # about to run (None: the next one) that says it, for a deadline that moves with the study.
@@ -285,18 +287,9 @@ class Tuner:
             mlflow_store.set_tags({"feedtune.split_digest": self.data.split.digest})
             resume = self._resume(trial, previous, run.info.run_id, Path(tmp))
             order = Order("train", overrides, study_name, "quality", trial.number, resume=resume)
-            self.group.send(order, cfg)
-            with group_feed(cfg, self.data, self.device, self.dist, self.caches) as feed:
-                model = new_model(cfg, len(self.data.classes))
-                outcome = train_model(
-                    cfg,
-                    feed,
-                    model=model,
-                    folder=Path(tmp),
-                    resume=resume,
-                    progress=self.progress,
-                    callbacks=self._callbacks(cfg, feed, Path(tmp), deadline, trial),
-                    dist=self.dist,
+            with self._ordered(order, cfg, Path(tmp)) as (feed, model, train):
+                outcome = train(
+                    resume=resume, callbacks=self._callbacks(cfg, feed, Path(tmp), deadline, trial)
                 )
                 speed = finish_run(cfg, outcome, feed, model)
         best = max(h[metric] for h in outcome.state.history)
@@ -306,6 +299,29 @@ class Tuner:
         if speed is not None:
             trial.set_user_attr("train_samples_per_s", speed.train_samples_per_s)
         return best
+
+    @contextlib.contextmanager
+    def _ordered(
+        self, order: Order, cfg: Config, folder: Path
+    ) -> Iterator[tuple[Feed, torch.nn.Module, Callable[..., Any]]]:
+        """``order`` sent to the other processes, then this process's feed of ``cfg`` (closed
+        after the block), a new model, and ``train_model`` bound to both, ``folder`` and this
+        job's process group (the caller adds ``resume`` and ``callbacks``). A context manager
+        and a partial, so the training runs in the caller's frame (the objective stays near
+        its training step)."""
+        self.group.send(order, cfg)
+        with group_feed(cfg, self.data, self.device, self.dist, self.caches) as feed:
+            model = new_model(cfg, len(self.data.classes))
+            train = functools.partial(
+                train_model,
+                cfg,
+                feed,
+                model=model,
+                folder=folder,
+                progress=self.progress,
+                dist=self.dist,
+            )
+            yield feed, model, train
 
     def _callbacks(
         self, cfg: Config, feed: Any, folder: Path, deadline: float | None, trial: Any = None
@@ -373,20 +389,9 @@ class Tuner:
         started = time.monotonic()
         try:
             with nested_run(f"{name}-seed-{seed}", tags), tempfile.TemporaryDirectory() as tmp:
-                self.group.send(
-                    Order("train", {**overrides, "seed": seed}, study_name, "seed"), cfg
-                )
-                with group_feed(cfg, self.data, self.device, self.dist, self.caches) as feed:
-                    model = new_model(cfg, len(self.data.classes))
-                    outcome = train_model(
-                        cfg,
-                        feed,
-                        model=model,
-                        folder=Path(tmp),
-                        progress=self.progress,
-                        callbacks=self._callbacks(cfg, feed, Path(tmp), deadline),
-                        dist=self.dist,
-                    )
+                order = Order("train", {**overrides, "seed": seed}, study_name, "seed")
+                with self._ordered(order, cfg, Path(tmp)) as (feed, model, train):
+                    outcome = train(callbacks=self._callbacks(cfg, feed, Path(tmp), deadline))
                     finish_run(cfg, outcome, feed, model)
         except StopTraining:  # the deadline came first
             return None
