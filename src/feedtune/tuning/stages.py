@@ -304,11 +304,8 @@ class Tuner:
     def _ordered(
         self, order: Order, cfg: Config, folder: Path
     ) -> Iterator[tuple[Feed, torch.nn.Module, Callable[..., Any]]]:
-        """``order`` sent to the other processes, then this process's feed of ``cfg`` (closed
-        after the block), a new model, and ``train_model`` bound to both, ``folder`` and this
-        job's process group (the caller adds ``resume`` and ``callbacks``). A context manager
-        and a partial, so the training runs in the caller's frame (the objective stays near
-        its training step)."""
+        """``order`` sent, then this process's feed (closed after the block), a new model and
+        ``train_model`` bound to them: a partial, so the training runs in the caller's frame."""
         self.group.send(order, cfg)
         with group_feed(cfg, self.data, self.device, self.dist, self.caches) as feed:
             model = new_model(cfg, len(self.data.classes))
