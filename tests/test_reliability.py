@@ -428,3 +428,27 @@ def test_a_killed_train_run_is_closed_and_its_resume_names_ignored_settings(
         assert sorted(steps) == list(range(KILLED_EPOCHS)), (name, steps)
     last = load_checkpoint(client.download_artifacts(killed, "checkpoints/last.pt", str(tmp_path)))
     assert last["epoch"] == KILLED_EPOCHS
+
+
+def test_sigterm_while_the_process_winds_down_after_its_command_exits_130(tmp_path):
+    """A signal after the command's last safe point, while MLflow's and torch's exit handlers
+    run, ends the process 130 like any other stop, not killed by the signal's default action."""
+    root = str(tmp_path / "data")
+    script = (
+        "import atexit, os, signal, sys\n"
+        "from feedtune import cli\n"
+        f"argv = ['data', '--name', 'shapes-shift', '--root', {root!r}, '--no-progress']\n"
+        "code = cli.entry(argv)\n"
+        "atexit.register(os.kill, os.getpid(), signal.SIGTERM)  # runs before entry's own\n"
+        "sys.exit(code)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=env_with_src(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
+    assert any((tmp_path / "data").iterdir())  # the command itself finished

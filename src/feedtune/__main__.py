@@ -1,4 +1,4 @@
-from feedtune.cli import main
+from feedtune.cli import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

@@ -214,7 +214,19 @@ def _lost_group(exc: BaseException | None) -> str | None:
     return lost
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def entry(argv: Sequence[str] | None = None) -> int:
+    """The process's entry point (the ``feedtune`` script, ``python -m feedtune``): ``main``,
+    with a signal that comes while the process starts or winds down ending it 130 too."""
+    from feedtune.training.stopping import StopRequest, exit_130_on_late_signals
+
+    stop = StopRequest()
+    ended = exit_130_on_late_signals(stop)
+    ended.append(main(argv, stop=stop))
+    return ended[0]
+
+
+def main(argv: Sequence[str] | None = None, *, stop: Any = None) -> int:
+    """One command, its exit code; ``stop``: the request signals set (a new one if None)."""
     logs.configure()  # $FEEDTUNE_LOG; MLflow's and Optuna's lines below WARNING only on request
     args = build_parser().parse_args(argv)
     from feedtune.training.stopping import StopRequest, stop_on_signals
@@ -224,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # next safe point: after the imports, at a training step or epoch boundary, between
         # trials, at worst once the command is done. It ends like Ctrl-C: runs marked KILLED,
         # checkpoints kept, exit code 130.
-        with stop_on_signals(StopRequest()) as stop:
+        with stop_on_signals(stop or StopRequest()) as stop:
             call = _call(args)
             logs.quiet_libraries()  # again: importing Optuna (with the command) set it to INFO
             stop.check()  # a signal during the imports
@@ -266,4 +278,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

@@ -13,9 +13,11 @@ stops, and tools that only read or close runs should not pay for importing torch
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -148,3 +150,27 @@ def signals_held() -> Iterator[None]:
                 handler(came[0], None)
             elif handler == signal.SIG_DFL:
                 signal.raise_signal(came[0])
+
+
+def exit_130_on_late_signals(stop: StopRequest) -> list[int]:
+    """For the process's entry point, before its command: until the process ends, SIGINT and
+    SIGTERM outside ``stop_on_signals`` (its imports before, the exit handlers of MLflow and
+    torch after) only set ``stop``, and a process whose command ended well (its code put in
+    the returned list) but was signalled meanwhile exits 130, as one stopped by the signal
+    would, once every other exit handler has run. Registered first, so it runs last."""
+    ended: list[int] = []
+
+    def late(signum: int, frame: object) -> None:
+        stop.request(INTERRUPTED, f"{signal.Signals(signum).name} received")
+
+    def exit_interrupted() -> None:
+        if stop.reason == INTERRUPTED and ended == [0]:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, late)
+        atexit.register(exit_interrupted)
+    return ended
