@@ -155,19 +155,22 @@ def signals_held() -> Iterator[None]:
 def exit_130_on_late_signals(stop: StopRequest) -> list[int]:
     """For the process's entry point, before its command: until the process ends, SIGINT and
     SIGTERM outside ``stop_on_signals`` (its imports before, the exit handlers of MLflow and
-    torch after) only set ``stop``, and a process whose command ended well (its code put in
-    the returned list) but was signalled meanwhile exits 130, as one stopped by the signal
-    would, once every other exit handler has run. Registered first, so it runs last."""
+    torch after) only set ``stop``. Once the command has returned (its code put in the
+    returned list) and every other exit handler has run (this one is registered first, so it
+    runs last), the process exits at once with that code, 130 if a signal came meanwhile:
+    the interpreter's own teardown after it would restore SIGTERM's default action (killed,
+    not 130) for the seconds torch's and MLflow's objects take to go."""
     ended: list[int] = []
 
     def late(signum: int, frame: object) -> None:
         stop.request(INTERRUPTED, f"{signal.Signals(signum).name} received")
 
     def exit_interrupted() -> None:
-        if stop.reason == INTERRUPTED and ended == [0]:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(130)
+        if not ended:
+            return  # the command raised: Python reports it and exits as usual
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130 if stop.reason == INTERRUPTED and ended == [0] else ended[0])
 
     if threading.current_thread() is threading.main_thread():
         for sig in STOP_SIGNALS:
