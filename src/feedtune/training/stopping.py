@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -168,6 +169,9 @@ def exit_130_on_late_signals(stop: StopRequest) -> list[int]:
     def exit_interrupted() -> None:
         if not ended:
             return  # the command raised: Python reports it and exits as usual
+        # logging registered its own exit handler before this one, so it would run after
+        # os._exit: its handlers are flushed and closed here instead.
+        logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130 if stop.reason == INTERRUPTED and ended == [0] else ended[0])
