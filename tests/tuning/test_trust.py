@@ -202,3 +202,42 @@ def test_an_anchor_behind_the_start_by_twice_the_noise_is_raced_out_before_its_s
     verdict = decide(scores, "trial-3", "anchor-1", [43, 44], 42)
     assert verdict.recommended == "trial-3" and verdict.vs_anchor is None
     assert "anchor-1 not retrained" in verdict_words(verdict)
+
+
+def test_the_searchs_best_is_rechecked_even_when_the_start_scored_highest(tmp_path):
+    study = _study(tmp_path)
+    study.add_trial(_trial(_curve(0.1, 0.3, 0.72), arm="start", overrides={"a": 1}))
+    study.add_trial(_trial(_curve(0.1, 0.3, 0.69), overrides={"a": 3}))
+    study.add_trial(_trial(_curve(0.1, 0.3, 0.60), overrides={"a": 4}))
+    record_seed_curve(study, "start", 43, {FULL: 0.70})
+    todo = plan(study, base_seed=42, n_seeds=2)
+    assert todo.winner == "trial-1" and todo.retrain == ["trial-1", "start"]
+    ran = []
+
+    def run(name, overrides, seed):
+        ran.append((name, seed))
+        return {"start": 0.70, "trial-1": 0.75}[name]
+
+    verdict = recheck(study, base_seed=42, n_seeds=2, run=run)
+    assert sorted(ran) == [("start", 44), ("trial-1", 43), ("trial-1", 44)]
+    # The verdict gives the search's difference with the start, on both fresh seeds.
+    assert verdict.vs_start.n == 2 and verdict.vs_start.mean == pytest.approx(0.05)
+    words = verdict_words(verdict)
+    assert "winner - start +0.0500 [80% interval" in words and "fresh seeds 43, 44" in words
+
+
+def test_a_winner_behind_the_start_by_twice_the_noise_on_a_fresh_seed_is_raced_out(tmp_path):
+    study = _study(tmp_path)
+    study.add_trial(_trial(_curve(0.1, 0.3, 0.70), arm="start", overrides={"a": 1}))
+    study.add_trial(_trial(_curve(0.1, 0.3, 0.74), overrides={"a": 3}))
+    record_seed_curve(study, "start", 43, {FULL: 0.71})  # a spread of ~0.007
+    ran = []
+
+    def run(name, overrides, seed):
+        ran.append((name, seed))
+        return {"start": 0.71, "trial-1": 0.60}[name]  # the winner's 0.74 was luck
+
+    verdict = recheck(study, base_seed=42, n_seeds=2, run=run)
+    assert ("trial-1", 44) not in ran and ran[0] == ("trial-1", 43)
+    assert verdict.recommended == "start" and verdict.vs_start.n == 1
+    assert "worse than your start configuration when retrained" in verdict_words(verdict)

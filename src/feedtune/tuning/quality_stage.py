@@ -4,8 +4,8 @@ explain the decision logged on the study's parent run.
 
 The job's budget is split three ways: the arms' trials and their seed runs come first (they are
 the answer when nothing beats them, and every pruning decision needs their noise), the search
-gets what is left minus a reserve for the re-check (its runs for the current best trial, at the
-measured length of a full run), and the re-check ends the job.
+gets what is left minus a reserve for the re-check (its runs for the search's best trial, each
+as long as that configuration's trial took), and the re-check ends the job.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from feedtune.tuning import optuna_study
 from feedtune.tuning.arms import START
 from feedtune.tuning.evidence import PairedDifference, RungEvidence
 from feedtune.tuning.recheck import (
+    Plan,
     Verdict,
     behind_start,
     plan,
@@ -95,6 +96,24 @@ def stale_after(tuner: Tuner) -> float:
     return STALE_RUNS * statistics.median(tuner.full_run_seconds)
 
 
+def reserve_seconds(study: Any, todo: Plan, full_runs: list[float]) -> float:
+    """The time the re-check's missing runs will take: each as long as its configuration's
+    own trial took (a smaller batch or a slower policy runs longer than the typical full run),
+    at least the median full run measured so far."""
+    typical = statistics.median(full_runs)
+    took = {
+        trial_name(t): (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in optuna_study.complete_trials(study)
+        if t.datetime_start is not None and t.datetime_complete is not None
+    }
+    return sum(
+        max(typical, took.get(name, 0.0))
+        for seed in todo.seeds
+        for name in todo.retrain
+        if seed not in todo.scores.get(name, {})
+    )
+
+
 class QualityStage:
     """The stage around the study's ``optimize`` (which the command calls itself, one frame
     nearer the training step): ``search_args`` for it (the arms' seed runs come in its
@@ -127,8 +146,8 @@ class QualityStage:
     def deadline(self, trial: Any) -> float | None:
         """When a quality trial (None: the next one) must end. The arms run to the job's
         deadline: they are the answer when nothing else is. Other trials leave the re-check
-        its reserve: its runs for the current best trial, at the median full-run length
-        measured so far (nothing measured yet: no reserve)."""
+        its reserve: its runs for the search's best trial (``reserve_seconds``; no full run
+        measured yet: no reserve)."""
         study, tuner = self.study, self.tuner
         if self.job_deadline is None:
             return None
@@ -139,7 +158,7 @@ class QualityStage:
         todo = plan(study, base_seed=cfg.seed, n_seeds=cfg.search.recheck_seeds)
         if not tuner.full_run_seconds or todo is None:
             return self.job_deadline
-        return self.job_deadline - statistics.median(tuner.full_run_seconds) * todo.missing_runs()
+        return self.job_deadline - reserve_seconds(study, todo, tuner.full_run_seconds)
 
     def search_args(
         self, n_trials: int | None, *, progress: bool, stop_on_error: bool

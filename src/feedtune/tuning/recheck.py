@@ -2,9 +2,13 @@
 retrained on the same fresh seeds, and a recommendation only where the paired differences'
 interval says so.
 
-The winner was chosen as the maximum over many noisy trials at the study's seed, so its score
-there is biased upwards; only seeds it was not chosen on (``seed + 1``, ...) judge it. The
-start and the anchors were not chosen by the search, so every seed they ran counts.
+The winner is the search's best trial (the arms are compared with it, not candidates for it):
+even when the start scored highest at the study's seed, the search's best gets fresh seeds, so
+every verdict says by how much the search did or did not beat the start. It was chosen as the
+maximum over many noisy trials at the study's seed, so its score there is biased upwards; only
+seeds it was not chosen on (``seed + 1``, ...) judge it. The start and the anchors were not
+chosen by the search, so every seed they ran counts. An arm or winner that falls behind the
+start by more than the pruner's noise gap is raced out: not trained on the seeds left.
 """
 
 from __future__ import annotations
@@ -84,12 +88,14 @@ def run_missing(
     seeds: list[int],
     scores: dict,
     run: SeedRun,
+    raced_out: Callable[[str], bool] = lambda name: False,
 ) -> None:
     """Train each of ``names`` on each of ``seeds`` it lacks, seed by seed (so that a deadline
-    leaves complete pairs); stops at the first run the deadline stopped."""
+    leaves complete pairs), skipping a name once ``raced_out`` says so; stops at the first
+    run the deadline stopped."""
     for seed in seeds:
         for name in names:
-            if seed in scores.setdefault(name, {}):
+            if seed in scores.setdefault(name, {}) or raced_out(name):
                 continue
             score = run(name, settings[name], seed)
             if score is None:
@@ -166,13 +172,15 @@ class Plan:
 
 def plan(study: Any, *, base_seed: int, n_seeds: int) -> Plan | None:
     """The re-check as the study stands; None without a complete start trial to compare with.
-    An anchor already behind the start (``behind_start``) is not retrained further, as a
-    racing method drops an arm."""
+    The winner is the search's best trial (the best arm when the search has none). An anchor
+    already behind the start (``behind_start``) is not retrained further, as a racing method
+    drops an arm."""
     done = optuna_study.complete_trials(study)
     by_name = {trial_name(t): t for t in done}
     if not done or START not in by_name:
         return None
-    winner = trial_name(max(done, key=lambda t: t.value))
+    searched = [t for t in done if not t.user_attrs.get(ARM_ATTR)]
+    winner = trial_name(max(searched or done, key=lambda t: t.value))
     scores = scores_by_seed(study, base_seed)
     anchor = best_anchor(scores)
     seeds = [base_seed + 1 + i for i in range(n_seeds)]
@@ -185,13 +193,17 @@ def plan(study: Any, *, base_seed: int, n_seeds: int) -> Plan | None:
     return Plan(winner, anchor, seeds, [n for n in names if n in settings], settings, scores)
 
 
-def behind_start(scores: dict[str, dict[int, float]], arm: str) -> bool:
-    """Whether ``arm`` (not chosen by the search, so every seed counts) trails the start, on
-    the seeds both ran, by more than ``NOISE_GAP`` seed spreads: the pruner's own rule, with
-    the spread pooled over the two. One seed of each and one more of the start suffice, so a
-    clearly worse anchor costs no further run."""
-    both = sorted(set(scores.get(arm, {})) & set(scores.get(START, {})))
-    spread = seed_spread([list(scores.get(arm, {}).values()), list(scores[START].values())])
+def behind_start(
+    scores: dict[str, dict[int, float]], arm: str, seeds: list[int] | None = None
+) -> bool:
+    """Whether ``arm`` trails the start, on the seeds both ran (of ``seeds``, when given: the
+    fresh ones for the search's winner, whose score at the study's seed is a biased maximum),
+    by more than ``NOISE_GAP`` seed spreads: the pruner's own rule, with the spread pooled
+    over the two. One seed of each and one more of
+    the start suffice, so a clearly worse anchor costs no further run."""
+    counted = {s: v for s, v in scores.get(arm, {}).items() if seeds is None or s in seeds}
+    both = sorted(set(counted) & set(scores.get(START, {})))
+    spread = seed_spread([list(counted.values()), list(scores[START].values())])
     if not both or spread.sd is None:
         return False
     gap = sum(scores[START][s] - scores[arm][s] for s in both) / len(both)
@@ -204,7 +216,12 @@ def recheck(study: Any, *, base_seed: int, n_seeds: int, run: SeedRun) -> Verdic
     todo = plan(study, base_seed=base_seed, n_seeds=n_seeds)
     if todo is None:
         return None
-    run_missing(todo.retrain, todo.settings, todo.seeds, todo.scores, run)
+
+    def raced_out(name: str) -> bool:  # the winner is judged on the fresh seeds only
+        fresh = todo.seeds if name == todo.winner else None
+        return name != START and behind_start(todo.scores, name, fresh)
+
+    run_missing(todo.retrain, todo.settings, todo.seeds, todo.scores, run, raced_out)
     return decide(todo.scores, todo.winner, todo.anchor, todo.seeds, base_seed)
 
 
@@ -238,6 +255,15 @@ def verdict_words(verdict: Verdict) -> str:
         )
     elif verdict.winner == START:
         head = "no configuration beat your start configuration: keep it"
+    elif (
+        verdict.vs_start is not None
+        and verdict.vs_start.high is not None
+        and verdict.vs_start.high < 0
+    ):
+        head = (
+            f"the search's winner ({verdict.winner}) is worse than your start configuration "
+            "when retrained: keep your settings"
+        )
     else:
         head = (
             f"the search's winner ({verdict.winner}) is within the noise of your start "
