@@ -149,6 +149,7 @@ def test_the_installed_wheel_tunes_a_users_folder_with_the_default_search_space(
 
     tiny = ["train.epochs=1", "train.measure_batches=0", "augment.image_size=32", "model.width=8"]
     tiny += ["search.speed_steps=3", "search.speed_skip_wait_frac=0", "search.noise_seeds=0"]
+    tiny += ["search.recheck_seeds=0"]
     cmd = [venv / "bin" / "feedtune", "tune", "--no-progress", "--n-trials", "2"]
     cmd += ["--set", "data.path=my_images", *(f"--set={s}" for s in tiny)]
     proc = subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True, timeout=300)

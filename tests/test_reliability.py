@@ -32,6 +32,7 @@ search:
   speed_steps: 3
   pruner: none
   noise_seeds: 0
+  recheck_seeds: 0     # the re-check is tested in test_tune_search
   speed_skip_wait_frac: 0
 """
 
