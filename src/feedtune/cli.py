@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from feedtune import logs
 from feedtune.commands.parser import STORAGE_ENV, build_parser
@@ -20,6 +20,9 @@ from feedtune.config import (
     load_config,
     with_overrides,
 )
+
+if TYPE_CHECKING:  # the feedtune.training package imports torch: for the type checker only
+    from feedtune.training.stopping import StopRequest
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -225,18 +228,19 @@ def entry(argv: Sequence[str] | None = None) -> int:
     return ended[0]
 
 
-def main(argv: Sequence[str] | None = None, *, stop: Any = None) -> int:
+def main(argv: Sequence[str] | None = None, *, stop: StopRequest | None = None) -> int:
     """One command, its exit code; ``stop``: the request signals set (a new one if None)."""
     logs.configure()  # $FEEDTUNE_LOG; MLflow's and Optuna's lines below WARNING only on request
     args = build_parser().parse_args(argv)
-    from feedtune.training.stopping import StopRequest, stop_on_signals
+    from feedtune.training.stopping import LOST_PEER, StopRequest, stop_on_signals
 
+    stop = stop or StopRequest()
     try:
         # SIGINT and SIGTERM (a scheduler, `kill`) become one stop request, honoured at the
         # next safe point: after the imports, at a training step or epoch boundary, between
         # trials, at worst once the command is done. It ends like Ctrl-C: runs marked KILLED,
         # checkpoints kept, exit code 130.
-        with stop_on_signals(stop or StopRequest()) as stop:
+        with stop_on_signals(stop):
             call = _call(args)
             logs.quiet_libraries()  # again: importing Optuna (with the command) set it to INFO
             stop.check()  # a signal during the imports
@@ -249,8 +253,8 @@ def main(argv: Sequence[str] | None = None, *, stop: Any = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         # Under torchrun, the agent's SIGTERM can come while this process is already ending on
-        # a lost peer: that error is the cause.
-        lost = _lost_group(exc.__context__)
+        # a lost peer: that is the cause (the stop request's, or the error being handled).
+        lost = stop.detail if stop.reason == LOST_PEER else _lost_group(exc.__context__)
         if lost:
             print(f"feedtune: error: {lost}", file=sys.stderr)
             return 1

@@ -68,3 +68,32 @@ def test_patience_is_a_normal_end_that_a_signal_still_overrides():
     assert not stop.finished
     with pytest.raises(KeyboardInterrupt):
         stop.check()
+
+
+def test_a_lost_peer_is_the_stop_a_later_signal_does_not_replace(monkeypatch):
+    from feedtune.training.stopping import LOST_PEER, PeerLost
+    from feedtune.training.trainer import _stop_on_lost_peer
+
+    # How gloo reports a peer's closed socket under torchrun (WORLD_SIZE > 1).
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:9")
+    stop = StopRequest()
+    stop.request("pruned")  # a callback's stop is replaced: the group cannot go on
+    with pytest.raises(PeerLost, match="another process died") as raised:
+        _stop_on_lost_peer(stop, gloo)
+    assert raised.value.__cause__ is gloo and stop.reason == LOST_PEER
+    _stop_on_lost_peer(stop, RuntimeError("CUDA out of memory"))  # not a lost peer: left alone
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with stop_on_signals(stop):
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's, to the survivors: the peer stays
+        assert stop.reason == LOST_PEER
+        with pytest.raises(PeerLost):
+            stop.check()
+        with pytest.raises(KeyboardInterrupt):  # a second signal still interrupts at once
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert {sig: signal.getsignal(sig) for sig in previous} == previous
+    first = StopRequest()
+    first.request(INTERRUPTED, "SIGINT received")  # Ctrl-C first: the peers died of it
+    first.request(LOST_PEER, "another process died")
+    with pytest.raises(KeyboardInterrupt):
+        first.check()

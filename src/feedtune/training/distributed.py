@@ -19,6 +19,8 @@ import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from feedtune.training.stopping import PeerLost
+
 # What torchrun sets in every process it starts.
 WORLD_SIZE_ENV, RANK_ENV, LOCAL_RANK_ENV = "WORLD_SIZE", "RANK", "LOCAL_RANK"
 # NCCL's error handling (read when the group starts): 2 aborts the communicators of a
@@ -198,10 +200,13 @@ def cpu_group(dist: Dist, timeout_s: float) -> Any:
 def group_failure(exc: BaseException) -> str | None:
     """One line saying that another process of the job died or stopped answering, when
     ``exc`` is how torch.distributed reports that (a ``DistError``; gloo's ``RuntimeError`` on
-    a closed connection or a timeout); None for any other error, and outside torchrun."""
+    a closed connection or a timeout; the training loop's :class:`PeerLost`); None for any
+    other error, and outside torchrun."""
     world_size = env_world_size()
     if world_size <= 1 or not isinstance(exc, RuntimeError):
         return None
+    if isinstance(exc, PeerLost):  # the training loop's stop, already worded here
+        return str(exc)
     text = str(exc)
     lower = text.lower()
     from_gloo = ("gloo" in text and any(p in lower for p in _PEER_LOST)) or any(

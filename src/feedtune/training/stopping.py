@@ -1,11 +1,12 @@
 """The one stop signal of a command, and why it may be given.
 
 A :class:`StopRequest` is set by whoever decides that training must end (SIGINT/SIGTERM,
-through :func:`stop_on_signals`; a callback's pruning or deadline) and honoured where it is
-safe: the training loop checks it at every step and epoch boundary, the commands after their
-imports and data preparation, a study between its trials. A signal's handler only sets it,
-so a stop never lands inside an import, a checkpoint write or an MLflow call; a second signal
-interrupts at once.
+through :func:`stop_on_signals`; a callback's pruning or deadline; patience; the training loop
+when another process of the job is lost) and honoured where it is safe: the training loop
+checks it at every step and epoch boundary, the commands after their imports and data
+preparation, a study between its trials. A signal's handler only sets it, so a stop never
+lands inside an import, a checkpoint write or an MLflow call; a second signal interrupts at
+once. A lost peer is found where a collective fails, the step or epoch boundary it ends.
 
 A module of its own, importing nothing heavy: the tracking layer ends a run KILLED on these
 stops, and tools that only read or close runs should not pay for importing torch.
@@ -32,6 +33,11 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Early stopping on ``train.patience``: a normal end of training, which ``check`` does not
 # raise; the loop ends at the epoch boundary and the request is cleared for whatever follows.
 PATIENCE = "patience"
+# Under torchrun, another process of the job died or stopped answering: a collective of the
+# training loop failed, so no process can go on. ``check`` raises :class:`PeerLost`; the run
+# ends FAILED with its resume hint, the command with exit code 1. It is the cause of whatever
+# follows (torchrun's SIGTERM to the survivors), so a later signal does not replace it.
+LOST_PEER = "lost_peer"
 
 
 class StopTraining(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -47,12 +53,19 @@ class StopTraining(Exception):  # noqa: N818 - a control-flow signal, not an err
         self.reason = reason
 
 
+class PeerLost(RuntimeError):
+    """Training stopped because another process of the job was lost (``LOST_PEER``); the
+    message says which rank saw what, the collective's own error is its cause."""
+
+
 class StopRequest:
     """A request to stop: ``request(reason, detail)`` sets it (the first request wins, but a
     signal's overrides any other), ``check()`` raises it at a safe point. ``interrupted`` (a
     signal) raises ``KeyboardInterrupt``, which every layer ends as Ctrl-C (runs KILLED, exit
-    130); ``pruned`` and ``deadline`` raise :class:`StopTraining`; ``patience`` raises
-    nothing: the loop sees it ``finished`` and ends normally."""
+    130); ``lost_peer`` raises :class:`PeerLost`, an error (runs FAILED, exit 1); ``pruned``
+    and ``deadline`` raise :class:`StopTraining`; ``patience`` raises nothing: the loop sees
+    it ``finished`` and ends normally. A signal or a lost peer overrides the other reasons,
+    and whichever of the two came first stays."""
 
     def __init__(self) -> None:
         self.reason = ""
@@ -68,10 +81,10 @@ class StopRequest:
         return self.reason == PATIENCE
 
     def request(self, reason: str, detail: str = "") -> None:
-        if reason not in (INTERRUPTED, PATIENCE) and reason not in STOP_REASONS[1:]:
-            allowed = (INTERRUPTED, PATIENCE, *STOP_REASONS[1:])
+        if reason not in (*_OVERRIDING, PATIENCE) and reason not in STOP_REASONS[1:]:
+            allowed = (*_OVERRIDING, PATIENCE, *STOP_REASONS[1:])
             raise ValueError(f"StopRequest: reason {reason!r}, allowed: {allowed}")
-        if not self.reason or (reason == INTERRUPTED and self.reason != INTERRUPTED):
+        if not self.reason or (reason in _OVERRIDING and self.reason not in _OVERRIDING):
             self.reason, self.detail = reason, detail or reason
 
     def clear(self) -> None:
@@ -81,9 +94,14 @@ class StopRequest:
         """Raise the requested stop, if any (a safe point: between steps, epochs, trials)."""
         if self.reason == INTERRUPTED:
             raise KeyboardInterrupt(self.detail)
+        if self.reason == LOST_PEER:
+            raise PeerLost(self.detail)
         if self.reason and not self.finished:
             raise StopTraining(self.reason, self.detail)
 
+
+# The reasons that replace any other already requested (but not each other).
+_OVERRIDING = (INTERRUPTED, LOST_PEER)
 
 # The request that signals set while a command runs (``stop_on_signals``); outside one, a
 # request nobody sets, so that a loop run by a test or a library user never stops by itself.
@@ -105,12 +123,16 @@ def stop_on_signals(stop: StopRequest) -> Iterator[StopRequest]:
     main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} if main else {}
     owner = os.getpid()
+    came: list[int] = []
 
     def handle(signum: int, frame: object) -> None:
-        if os.getpid() != owner or stop.reason == INTERRUPTED:
+        if os.getpid() != owner or came or stop.reason == INTERRUPTED:
             # A forked DataLoader worker keeps Python's Ctrl-C behaviour (its loop ends on
-            # it); in the command's process this is the second signal: stop now.
+            # it); in the command's process this is the second signal (the first may have
+            # come before this block, or after a lost peer, which it does not replace): stop
+            # now.
             signal.default_int_handler(signum, frame)
+        came.append(signum)
         stop.request(INTERRUPTED, f"{signal.Signals(signum).name} received")
 
     for sig in previous:

@@ -26,7 +26,7 @@ from feedtune.training.checkpoint import (
     set_rng_state,
 )
 from feedtune.training.devices import prepare_model
-from feedtune.training.distributed import Dist, unwrap
+from feedtune.training.distributed import Dist, group_failure, unwrap
 from feedtune.training.engine import (
     Callback,
     EpochStats,
@@ -41,7 +41,7 @@ from feedtune.training.engine import (
 )
 from feedtune.training.evaluation import EvalResult, evaluate
 from feedtune.training.models import build_model, model_args, num_outputs, set_backbone_trainable
-from feedtune.training.stopping import PATIENCE, StopRequest, current
+from feedtune.training.stopping import LOST_PEER, PATIENCE, PeerLost, StopRequest, current
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -192,9 +192,26 @@ def train_model(
             epochs.set_postfix(val_f1=f"{result.f1_macro:.3f}", best=f"{state.best_metric:.3f}")
             if _ends_here(state, cfg, stop):
                 break
+    except RuntimeError as exc:
+        _stop_on_lost_peer(stop, exc)
+        raise
     finally:
         epochs.close()
     return _finish(run, feed, folder, dist)
+
+
+def _stop_on_lost_peer(stop: StopRequest, exc: RuntimeError) -> None:
+    """A collective of the loop (a step's gradients, an epoch's metrics or stop) failed
+    because another process died or stopped answering: ``stop`` says so (``lost_peer``) and
+    raises :class:`PeerLost`, caused by that error. Any other error is left to propagate."""
+    lost = group_failure(exc)
+    if not lost or isinstance(exc, PeerLost):
+        return
+    stop.request(LOST_PEER, lost)
+    try:
+        stop.check()
+    except PeerLost as peer:
+        raise peer from exc
 
 
 def _ends_here(state: TrainState, cfg: Config, stop: StopRequest) -> bool:
