@@ -151,18 +151,16 @@ def train_model(
 ) -> TrainOutcome:
     """Train ``model`` (the caller's: ``new_model``, or one sized to the feed's classes and
     frozen as wanted, after ``seed_run``) with ``cfg`` on ``feed`` (``resume``: a checkpoint
-    payload to continue from), evaluating and checkpointing into ``folder`` every epoch;
-    ``model`` ends with the best epoch's weights (on ``search.metric``, which early stopping
-    on ``train.patience``, a ``patience`` request on ``stop``, follows too).
+    payload to continue from), evaluating and checkpointing into ``folder`` every epoch; it
+    ends with the best epoch's weights on ``search.metric`` (patience follows it too).
 
     ``callbacks`` run after each epoch's checkpoint is written; one raising
     :class:`StopTraining` ends training on every process and propagates (the caller closes
     the feed). ``finetune``: the backbone learns at ``train.lr * train.backbone_lr_scale``.
-    ``dist``: this process's place under torchrun, ``feed`` its
-    share; the model trains in ``DistributedDataParallel``, only the main process writes
-    checkpoints, and every process sees the same metrics and gets the best weights. ``stop``
-    (default: the command's, ``stopping.current()``) is checked at every step and epoch
-    boundary: a signal's request ends training there as Ctrl-C does."""
+    ``dist``: this process's place under torchrun, ``feed`` its share; the model trains in
+    ``DistributedDataParallel``, only the main process writes checkpoints, every process sees
+    the same metrics and gets the best weights. ``stop`` (default: ``stopping.current()``)
+    is checked at every step and epoch boundary; a lost peer becomes its ``lost_peer``."""
     dist = dist or Dist()
     stop = stop or current()
     run = _start(cfg, feed, model, resume, finetune=finetune, dist=dist)
