@@ -106,12 +106,7 @@ def reserve_seconds(study: Any, todo: Plan, full_runs: list[float]) -> float:
         for t in optuna_study.complete_trials(study)
         if t.datetime_start is not None and t.datetime_complete is not None
     }
-    return sum(
-        max(typical, took.get(name, 0.0))
-        for seed in todo.seeds
-        for name in todo.retrain
-        if seed not in todo.scores.get(name, {})
-    )
+    return sum(max(typical, took.get(name, 0.0)) for name, _ in todo.missing())
 
 
 class QualityStage:

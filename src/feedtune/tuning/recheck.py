@@ -166,8 +166,12 @@ class Plan:
     settings: dict[str, dict[str, Any]]
     scores: dict[str, dict[int, float]]
 
+    def missing(self) -> list[tuple[str, int]]:
+        """(name, seed) of every run the re-check still has to train."""
+        return [(n, s) for s in self.seeds for n in self.retrain if s not in self.scores.get(n, {})]
+
     def missing_runs(self) -> int:
-        return sum(1 for s in self.seeds for n in self.retrain if s not in self.scores.get(n, {}))
+        return len(self.missing())
 
 
 def plan(study: Any, *, base_seed: int, n_seeds: int) -> Plan | None:
@@ -199,8 +203,8 @@ def behind_start(
     """Whether ``arm`` trails the start, on the seeds both ran (of ``seeds``, when given: the
     fresh ones for the search's winner, whose score at the study's seed is a biased maximum),
     by more than ``NOISE_GAP`` seed spreads: the pruner's own rule, with the spread pooled
-    over the two. One seed of each and one more of
-    the start suffice, so a clearly worse anchor costs no further run."""
+    over the two. One seed of each and one more of the start suffice, so a clearly worse
+    anchor costs no further run."""
     counted = {s: v for s, v in scores.get(arm, {}).items() if seeds is None or s in seeds}
     both = sorted(set(counted) & set(scores.get(START, {})))
     spread = seed_spread([list(counted.values()), list(scores[START].values())])
