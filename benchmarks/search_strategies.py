@@ -109,6 +109,7 @@ def _study_outcome(tmp: Path, experiment: str) -> dict:
         k: v
         for k, v in parent.data.metrics.items()
         if k.startswith(("rung_", "winner_minus", "recheck_", "noise_", "start_", "best_"))
+        or k in ("speed_stage_s", "arms_s", "search_s", "search_trials")
     }
     rungs = {
         m: [(h.step, round(h.value, 3)) for h in client.get_metric_history(parent.info.run_id, m)]

@@ -141,6 +141,8 @@ def _report_tune(result: Any, metric: str, experiment: str) -> None:
     if result.best_run_id:
         print(f"recommended run {result.best_run_id}: {metric} = {result.best_value:.4f}")
         print(_verdict_line(result))
+        if result.times is not None:
+            print(result.times.words())
         print("settings: " + " ".join(f"--set {k}={v}" for k, v in result.best_params.items()))
     from feedtune.tracking.mlflow_store import ui_address
 

@@ -145,6 +145,14 @@ def test_two_stage_study_is_tracked_and_registered(tmp_path, data, mlflow_store)
     version = client.get_model_version_by_alias("tiny-tune", "best")
     assert version.run_id == best_id
     assert best_id in proc.stdout
+    # The closing lines say where the job's time went.
+    time_line = (
+        r"^time: speed stage \d+ s, arms and their seeds \d+ s, search \d+ s "
+        r"\(3 configurations\), re-check \d+ s$"
+    )
+    assert re.search(time_line, proc.stdout, re.M), proc.stdout
+    for name in ("speed_stage_s", "arms_s", "search_s", "recheck_s"):
+        assert parent.data.metrics[name] >= 0
 
     best = feedtune_in_process(
         [sys.executable, "-m", "feedtune", "best", "--experiment", "tiny-tune"]

@@ -118,6 +118,19 @@ def test_the_anchor_runs_in_full_and_every_arm_is_rechecked_on_the_same_fresh_se
         assert tags["feedtune.best_run_id"] == start_run.info.run_id == result.best_run_id
     assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
 
+    # Where the time went, on the parent run: each trial to the arms or to the search, the
+    # arms' seed runs to the arms, the fresh seeds to the re-check.
+    def took(trials):
+        return sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
+
+    done = [t for t in study.trials if t.datetime_complete is not None]
+    searched = [t for t in done if not t.user_attrs.get("arm")]
+    assert metrics["search_trials"] == len(searched) == 4
+    assert metrics["search_s"] == pytest.approx(took(searched), abs=0.01)
+    assert metrics["arms_s"] > took([t for t in done if t.user_attrs.get("arm")]) + 0.5
+    assert metrics["recheck_s"] > 0.5
+    assert result.times.words().startswith("time: speed stage ")
+
 
 @pytest.mark.slow
 def test_the_deadline_holds_with_running_trials_included(tmp_path, data, mlflow_store):

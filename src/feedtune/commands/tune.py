@@ -21,7 +21,7 @@ from feedtune.tracking.urls import redact
 from feedtune.training.distributed import Dist
 from feedtune.training.run_context import RunContext, run_context
 from feedtune.tuning import optuna_storage, optuna_study
-from feedtune.tuning.quality_stage import QualityOutcome, QualityStage, log_outcome
+from feedtune.tuning.quality_stage import QualityOutcome, QualityStage, StageTimes, log_outcome
 from feedtune.tuning.recheck import Verdict
 from feedtune.tuning.space import speed_space
 from feedtune.tuning.stages import SKIPPED_ATTR, STAGES, Tuner, close_dead_trial_run
@@ -44,6 +44,7 @@ class TuneResult:
     best_params: dict[str, Any]
     verdict: Verdict | None = None
     speed_skipped: str = ""
+    times: StageTimes | None = None
 
     @property
     def winner_vs_start(self) -> str:
@@ -101,23 +102,12 @@ def run_tune(
             _study_run(job, nested=project_run is not None, dist=group.dist) as parent,
         ):
             result.parent_run_id = parent.info.run_id
-            speed_study = job.study("speed")
-            if "speed" in job.stages and speed_space(cfg.search):
-                before = optuna_study.n_trials(speed_study)
-                optuna_study.optimize(
-                    speed_study,
-                    tuner.start_stage(speed_study, "speed"),
-                    n_trials=tuner.planned_trials("speed", n_trials),
-                    timeout=_seconds_left(job.speed_deadline),
-                    progress=progress,
-                    callbacks=[tuner.stop_before(job.speed_deadline)],
-                    stop_on_error=in_group,
-                )
-                result.speed_skipped = _log_speed_stage(speed_study, before)
-            speed_params = _log_speed_study(speed_study)
+            speed_started = time.monotonic()
+            speed_params = _speed_stage(job, tuner, result, n_trials, progress, in_group)
             if "quality" in job.stages:
                 quality = job.study("quality")
-                stage_q = QualityStage(tuner, quality, speed_params, job.deadline)
+                speed_s = time.monotonic() - speed_started
+                stage_q = QualityStage(tuner, quality, speed_params, job.deadline, speed_s)
                 optuna_study.optimize(
                     quality,
                     **stage_q.search_args(n_trials, progress=progress, stop_on_error=in_group),
@@ -182,6 +172,32 @@ class _TuneJob:
         study = optuna_study.create_study(f"{self.base}-speed", self.storage, seed=seed)
         optuna_storage.reap_dead_trials(study, on_dead_trial=close_dead_trial_run)
         return study
+
+
+def _speed_stage(
+    job: _TuneJob,
+    tuner: Tuner,
+    result: TuneResult,
+    n_trials: int | None,
+    progress: bool,
+    stop_on_error: bool,
+) -> dict[str, Any]:
+    """The speed stage, when the job has it and the config searches speed settings; its
+    winner's settings (empty when it ran no trial), logged on the parent run."""
+    speed_study = job.study("speed")
+    if "speed" in job.stages and speed_space(job.cfg.search):
+        before = optuna_study.n_trials(speed_study)
+        optuna_study.optimize(
+            speed_study,
+            tuner.start_stage(speed_study, "speed"),
+            n_trials=tuner.planned_trials("speed", n_trials),
+            timeout=_seconds_left(job.speed_deadline),
+            progress=progress,
+            callbacks=[tuner.stop_before(job.speed_deadline)],
+            stop_on_error=stop_on_error,
+        )
+        result.speed_skipped = _log_speed_stage(speed_study, before)
+    return _log_speed_study(speed_study)
 
 
 def _follow(cfg: Config, group: TrialGroup, ctx: RunContext) -> None:
@@ -272,7 +288,7 @@ def _log_quality_stage(
     metric = cfg.search.metric
     _log_study(study, "study", metric=f"best_{metric}")
     log_outcome(outcome, cfg)
-    result.verdict = outcome.verdict
+    result.verdict, result.times = outcome.verdict, outcome.times
     if outcome.run_id is None:
         return
     result.best_run_id, result.best_value = outcome.run_id, outcome.value

@@ -49,9 +49,51 @@ STALE_S = 1800.0
 
 
 @dataclass
+class StageTimes:
+    """Where this job spent its time, in seconds: the speed stage, then the quality stage's
+    arms (their trials and seed runs), search (``search_trials`` trials, pruned ones included)
+    and re-check. It says what the answer was worth: a search of two configurations rarely
+    shows one better than the start."""
+
+    speed: float = 0.0
+    arms: float = 0.0
+    search: float = 0.0
+    recheck: float = 0.0
+    search_trials: int = 0
+
+    def count_trial(self, study: Any, trial: Any) -> None:
+        """A study callback: the trial this job just ran, to the arms or the search."""
+        if trial.datetime_start is None or trial.datetime_complete is None:
+            return
+        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        if trial.user_attrs.get(ARM_ATTR):
+            self.arms += seconds
+        else:
+            self.search += seconds
+            self.search_trials += 1
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "speed_stage_s": self.speed,
+            "arms_s": self.arms,
+            "search_s": self.search,
+            "recheck_s": self.recheck,
+            "search_trials": self.search_trials,
+        }
+
+    def words(self) -> str:
+        trials = f"{self.search_trials} configuration{'s' * (self.search_trials != 1)}"
+        return (
+            f"time: speed stage {self.speed:.0f} s, arms and their seeds {self.arms:.0f} s, "
+            f"search {self.search:.0f} s ({trials}), re-check {self.recheck:.0f} s"
+        )
+
+
+@dataclass
 class QualityOutcome:
     """What the stage hands the command: the recommended trial (its run, score at the study's
-    seed and settings), the verdict (None without a re-check), the rung figures."""
+    seed and settings), the verdict (None without a re-check), the rung figures and where the
+    stage's time went."""
 
     run_id: str | None
     value: float | None
@@ -59,6 +101,7 @@ class QualityOutcome:
     verdict: Verdict | None
     rungs: list[RungEvidence]
     rung_used: int
+    times: StageTimes
 
 
 def seed_runs(
@@ -115,7 +158,12 @@ class QualityStage:
     callback), then ``finish``."""
 
     def __init__(
-        self, tuner: Tuner, study: Any, speed_params: dict[str, Any], job_deadline: float | None
+        self,
+        tuner: Tuner,
+        study: Any,
+        speed_params: dict[str, Any],
+        job_deadline: float | None,
+        speed_seconds: float = 0.0,
     ) -> None:
         self.tuner = tuner
         self.study = study
@@ -123,6 +171,7 @@ class QualityStage:
         self.job_deadline = job_deadline
         self.seeds_done = False
         self.owner = new_owner()  # this worker, in its claims on seed runs
+        self.times = StageTimes(speed=speed_seconds)
 
     def seed_runs_after_arms(self, study: Any, trial: Any) -> None:
         """A study callback: once every arm has its trial, the arms' extra seeds (their noise
@@ -134,9 +183,11 @@ class QualityStage:
         if len(arms - {None}) < optuna_study.n_arm_trials(study):
             return
         self.seeds_done = True
+        started = time.monotonic()
         seed_runs(
             self.tuner, study, self.speed_params, deadline=self.job_deadline, owner=self.owner
         )
+        self.times.arms += time.monotonic() - started
 
     def deadline(self, trial: Any) -> float | None:
         """When a quality trial (None: the next one) must end. The arms run to the job's
@@ -169,7 +220,11 @@ class QualityStage:
             "n_trials": tuner.planned_trials("quality", n_trials),
             "timeout": None if timeout is None else max(0.0, timeout),
             "progress": progress,
-            "callbacks": [self.seed_runs_after_arms, tuner.stop_before(self.deadline, study)],
+            "callbacks": [
+                self.times.count_trial,
+                self.seed_runs_after_arms,
+                tuner.stop_before(self.deadline, study),
+            ],
             "stop_on_error": stop_on_error,
         }
 
@@ -177,11 +232,13 @@ class QualityStage:
         """The re-check (unless ``search.recheck_seeds`` is 0), then the outcome."""
         study, cfg = self.study, self.tuner.cfg
         verdict = None
+        started = time.monotonic()
         if cfg.search.recheck_seeds:
             verdict = recheck(
                 study, base_seed=cfg.seed, n_seeds=cfg.search.recheck_seeds, run=self._recheck_run
             )
-        return _outcome(cfg, study, verdict, self.speed_params)
+        self.times.recheck += time.monotonic() - started
+        return _outcome(cfg, study, verdict, self.speed_params, self.times)
 
     def _recheck_run(self, name: str, overrides: dict[str, Any], seed: int) -> float | None:
         """One run of the re-check: trained here, or, when another worker claimed it, its
@@ -196,7 +253,11 @@ class QualityStage:
 
 
 def _outcome(
-    cfg: Config, study: Any, verdict: Verdict | None, speed_params: dict[str, Any]
+    cfg: Config,
+    study: Any,
+    verdict: Verdict | None,
+    speed_params: dict[str, Any],
+    times: StageTimes,
 ) -> QualityOutcome:
     rungs = candidate_rungs(cfg.search.min_epochs, cfg.search.reduction_factor, cfg.train.epochs)
     trials = study.get_trials(deepcopy=False)
@@ -209,7 +270,7 @@ def _outcome(
     )
     chosen = _recommended_trial(study, verdict)
     if chosen is None:
-        return QualityOutcome(None, None, {}, verdict, evidence, used)
+        return QualityOutcome(None, None, {}, verdict, evidence, used, times)
     settings = chosen.user_attrs.get(OVERRIDES_ATTR)
     if settings is None:  # a trial of a study from before this attribute
         settings = {**speed_params, **chosen.params}
@@ -220,6 +281,7 @@ def _outcome(
         verdict,
         evidence,
         used,
+        times,
     )
 
 
@@ -243,7 +305,7 @@ def log_outcome(outcome: QualityOutcome, cfg: Config) -> None:
         if ev.low is not None:
             figures.update(rung_spearman_low=ev.low, rung_spearman_high=ev.high)
         mlflow_store.log_metrics(figures, step=ev.epochs)  # step: the rung's epochs
-    mlflow_store.log_metrics({"rung_used": outcome.rung_used})
+    mlflow_store.log_metrics({"rung_used": outcome.rung_used, **outcome.times.metrics()})
     verdict = outcome.verdict
     if verdict is None:
         return
