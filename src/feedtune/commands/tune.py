@@ -104,9 +104,9 @@ def run_tune(
             result.parent_run_id = parent.info.run_id
             speed_started = time.monotonic()
             speed_study = job.study("speed")
+            before = optuna_study.n_trials(speed_study)  # start_stage enqueues the start's trial
             speed_args = _speed_search_args(job, tuner, speed_study, n_trials, progress, in_group)
             if speed_args is not None:  # optimize called here: a frame fewer to the train step
-                before = optuna_study.n_trials(speed_study)
                 optuna_study.optimize(speed_study, **speed_args)
                 result.speed_skipped = _log_speed_stage(speed_study, before)
             speed_params = _log_speed_study(speed_study)
