@@ -63,9 +63,9 @@ class StageTimes:
 
     def count_trial(self, study: Any, trial: Any) -> None:
         """A study callback: the trial this job just ran, to the arms or the search."""
-        if trial.datetime_start is None or trial.datetime_complete is None:
+        if trial.duration is None:
             return
-        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        seconds = trial.duration.total_seconds()
         if trial.user_attrs.get(ARM_ATTR):
             self.arms += seconds
         else:
@@ -145,9 +145,9 @@ def reserve_seconds(study: Any, todo: Plan, full_runs: list[float]) -> float:
     at least the median full run measured so far."""
     typical = statistics.median(full_runs)
     took = {
-        trial_name(t): (t.datetime_complete - t.datetime_start).total_seconds()
+        trial_name(t): t.duration.total_seconds()
         for t in optuna_study.complete_trials(study)
-        if t.datetime_start is not None and t.datetime_complete is not None
+        if t.duration is not None
     }
     return sum(max(typical, took.get(name, 0.0)) for name, _ in todo.missing())
 
