@@ -228,19 +228,28 @@ def run(args: argparse.Namespace) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _every_score(row: dict) -> list[float]:
+    """A row's scores on the score seeds, then on the seeds ``rescore`` added."""
+    return [*row["scores"], *row.get("more_scores", {}).values()]
+
+
 def rescore(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    rows = _rows(out)
     chosen = [r for r in rows if r["dataset"] == args.dataset and r["budget_s"] == args.budget]
     _score_more(chosen, args.dataset, args.seeds, Path(args.logs))
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     for r in chosen:
-        every = [*r["scores"], *r["more_scores"].values()]
+        every = _every_score(r)
         print(f"{r['strategy']} r{r['repeat']}: {statistics.mean(every):.3f} over {len(every)}")
 
 
 def table(args: argparse.Namespace) -> None:
-    rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
+    rows = _rows(Path(args.out))
     print(
         "| dataset | strategy | repeat | budget | wall | configurations | recommended "
         "| score (seeds 1001, 1002) | more seeds (mean, n) |"
@@ -252,7 +261,7 @@ def table(args: argparse.Namespace) -> None:
         )
         scores = ", ".join(f"{s:.3f}" for s in r["scores"])
         note = f" ({r['note']})" if r.get("note") else ""
-        every = [*r["scores"], *r.get("more_scores", {}).values()]
+        every = _every_score(r)
         more = f"{statistics.mean(every):.3f}, {len(every)}" if r.get("more_scores") else ""
         print(
             f"| {r['dataset']} | {r['strategy']}{note} | {r['repeat']} | {r['budget_s']:.0f} s "
